@@ -1,0 +1,352 @@
+"""The run configuration: typed sections, validated at load, every problem reported at once.
+
+A YAML file (the seed's sections plus ``backbone_settings`` and ``data_settings``) is merged
+with ``--set dotted.key=value`` overrides, then turned into one frozen dataclass per section.
+Loading collects every problem of the file, each with its dotted path: unknown keys (with
+the closest valid key), wrong types, values out of range, and contradictions between keys.
+Numbers written as strings (``"2e-05"``, or a bare ``1e-4``, which YAML 1.1 reads as a
+string) become floats. Checks that need the backbone's shape (pruning layers within its
+depth, the merge budget against its vision tokens) run on its ``config.json`` before any
+weights are loaded: :func:`check_against_backbone`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """Every problem of one configuration, one per line."""
+
+    def __init__(self, problems: list[str], source: str = "config"):
+        self.problems = problems
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"{source}: {len(problems)} problem(s):\n{lines}")
+
+
+def num(default, *, ge=None, gt=None, le=None, lt=None):
+    """A numeric field with bounds, checked at load."""
+    return field(default=default, metadata={"ge": ge, "gt": gt, "le": le, "lt": lt})
+
+
+# ----------------------------------------------------------------------------- sections
+@dataclass(frozen=True)
+class ManagerSettings:
+    mode: Literal["train", "eval", "optuna"] = "train"
+    available_gpus: list[int] = field(default_factory=list)
+    gpus_per_subtask: int = num(1, ge=1)
+    output_dir: str = "outputs"
+    seed: int = 42
+
+
+@dataclass(frozen=True)
+class OptimizerSettings:
+    lr: float = num(2e-5, gt=0)
+    weight_decay: float = num(0.0, ge=0)
+
+
+@dataclass(frozen=True)
+class Optimizers:
+    token_merger: OptimizerSettings = field(default_factory=OptimizerSettings)
+    layer_pruners: OptimizerSettings = field(default_factory=OptimizerSettings)
+    discriminator: OptimizerSettings = field(default_factory=lambda: OptimizerSettings(lr=5e-4))
+
+
+@dataclass(frozen=True)
+class DLSettings:
+    epochs: int = num(1, ge=1)
+    batch_size: int = num(12, ge=1)
+    optimizers: Optimizers = field(default_factory=Optimizers)
+
+
+@dataclass(frozen=True)
+class TrainerSettings:
+    dl_settings: DLSettings = field(default_factory=DLSettings)
+    log_every: int = num(10, ge=1)
+    eval_every: int = num(200, ge=1)
+    save_every: int = num(200, ge=1)
+    max_grad_norm: float = num(1.0, gt=0)
+
+
+@dataclass(frozen=True)
+class MethodSettings:
+    merger_type: Literal["simple", "question_aware"] = "simple"
+    merge_ratio: float = num(0.5, gt=0, le=1)
+    target_merge_tokens: int | None = num(288, ge=1)
+    merge_sparsity_weight: float = num(1e-4, ge=0)
+    pruning_layers: list[int] = field(default_factory=lambda: [10, 20, 31])
+    pruner_d_internal: int = num(512, ge=1)
+    pruner_num_heads: int = num(4, ge=1)
+    pruner_type: Literal["cross_attention", "mlp"] = "cross_attention"
+    temperature: float = num(1.0, gt=0)
+    temperature_min: float = num(0.1, gt=0)
+    temperature_anneal_rate: float = num(0.5, ge=0, le=1)
+    adv_loss_weight: float = num(1.0, ge=0)
+    task_loss_weight: float = num(25.0, ge=0)
+    disc_reinit_prob: float = num(0.0, ge=0, le=1)
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    enable: bool = False
+    n_trials: int = num(50, ge=1)
+
+
+@dataclass(frozen=True)
+class BackboneSettings:
+    name_or_path: str = "llava-hf/llava-1.5-7b-hf"
+    dtype: Literal["float32", "float16", "bfloat16"] = "bfloat16"
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    device: str = "auto"
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    source: Literal["synthetic", "llava_json"] = "synthetic"
+    train_json: str | None = None
+    eval_json: str | None = None
+    image_folder: str | None = None
+    synthetic_train_size: int = num(4000, ge=1)
+    synthetic_eval_size: int = num(500, ge=1)
+    seed: int = 0
+    on_bad_sample: Literal["error", "skip"] = "error"
+    max_vision_tokens: int | None = num(None, ge=1)
+    image_max_size: int | None = num(None, ge=1)
+    eval_batch_size: int = num(16, ge=1)
+    max_new_tokens: int = num(8, ge=1)
+
+
+@dataclass(frozen=True)
+class Config:
+    manager_settings: ManagerSettings = field(default_factory=ManagerSettings)
+    trainer_settings: TrainerSettings = field(default_factory=TrainerSettings)
+    method_settings: MethodSettings = field(default_factory=MethodSettings)
+    search_settings: SearchSettings = field(default_factory=SearchSettings)
+    backbone_settings: BackboneSettings = field(default_factory=BackboneSettings)
+    data_settings: DataSettings = field(default_factory=DataSettings)
+
+
+# ----------------------------------------------------------------------------- conversion
+def _parse_value(value: Any, tp: Any, path: str, problems: list[str]) -> Any:
+    """Check ``value`` against the annotation ``tp``; coerce numeric strings to floats."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        (inner,) = [t for t in options if t is not type(None)]
+        return _parse_value(value, inner, path, problems)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, path, problems)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            problems.append(f"{path}: {value!r} is not one of {list(choices)}")
+        return value
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            problems.append(f"{path}: expected a list, got {type(value).__name__} {value!r}")
+            return value
+        return [_parse_value(v, inner, f"{path}[{i}]", problems) for i, v in enumerate(value)]
+    if tp is float:
+        if isinstance(value, str):
+            try:
+                return float(value)  # "2e-05" and YAML 1.1's bare 1e-4 arrive as strings
+            except ValueError:
+                pass
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        problems.append(f"{path}: expected a number, got {type(value).__name__} {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        problems.append(f"{path}: expected an integer, got {type(value).__name__} {value!r}")
+        return value
+    if tp is bool or tp is str:
+        if not isinstance(value, tp):
+            problems.append(f"{path}: expected {'true/false' if tp is bool else 'a string'}, "
+                            f"got {type(value).__name__} {value!r}")
+        return value
+    raise TypeError(f"unsupported annotation {tp!r} at {path}")
+
+
+def _check_bounds(value: Any, meta: dict, path: str, problems: list[str]) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return
+    tests = [("ge", lambda b: value >= b, ">="), ("gt", lambda b: value > b, ">"),
+             ("le", lambda b: value <= b, "<="), ("lt", lambda b: value < b, "<")]
+    for key, ok, sign in tests:
+        bound = meta.get(key)
+        if bound is not None and not ok(bound):
+            problems.append(f"{path}: {value!r} is out of range, must be {sign} {bound}")
+
+
+def _build(cls: type, data: Any, path: str, problems: list[str]) -> Any:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        problems.append(f"{path or 'top level'}: expected a mapping of keys, got {type(data).__name__} {data!r}")
+        return cls()
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.5)
+            hint = f"; did you mean {_join(path, close[0])!r}?" if close else f"; valid keys: {sorted(fields)}"
+            problems.append(f"{_join(path, key)}: unknown key{hint}")
+    values = {}
+    for name, f in fields.items():
+        if name not in data:
+            continue
+        before = len(problems)
+        value = _parse_value(data[name], hints[name], _join(path, name), problems)
+        if dataclasses.is_dataclass(hints[name]):
+            values[name] = value  # a section keeps its valid keys even when others are wrong
+        elif len(problems) == before:
+            _check_bounds(value, f.metadata, _join(path, name), problems)
+            values[name] = value
+    return cls(**values)
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else str(key)
+
+
+# ----------------------------------------------------------------------------- checks
+def cross_check(config: Config) -> list[str]:
+    """Contradictions between keys that need no backbone."""
+    problems = []
+    m, d, mg = config.method_settings, config.data_settings, config.manager_settings
+    if m.temperature_min > m.temperature:
+        problems.append(f"method_settings.temperature_min ({m.temperature_min}) is above "
+                        f"method_settings.temperature ({m.temperature}); annealing goes from temperature down")
+    layers = m.pruning_layers
+    if any(b <= a for a, b in zip(layers, layers[1:])):
+        problems.append(f"method_settings.pruning_layers {layers} must be strictly increasing")
+    if any(layer < 0 for layer in layers):
+        problems.append(f"method_settings.pruning_layers {layers} holds a negative layer index")
+    if d.source == "llava_json":
+        for key in ("train_json", "eval_json", "image_folder"):
+            if getattr(d, key) is None:
+                problems.append(f"data_settings.{key} is required when data_settings.source is 'llava_json'")
+    if mg.mode == "optuna" and not config.search_settings.enable:
+        problems.append("manager_settings.mode is 'optuna' but search_settings.enable is false; set it to true")
+    if mg.available_gpus and len(mg.available_gpus) % mg.gpus_per_subtask:
+        problems.append(f"manager_settings.available_gpus has {len(mg.available_gpus)} GPUs, not a multiple of "
+                        f"gpus_per_subtask ({mg.gpus_per_subtask})")
+    if len(set(mg.available_gpus)) != len(mg.available_gpus):
+        problems.append(f"manager_settings.available_gpus {mg.available_gpus} lists a GPU twice")
+    return problems
+
+
+def check_devices(config: Config, cuda_available: bool) -> list[str]:
+    problems = []
+    device = config.backbone_settings.device
+    if device != "auto" and device != "cpu" and not device.startswith("cuda"):
+        problems.append(f"backbone_settings.device: {device!r} is not 'auto', 'cpu', 'cuda' or 'cuda:N'")
+    if not cuda_available:
+        if device.startswith("cuda"):
+            problems.append(f"backbone_settings.device is {device!r} but CUDA is not available; use 'cpu' or 'auto'")
+        if config.manager_settings.available_gpus:
+            problems.append(f"manager_settings.available_gpus is {config.manager_settings.available_gpus} but CUDA "
+                            "is not available; set it to [] to run on the CPU")
+    return problems
+
+
+def check_against_backbone(config: Config, num_layers: int, num_vision_tokens: int, image_size: int) -> list[str]:
+    """Checks that need the backbone's shape (read from its config.json, before any weight loads)."""
+    problems = []
+    m, d = config.method_settings, config.data_settings
+    bad = [layer for layer in m.pruning_layers if not 0 < layer < num_layers]
+    if bad:
+        problems.append(f"method_settings.pruning_layers {m.pruning_layers}: layer(s) {bad} outside 1..{num_layers - 1} "
+                        f"for a backbone with {num_layers} decoder layers")
+    if m.target_merge_tokens is not None:
+        expected = m.merge_ratio * num_vision_tokens
+        if abs(m.target_merge_tokens - expected) > 1:
+            problems.append(f"method_settings.target_merge_tokens ({m.target_merge_tokens}) disagrees with merge_ratio "
+                            f"({m.merge_ratio}) x {num_vision_tokens} vision tokens = {expected:g}; set it to "
+                            f"{round(expected)} or to null")
+    if d.max_vision_tokens is not None and num_vision_tokens > d.max_vision_tokens:
+        problems.append(f"data_settings.max_vision_tokens ({d.max_vision_tokens}) is below the backbone's "
+                        f"{num_vision_tokens} vision tokens per image; LLaVA-1.5's token count is fixed, raise it")
+    if d.image_max_size is not None and image_size > d.image_max_size:
+        problems.append(f"data_settings.image_max_size ({d.image_max_size}) is below the backbone's fixed input size "
+                        f"{image_size} px; raise it")
+    return problems
+
+
+# ----------------------------------------------------------------------------- loading
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"a.b.c=value"`` -> (["a", "b", "c"], value typed as YAML would type it)."""
+    if "=" not in text:
+        raise ConfigError([f"--set {text!r}: expected dotted.key=value"], "command line")
+    key, raw = text.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError([f"--set {text!r}: empty key part in {key!r}"], "command line")
+    return parts, yaml.safe_load(raw) if raw.strip() else ""
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = data
+        for part in parts[:-1]:
+            if node.get(part) is None:
+                node[part] = {}
+            if not isinstance(node[part], dict):
+                raise ConfigError([f"--set {text!r}: {part!r} is a value, not a section"], "command line")
+            node = node[part]
+        node[parts[-1]] = value
+    return data
+
+
+def config_from_dict(data: dict, source: str = "config") -> Config:
+    problems: list[str] = []
+    config = _build(Config, data, "", problems)
+    problems += cross_check(config)  # on the valid keys (an invalid one stands at its default meanwhile)
+    if problems:
+        raise ConfigError(problems, source)
+    return config
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError([f"no such file: {path} (pass --config PATH; shipped configs are in configs/)"], str(path))
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError([f"not valid YAML: {err}"], str(path)) from err
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError([f"top level must be a mapping of sections, got {type(data).__name__}"], str(path))
+    return data
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
+    """Read ``path``, apply ``--set`` overrides, validate: a Config or one ConfigError listing every problem."""
+    return config_from_dict(apply_overrides(read_yaml(path), list(overrides)), str(path))
+
+
+def config_to_dict(config: Config) -> dict:
+    return dataclasses.asdict(config)
+
+
+def save_config(config: Config, path: str | Path) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))

@@ -1,0 +1,241 @@
+"""Synthetic VQA: coloured shapes on a plain background, questions that need a few patches.
+
+Image design (why it looks like this)
+-------------------------------------
+The image is a ``GRID x GRID`` board of ``PATCH``-pixel cells, exactly the vision tower's
+patch grid (96 px, 8 px patches: 12 x 12 = 144 vision tokens). Every object is drawn inside
+one patch, so one vision token carries one whole object (its colour *and* its shape) and all
+other tokens are noisy background. The board is divided into 3 x 3 regions of 4 x 4 patches;
+each region holds at most one object, placed on a random patch of that region, and
+"top left" ... "bottom right" names a region. Typical images hold 2-6 objects, so about 3%
+of the vision tokens carry the answer: a good pruner can drop most tokens and keep the
+answer, a random pruner cannot. A tiny vision tower learns to read one-patch objects
+quickly, which is what lets a small backbone pretrained on 2 CPU cores reach high accuracy.
+
+Question types (single-word answers)
+------------------------------------
+==============  ===============================================  ==================
+type            question                                          answers
+==============  ===============================================  ==================
+color_at        what color is the object in the top left?         6 colours
+shape_of        what shape is the red object?                     4 shapes
+count           how many red objects are there?                   zero .. three
+exists          is there a red circle?                            yes / no
+relation        is the red object left or right of the blue one?  left / right
+==============  ===============================================  ==================
+
+Each sample draws its answer first (uniformly), then builds a scene that makes it true, so
+answers are balanced within each type; the types rotate with the sample index. Everything
+is a pure function of ``(seed, split, index)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+PATCH = 8
+GRID = 12
+IMAGE_SIZE = PATCH * GRID
+REGIONS = 3
+REGION_PATCHES = GRID // REGIONS
+
+COLORS = {
+    "red": (220, 40, 40),
+    "green": (40, 190, 60),
+    "blue": (50, 90, 230),
+    "yellow": (230, 215, 40),
+    "purple": (150, 60, 200),
+    "orange": (245, 140, 30),
+}
+SHAPES = ("square", "circle", "triangle", "cross")
+COUNT_WORDS = ("zero", "one", "two", "three")
+ROW_NAMES = ("top", "middle", "bottom")
+COL_NAMES = ("left", "center", "right")
+QUESTION_TYPES = ("color_at", "shape_of", "count", "exists", "relation")
+SPLITS = {"train": 0, "eval": 1}
+BACKGROUND = (40, 40, 40)
+NOISE_STD = 6.0
+
+
+@dataclass(frozen=True)
+class SceneObject:
+    color: str
+    shape: str
+    region: tuple[int, int]  # (row, col) of the 3 x 3 region
+    patch: tuple[int, int]  # (row, col) of the patch on the 12 x 12 grid
+
+
+@dataclass(frozen=True)
+class VQASample:
+    id: str
+    image: Image.Image
+    question: str
+    answer: str
+    question_type: str
+    objects: tuple[SceneObject, ...]
+
+
+def region_name(region: tuple[int, int]) -> str:
+    return f"{ROW_NAMES[region[0]]} {COL_NAMES[region[1]]}"
+
+
+def vocabulary() -> list[str]:
+    """Every word a prompt, question or answer of this data set can contain."""
+    words = {"USER", "ASSISTANT", ":", "?", "what", "color", "is", "the", "object", "in", "shape",
+             "how", "many", "objects", "are", "there", "a", "or", "of", "one", "left", "right"}
+    words.update(COLORS, SHAPES, COUNT_WORDS, ROW_NAMES, COL_NAMES, ("yes", "no"))
+    return sorted(words)
+
+
+def _shape_mask(shape: str) -> np.ndarray:
+    """(PATCH, PATCH) bool mask of a shape drawn inside one patch with a 1 px margin."""
+    yy, xx = np.mgrid[0:PATCH, 0:PATCH] + 0.5
+    c = PATCH / 2
+    if shape == "square":
+        return (np.abs(yy - c) < 3.01) & (np.abs(xx - c) < 3.01)
+    if shape == "circle":
+        return (yy - c) ** 2 + (xx - c) ** 2 <= 3.2**2
+    if shape == "triangle":  # apex up: width grows with the row
+        return (yy >= 1) & (yy <= 7) & (np.abs(xx - c) <= (yy - 1) / 2 + 0.01)
+    if shape == "cross":
+        return ((np.abs(yy - c) < 1.01) | (np.abs(xx - c) < 1.01)) & (np.abs(yy - c) < 3.6) & (np.abs(xx - c) < 3.6)
+    raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
+
+
+SHAPE_MASKS = {s: _shape_mask(s) for s in SHAPES}
+
+
+def render(objects: tuple[SceneObject, ...], rng: np.random.Generator) -> Image.Image:
+    pixels = np.empty((IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.float32)
+    pixels[:] = BACKGROUND
+    for obj in objects:
+        y, x = obj.patch[0] * PATCH, obj.patch[1] * PATCH
+        cell = pixels[y : y + PATCH, x : x + PATCH]
+        cell[SHAPE_MASKS[obj.shape]] = COLORS[obj.color]
+    pixels += rng.normal(0.0, NOISE_STD, size=pixels.shape)
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+
+
+def patch_labels(objects: tuple[SceneObject, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """Per-patch class ids in row-major patch order: colour (0 = background, 1..6) and shape (0, 1..4)."""
+    colors = np.zeros(GRID * GRID, dtype=np.int64)
+    shapes = np.zeros(GRID * GRID, dtype=np.int64)
+    color_ids = {c: i + 1 for i, c in enumerate(COLORS)}
+    for obj in objects:
+        k = obj.patch[0] * GRID + obj.patch[1]
+        colors[k] = color_ids[obj.color]
+        shapes[k] = SHAPES.index(obj.shape) + 1
+    return colors, shapes
+
+
+class _SceneBuilder:
+    """Places objects in free regions; each region holds at most one object."""
+
+    def __init__(self, rng: np.random.Generator):
+        self.rng = rng
+        self.free = [(r, c) for r in range(REGIONS) for c in range(REGIONS)]
+        self.objects: list[SceneObject] = []
+
+    def add(self, color: str, shape: str, region: tuple[int, int] | None = None) -> SceneObject:
+        if region is None:
+            region = self.free[self.rng.integers(len(self.free))]
+        self.free.remove(region)
+        patch = (region[0] * REGION_PATCHES + int(self.rng.integers(REGION_PATCHES)),
+                 region[1] * REGION_PATCHES + int(self.rng.integers(REGION_PATCHES)))
+        obj = SceneObject(color, shape, region, patch)
+        self.objects.append(obj)
+        return obj
+
+    def add_distractors(self, n: int, colors: list[str], forbid=lambda color, shape: False) -> None:
+        """Add up to ``n`` objects with colours from ``colors`` that ``forbid`` does not reject."""
+        for _ in range(n):
+            if not self.free:
+                return
+            while True:
+                color = colors[self.rng.integers(len(colors))]
+                shape = SHAPES[self.rng.integers(len(SHAPES))]
+                if not forbid(color, shape):
+                    break
+            self.add(color, shape)
+
+    def pick(self, options):
+        return options[self.rng.integers(len(options))]
+
+
+def make_sample(seed: int, split: str, index: int) -> VQASample:
+    """Sample ``index`` of ``split``: a pure function of its arguments."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; expected one of {sorted(SPLITS)}")
+    rng = np.random.default_rng([seed, SPLITS[split], index])
+    qtype = QUESTION_TYPES[index % len(QUESTION_TYPES)]
+    b = _SceneBuilder(rng)
+    colors = list(COLORS)
+    n_extra = int(rng.integers(1, 5))  # distractors beyond the objects the question needs
+
+    if qtype == "color_at":
+        target = b.add(b.pick(colors), b.pick(SHAPES))
+        b.add_distractors(n_extra, colors)
+        question, answer = f"what color is the object in the {region_name(target.region)} ?", target.color
+    elif qtype == "shape_of":
+        target = b.add(b.pick(colors), b.pick(SHAPES))
+        b.add_distractors(n_extra, [c for c in colors if c != target.color])
+        question, answer = f"what shape is the {target.color} object ?", target.shape
+    elif qtype == "count":
+        n = int(rng.integers(len(COUNT_WORDS)))
+        color = b.pick(colors)
+        for _ in range(n):
+            b.add(color, b.pick(SHAPES))
+        b.add_distractors(max(n_extra - n, 1 if n == 0 else 0), [c for c in colors if c != color])
+        question, answer = f"how many {color} objects are there ?", COUNT_WORDS[n]
+    elif qtype == "exists":
+        color, shape = b.pick(colors), b.pick(SHAPES)
+        present = bool(rng.integers(2))
+        if present:
+            b.add(color, shape)
+        else:
+            # A near miss (same colour or same shape) makes the question need both attributes.
+            if rng.integers(2):
+                b.add(color, b.pick([s for s in SHAPES if s != shape]))
+            else:
+                b.add(b.pick([c for c in colors if c != color]), shape)
+        b.add_distractors(n_extra, colors, forbid=lambda c, s: c == color and s == shape)
+        question, answer = f"is there a {color} {shape} ?", "yes" if present else "no"
+    else:  # relation
+        first, second = rng.choice(len(colors), size=2, replace=False)
+        first, second = colors[first], colors[second]
+        col_a, col_b = rng.choice(REGIONS, size=2, replace=False)
+        a = b.add(first, b.pick(SHAPES), (int(rng.integers(REGIONS)), int(col_a)))
+        b.add(second, b.pick(SHAPES), (int(rng.integers(REGIONS)), int(col_b)))
+        b.add_distractors(n_extra, [c for c in colors if c not in (first, second)])
+        question = f"is the {first} object left or right of the {second} one ?"
+        answer = "left" if a.region[1] < col_b else "right"
+
+    objects = tuple(b.objects)
+    return VQASample(
+        id=f"{split}-{seed}-{index}",
+        image=render(objects, rng),
+        question=question,
+        answer=answer,
+        question_type=qtype,
+        objects=objects,
+    )
+
+
+class SyntheticVQADataset:
+    """A map-style data set of ``size`` samples of one split; samples are made on access."""
+
+    def __init__(self, size: int, split: str = "train", seed: int = 0):
+        if size <= 0:
+            raise ValueError(f"size must be positive, got {size}")
+        self.size, self.split, self.seed = size, split, seed
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index: int) -> VQASample:
+        if not 0 <= index < self.size:
+            raise IndexError(f"index {index} out of range for {self.size} samples")
+        return make_sample(self.seed, self.split, index)

@@ -1,0 +1,259 @@
+"""The one adapter between this project and `transformers`' LLaVA (written against 5.x).
+
+Everything that knows attribute paths, the decoder-layer call signature, rotary embeddings
+and mask conventions of `LlavaForConditionalGeneration` lives here; the pruning modules and
+the trainer only call the methods below. A new backbone family is a new adapter.
+
+Facts this file relies on (transformers 5.x):
+- ``model.model`` is a ``LlavaModel`` with ``.vision_tower`` (CLIP), ``.multi_modal_projector``
+  and ``.language_model`` (a ``LlamaModel``: ``.embed_tokens``, ``.layers``, ``.norm``,
+  ``.rotary_emb``); ``model.lm_head`` maps to the vocabulary.
+- LLaVA reads vision features at ``vision_feature_layer`` and, with the ``default`` strategy,
+  drops the CLS token; the projector maps them to the LLM width.
+- A decoder layer is called as ``layer(hidden, attention_mask=..., position_ids=...,
+  position_embeddings=(cos, sin), use_cache=False)`` and returns the hidden states. A 4D float
+  mask is used as given (SDPA does not add causality to it, so the mask must hold the
+  causal triangle itself).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+class BackboneNotFoundError(FileNotFoundError):
+    pass
+
+
+@dataclass(frozen=True)
+class BackboneShape:
+    """What the config checks need, read from a LLaVA config without loading weights."""
+
+    num_layers: int
+    num_vision_tokens: int  # per image, after LLaVA's feature selection (576 for llava-1.5)
+    image_size: int
+
+    @classmethod
+    def from_config(cls, config) -> "BackboneShape":
+        vision = config.vision_config
+        patches = (vision.image_size // vision.patch_size) ** 2
+        tokens = patches if config.vision_feature_select_strategy == "default" else patches + 1
+        return cls(config.text_config.num_hidden_layers, tokens, vision.image_size)
+
+
+def read_backbone_shape(name_or_path: str) -> BackboneShape:
+    """The backbone's shape from its config.json (local folder or local HF cache), weights untouched."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(name_or_path, local_files_only=True)
+    except OSError as err:
+        raise BackboneNotFoundError(missing_backbone_message(name_or_path, err)) from err
+    if not hasattr(config, "vision_config") or not hasattr(config, "text_config"):
+        raise ValueError(f"{name_or_path!r} is a {config.model_type!r} model, not a LLaVA model "
+                         "(LlavaForConditionalGeneration with a vision_config and a text_config)")
+    return BackboneShape.from_config(config)
+
+
+class LlavaBackbone(nn.Module):
+    """A frozen (or, for the tiny builder, trainable) LLaVA model, exposed piece by piece."""
+
+    def __init__(self, model: nn.Module, processor=None, freeze: bool = True):
+        super().__init__()
+        self.model = model
+        self.processor = processor
+        config = model.config
+        if isinstance(config.vision_feature_layer, (list, tuple)):
+            raise NotImplementedError(
+                "vision_feature_layer is a list: multi-layer vision features are not supported by the merger"
+            )
+        if config.vision_feature_select_strategy not in ("default", "full"):
+            raise ValueError(f"unknown vision_feature_select_strategy {config.vision_feature_select_strategy!r}")
+        self.frozen = freeze
+        if freeze:
+            model.requires_grad_(False)
+            model.eval()
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.frozen:  # a frozen backbone stays in eval mode (no dropout) whatever the trainer asks
+            self.model.eval()
+        return self
+
+    # ----- loading -----
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, dtype: str = "float32", attn_implementation: str = "sdpa",
+                        device: str | torch.device = "cpu") -> "LlavaBackbone":
+        """Load a llava-hf checkpoint from a local folder or the local Hugging Face cache, never the network."""
+        from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+        kwargs = dict(local_files_only=True)
+        try:
+            model = LlavaForConditionalGeneration.from_pretrained(
+                name_or_path, dtype=getattr(torch, dtype), attn_implementation=attn_implementation, **kwargs
+            )
+            processor = AutoProcessor.from_pretrained(name_or_path, **kwargs)
+        except OSError as err:
+            raise BackboneNotFoundError(missing_backbone_message(name_or_path, err)) from err
+        return cls(model.to(device), processor, freeze=True)
+
+    # ----- shapes -----
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def text_config(self):
+        return self.model.config.text_config
+
+    @property
+    def shape(self) -> BackboneShape:
+        return BackboneShape.from_config(self.config)
+
+    @property
+    def num_layers(self) -> int:
+        return self.text_config.num_hidden_layers
+
+    @property
+    def hidden_size(self) -> int:
+        return self.text_config.hidden_size
+
+    @property
+    def vision_hidden_size(self) -> int:
+        return self.config.vision_config.hidden_size
+
+    @property
+    def num_vision_tokens(self) -> int:
+        """Vision tokens per image after LLaVA's feature selection (576 for llava-1.5)."""
+        return self.shape.num_vision_tokens
+
+    @property
+    def image_token_id(self) -> int:
+        return self.config.image_token_id
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    # ----- pieces -----
+    @property
+    def vision_tower(self) -> nn.Module:
+        return self.model.model.vision_tower
+
+    @property
+    def projector(self) -> nn.Module:
+        return self.model.model.multi_modal_projector
+
+    @property
+    def language_model(self) -> nn.Module:
+        return self.model.model.language_model
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.language_model.layers
+
+    @property
+    def norm(self) -> nn.Module:
+        return self.language_model.norm
+
+    @property
+    def lm_head(self) -> nn.Module:
+        return self.model.lm_head
+
+    def vision_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Pre-projector vision features as LLaVA selects them: (B, N, Dv), N = num_vision_tokens."""
+        out = self.vision_tower(pixel_values.to(self.dtype), output_hidden_states=True, return_dict=True)
+        features = out.hidden_states[self.config.vision_feature_layer]  # (B, 1 + P, Dv)
+        if self.config.vision_feature_select_strategy == "default":
+            features = features[:, 1:]  # drop CLS
+        return features
+
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        """(B, N, Dv) vision features -> (B, N, D) LLM-space embeddings."""
+        return self.projector(features)
+
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.language_model.embed_tokens(input_ids)
+
+    def image_token_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return input_ids == self.image_token_id
+
+    def merge_image_embeddings(self, input_ids: torch.Tensor, image_embeds: torch.Tensor) -> torch.Tensor:
+        """Token embeddings with the image placeholders replaced, in order, by ``image_embeds`` (B, N, D)."""
+        embeds = self.embed_tokens(input_ids)  # (B, T, D)
+        mask = self.image_token_mask(input_ids)  # (B, T)
+        per_sample = mask.sum(dim=1)
+        if not bool((per_sample == image_embeds.shape[1]).all()):
+            raise ValueError(
+                f"image placeholders and image features do not match: placeholders per sample "
+                f"{per_sample.tolist()}, features per sample {image_embeds.shape[1]}; "
+                "the processor's patch_size / num_additional_image_tokens disagree with the model"
+            )
+        return embeds.masked_scatter(mask.unsqueeze(-1), image_embeds.to(embeds.dtype))
+
+    def rotary(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) for ``position_ids`` (B, T)."""
+        return self.language_model.rotary_emb(hidden, position_ids=position_ids)
+
+    def run_layer(self, index: int, hidden: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+                  position_embeddings: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """Decoder layer ``index`` on (B, T, D) with a 4D additive mask (B, 1, T, T)."""
+        return self.layers[index](
+            hidden,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            position_embeddings=position_embeddings,
+            use_cache=False,
+        )
+
+    # ----- whole passes -----
+    def decode(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
+               position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """All decoder layers and the final norm, unpruned: (B, T, D) -> (B, T, D)."""
+        B, T, _ = inputs_embeds.shape
+        if position_ids is None:
+            position_ids = torch.arange(T, device=inputs_embeds.device).expand(B, T)
+        mask = causal_padding_mask(attention_mask, inputs_embeds.dtype)
+        cos_sin = self.rotary(inputs_embeds, position_ids)
+        hidden = inputs_embeds
+        for i in range(self.num_layers):
+            hidden = self.run_layer(i, hidden, mask, position_ids, cos_sin)
+        return self.norm(hidden)
+
+    def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Unpruned logits (B, T, V), computed piece by piece; equals the stock forward."""
+        image_embeds = self.project(self.vision_features(pixel_values))
+        hidden = self.decode(self.merge_image_embeddings(input_ids, image_embeds), attention_mask)
+        return self.lm_head(hidden)
+
+
+def causal_padding_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(B, T) 1/0 padding mask -> (B, 1, T, T) additive mask: 0 where query i may see key j (j <= i, j real)."""
+    T = attention_mask.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=attention_mask.device).tril()
+    allowed = causal[None] & attention_mask.bool()[:, None, :]  # (B, T, T)
+    # A padded query sees no real key; let it see itself so softmax stays finite (its output is never used).
+    allowed = allowed | torch.eye(T, dtype=torch.bool, device=attention_mask.device)[None]
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=attention_mask.device)
+    return mask.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
+
+
+def missing_backbone_message(name_or_path: str, err: Exception) -> str:
+    where = Path(name_or_path)
+    looked = (f"the local folder {where.resolve()}" if where.exists() or name_or_path.startswith((".", "/"))
+              else f"a local folder named {name_or_path!r} and the local Hugging Face cache "
+                   "(HF_HOME / ~/.cache/huggingface)")
+    return (
+        f"Backbone {name_or_path!r} not found: looked in {looked}, without downloading ({err.__class__.__name__}: "
+        f"{str(err).splitlines()[0] if str(err) else ''}). Download it once on a machine with network access "
+        f"(huggingface-cli download {name_or_path}) and point backbone_settings.name_or_path at the folder, or "
+        "run the embedded CPU default instead: python main.py --config configs/tiny.yaml"
+    )

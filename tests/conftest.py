@@ -1,0 +1,51 @@
+"""Shared fixtures: tiny LLaVA models built from configs, like transformers' own tests."""
+
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from transformers import CLIPImageProcessorPil, CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor  # noqa: E402
+
+from data.synthetic_vqa import vocabulary  # noqa: E402
+from data.word_tokenizer import build_word_tokenizer  # noqa: E402
+from trainers.tiny_backbone import build_processor  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def processor():
+    """The tiny backbone's processor: 96 px images, 8 px patches, 144 image placeholders."""
+    return build_processor()
+
+
+def llava_like(image_size: int, patch_size: int, text_layers: int = 2, seed: int = 0):
+    """A random-init LLaVA with llava-1.5's structure (feature layer -2, `default` strategy) at toy widths."""
+    torch.manual_seed(seed)
+    tokenizer = build_word_tokenizer(vocabulary())
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                              image_size=image_size, patch_size=patch_size, projection_dim=32)
+    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=text_layers,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                       pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                       eos_token_id=tokenizer.eos_token_id)
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+                         image_seq_length=(image_size // patch_size) ** 2, vision_feature_layer=-2,
+                         vision_feature_select_strategy="default")
+    image_processor = CLIPImageProcessorPil(size={"shortest_edge": image_size},
+                                            crop_size={"height": image_size, "width": image_size})
+    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size,
+                               vision_feature_select_strategy="default", num_additional_image_tokens=1)
+    return LlavaForConditionalGeneration(config).eval(), processor
+
+
+@pytest.fixture(scope="session")
+def llava15_folder(tmp_path_factory):
+    """llava-1.5's layout (336 px, 14 px patches: 576 vision tokens) at toy widths, saved with save_pretrained."""
+    model, processor = llava_like(336, 14)
+    folder = tmp_path_factory.mktemp("llava15-like")
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder

@@ -1,0 +1,36 @@
+import torch
+
+from data.collator import IGNORE_INDEX, VQACollator, build_prompt
+from data.synthetic_vqa import SyntheticVQADataset
+
+
+def test_labels_cover_only_the_answer_and_eos(processor):
+    data = SyntheticVQADataset(4, "train", seed=0)
+    samples = [data[i] for i in range(4)]
+    batch = VQACollator(processor)(samples)
+    tok = processor.tokenizer
+    assert batch["input_ids"].shape == batch["labels"].shape
+    assert (batch["attention_mask"] == 0).any()
+    for b, sample in enumerate(samples):
+        labelled = batch["labels"][b][batch["labels"][b] != IGNORE_INDEX].tolist()
+        assert tok.decode(labelled) == f"{sample.answer} </s>"
+        # The labelled positions are the last real tokens; everything before them is the prompt.
+        prompt_len = len(tok(build_prompt(sample.question).replace("<image>", "<image>" * 144))["input_ids"])
+        real = batch["attention_mask"][b].nonzero().squeeze(-1)
+        assert (batch["labels"][b][real[:prompt_len]] == IGNORE_INDEX).all()
+        assert (batch["labels"][b][real[prompt_len:]] != IGNORE_INDEX).all()
+    assert (batch["input_ids"] == tok.convert_tokens_to_ids("<image>")).sum(1).tolist() == [144] * 4
+    assert batch["pixel_values"].shape == (4, 3, 96, 96)
+
+
+def test_prompt_only_batches_for_generation(processor):
+    data = SyntheticVQADataset(3, "eval", seed=0)
+    batch = VQACollator(processor, with_answers=False)([data[i] for i in range(3)])
+    assert "labels" not in batch
+    assert batch["answers"] == [data[i].answer for i in range(3)]
+    tok = processor.tokenizer
+    # Left padding: every prompt ends at the last position with "ASSISTANT :".
+    assert {tok.decode(row[-2:]) for row in batch["input_ids"]} == {"ASSISTANT :"}
+    assert batch["attention_mask"][:, -1].all()
+    assert build_prompt(" what color ? ") == "USER: <image>\nwhat color ? ASSISTANT:"
+    assert torch.is_tensor(batch["input_ids"])

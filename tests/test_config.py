@@ -1,0 +1,136 @@
+import textwrap
+
+import pytest
+
+from configs.schema import ConfigError, apply_overrides, check_against_backbone, check_devices, load_config
+
+
+def write(tmp_path, text):
+    path = tmp_path / "config.yaml"
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def problems_of(path, overrides=()):
+    with pytest.raises(ConfigError) as err:
+        load_config(path, overrides)
+    return err.value.problems
+
+
+@pytest.mark.parametrize("name", ["configs/vision_token_pruning.yaml", "configs/tiny.yaml"])
+def test_shipped_configs_load(name):
+    config = load_config(name)
+    assert config.trainer_settings.dl_settings.optimizers.token_merger.lr > 0
+
+
+def test_seed_values_and_string_numbers(tmp_path):
+    path = write(tmp_path, """
+        trainer_settings:
+          dl_settings:
+            optimizers:
+              token_merger: {lr: "2e-05"}
+              layer_pruners: {lr: 1e-4}
+        method_settings:
+          merge_sparsity_weight: 1e-4
+    """)
+    config = load_config(path)
+    optimizers = config.trainer_settings.dl_settings.optimizers
+    assert optimizers.token_merger.lr == 2e-5 and isinstance(optimizers.token_merger.lr, float)
+    assert optimizers.layer_pruners.lr == 1e-4  # PyYAML reads bare 1e-4 as the string "1e-4"
+    assert config.method_settings.merge_sparsity_weight == 1e-4
+    assert load_config("configs/vision_token_pruning.yaml").method_settings.pruning_layers == [10, 20, 31]
+
+
+def test_unknown_key_names_the_closest_valid_key(tmp_path):
+    problems = problems_of(write(tmp_path, "method_settings:\n  merge_ration: 0.4\n"))
+    assert problems == ["method_settings.merge_ration: unknown key; did you mean 'method_settings.merge_ratio'?"]
+
+
+def test_every_problem_reported_at_once_with_dotted_paths(tmp_path):
+    path = write(tmp_path, """
+        trainer_settings:
+          dl_settings:
+            batch_size: twelve
+            optimizers:
+              discriminator: {lr: -1}
+        method_settings:
+          merge_ratio: 1.5
+          merger_type: clever
+          temperature: 0.05
+          temperature_min: 0.1
+        search_settings: {enable: "yes"}
+    """)
+    problems = problems_of(path)
+    expected = [
+        "trainer_settings.dl_settings.batch_size: expected an integer",
+        "trainer_settings.dl_settings.optimizers.discriminator.lr: -1.0 is out of range, must be > 0",
+        "method_settings.merge_ratio: 1.5 is out of range, must be <= 1",
+        "method_settings.merger_type: 'clever' is not one of ['simple', 'question_aware']",
+        "search_settings.enable: expected true/false",
+        "method_settings.temperature_min (0.1) is above method_settings.temperature (0.05)",
+    ]
+    for prefix in expected:
+        assert any(p.startswith(prefix) for p in problems), (prefix, problems)
+    assert len(problems) == len(expected)
+
+
+@pytest.mark.parametrize("layers, message", [([10, 10, 31], "strictly increasing"), ([20, 10], "strictly increasing"),
+                                             ([-1, 5], "negative")])
+def test_pruning_layer_contradictions(tmp_path, layers, message):
+    problems = problems_of(write(tmp_path, f"method_settings:\n  pruning_layers: {layers}\n"))
+    assert any(message in p for p in problems)
+
+
+def test_llava_json_needs_its_paths(tmp_path):
+    problems = problems_of(write(tmp_path, "data_settings:\n  source: llava_json\n"))
+    assert sorted(p.split(" ")[0] for p in problems) == ["data_settings.eval_json", "data_settings.image_folder",
+                                                        "data_settings.train_json"]
+
+
+def test_overrides_are_typed_like_the_file(tmp_path):
+    path = write(tmp_path, "method_settings:\n  merge_ratio: 0.5\n")
+    config = load_config(path, ["method_settings.merge_ratio=0.4", "method_settings.pruning_layers=[5, 15, 25]",
+                                "trainer_settings.dl_settings.optimizers.token_merger.lr=5e-05",
+                                "method_settings.target_merge_tokens=null"])
+    assert config.method_settings.merge_ratio == 0.4
+    assert config.method_settings.pruning_layers == [5, 15, 25]
+    assert config.trainer_settings.dl_settings.optimizers.token_merger.lr == 5e-5
+    assert config.method_settings.target_merge_tokens is None
+    assert problems_of(path, ["method_settings.merge_ratoi=0.4"]) == [
+        "method_settings.merge_ratoi: unknown key; did you mean 'method_settings.merge_ratio'?"]
+    with pytest.raises(ConfigError, match="dotted.key=value"):
+        load_config(path, ["method_settings.merge_ratio"])
+    with pytest.raises(ConfigError, match="is a value, not a section"):
+        apply_overrides({"a": 1}, ["a.b=2"])
+
+
+def test_checks_against_the_backbone_shape():
+    config = load_config("configs/vision_token_pruning.yaml")
+    assert check_against_backbone(config, num_layers=32, num_vision_tokens=576, image_size=336) == []
+    problems = check_against_backbone(config, num_layers=24, num_vision_tokens=576, image_size=336)
+    assert len(problems) == 1 and "[31]" in problems[0] and "24 decoder layers" in problems[0]
+    problems = check_against_backbone(config, num_layers=32, num_vision_tokens=144, image_size=336)
+    assert len(problems) == 1 and "set it to 72 or to null" in problems[0]  # 288 != 0.5 x 144
+
+
+def test_vision_bounds_are_checked_not_ignored(tmp_path):
+    path = write(tmp_path, "data_settings:\n  max_vision_tokens: 500\n  image_max_size: 300\n")
+    problems = check_against_backbone(load_config(path), num_layers=32, num_vision_tokens=576, image_size=336)
+    assert any("max_vision_tokens (500)" in p for p in problems)
+    assert any("image_max_size (300)" in p for p in problems)
+
+
+def test_gpus_requested_without_cuda(tmp_path):
+    path = write(tmp_path, "manager_settings:\n  available_gpus: [0, 1]\nbackbone_settings:\n  device: cuda\n")
+    problems = check_devices(load_config(path), cuda_available=False)
+    assert len(problems) == 2 and all("CUDA is not available" in p for p in problems)
+    assert check_devices(load_config(path), cuda_available=True) == []
+
+
+def test_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match="no such file"):
+        load_config(tmp_path / "absent.yaml")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(write(tmp_path, "a: [1, 2\n"))
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(write(tmp_path, "- 1\n"))

@@ -1,0 +1,83 @@
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from data.synthetic_vqa import (COLORS, COUNT_WORDS, GRID, PATCH, QUESTION_TYPES, SHAPES, SyntheticVQADataset,
+                                make_sample, patch_labels, region_name)
+
+
+def answer_from_scene(sample):
+    """The answer recomputed from the scene alone, independently of the generator's branches."""
+    words = sample.question.rstrip(" ?").split()
+    objs = sample.objects
+    if sample.question_type == "color_at":
+        (obj,) = [o for o in objs if region_name(o.region) == " ".join(words[-2:])]
+        return obj.color
+    if sample.question_type == "shape_of":
+        (obj,) = [o for o in objs if o.color == words[4]]
+        return obj.shape
+    if sample.question_type == "count":
+        return COUNT_WORDS[sum(o.color == words[2] for o in objs)]
+    if sample.question_type == "exists":
+        return "yes" if any(o.color == words[3] and o.shape == words[4] for o in objs) else "no"
+    (a,) = [o for o in objs if o.color == words[2]]
+    (b,) = [o for o in objs if o.color == words[-2]]
+    assert a.region[1] != b.region[1]
+    return "left" if a.region[1] < b.region[1] else "right"
+
+
+def test_answers_follow_from_the_scene():
+    data = SyntheticVQADataset(400, "train", seed=3)
+    for i in range(len(data)):
+        sample = data[i]
+        assert sample.answer == answer_from_scene(sample), sample
+        regions = [o.region for o in sample.objects]
+        assert len(regions) == len(set(regions)), "one object per region"
+
+
+def test_pixels_show_the_objects_and_nothing_else():
+    sample = make_sample(0, "eval", 7)
+    pixels = np.asarray(sample.image).astype(float)
+    assert pixels.shape == (GRID * PATCH, GRID * PATCH, 3)
+    object_patches = {o.patch: o for o in sample.objects}
+    for r in range(GRID):
+        for c in range(GRID):
+            patch = pixels[r * PATCH:(r + 1) * PATCH, c * PATCH:(c + 1) * PATCH]
+            brightest = patch.reshape(-1, 3).max(0)
+            if (r, c) in object_patches:
+                expected = np.array(COLORS[object_patches[(r, c)].color])
+                assert np.abs(brightest - expected).max() < 40
+            else:
+                assert brightest.max() < 80, "background only"
+    colors, shapes = patch_labels(sample.objects)
+    assert (colors > 0).sum() == len(sample.objects) == (shapes > 0).sum()
+
+
+def test_deterministic_and_splits_differ():
+    a, b = make_sample(0, "train", 5), make_sample(0, "train", 5)
+    assert (a.question, a.answer, a.objects) == (b.question, b.answer, b.objects)
+    assert np.array_equal(np.asarray(a.image), np.asarray(b.image))
+    assert make_sample(0, "eval", 5).objects != a.objects
+    with pytest.raises(ValueError, match="unknown split"):
+        make_sample(0, "test", 0)
+
+
+def test_answers_are_balanced_and_the_majority_answer_scores_low():
+    data = SyntheticVQADataset(2000, "eval", seed=0)
+    samples = [data[i] for i in range(len(data))]
+    types = Counter(s.question_type for s in samples)
+    assert set(types) == set(QUESTION_TYPES) and max(types.values()) - min(types.values()) <= 1
+    majority = Counter(s.answer for s in samples).most_common(1)[0][1] / len(samples)
+    assert majority < 0.15
+    for qtype in QUESTION_TYPES:
+        answers = Counter(s.answer for s in samples if s.question_type == qtype)
+        assert max(answers.values()) / sum(answers.values()) < 0.6, (qtype, answers)
+    shapes = Counter(s.answer for s in samples if s.question_type == "shape_of")
+    assert set(shapes) == set(SHAPES)
+
+
+def test_most_vision_tokens_are_background():
+    data = SyntheticVQADataset(200, "train", seed=0)
+    mean_objects = np.mean([len(data[i].objects) for i in range(len(data))])
+    assert mean_objects / GRID**2 < 0.05

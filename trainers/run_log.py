@@ -1,0 +1,34 @@
+"""The run's log: the quick-start guide's ``[INFO]`` lines and blocks, on stdout and in training.log."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+
+class RunLog:
+    """``info("x")`` prints ``[INFO] x``; ``block(text)`` prints text as is. Both go to stdout and the log file."""
+
+    def __init__(self, log_file: str | Path | None = None, name: str = "vtp"):
+        self.logger = logging.getLogger(f"{name}.{id(self)}")
+        self.logger.setLevel(logging.INFO)
+        self.logger.propagate = False
+        handlers: list[logging.Handler] = [logging.StreamHandler(sys.stdout)]
+        if log_file is not None:
+            Path(log_file).parent.mkdir(parents=True, exist_ok=True)
+            handlers.append(logging.FileHandler(log_file, mode="a", encoding="utf-8"))
+        for handler in handlers:
+            handler.setFormatter(logging.Formatter("%(message)s"))
+            self.logger.addHandler(handler)
+
+    def info(self, message: str) -> None:
+        self.logger.info(f"[INFO] {message}")
+
+    def block(self, text: str) -> None:
+        self.logger.info(text)
+
+    def close(self) -> None:
+        for handler in list(self.logger.handlers):
+            handler.close()
+            self.logger.removeHandler(handler)

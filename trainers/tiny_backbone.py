@@ -1,0 +1,229 @@
+"""Build and pretrain the embedded tiny LLaVA backbone on the synthetic VQA data.
+
+    python -m trainers.tiny_backbone --out backbones/tiny-llava            # the shipped model
+    python -m trainers.tiny_backbone --out /tmp/tiny --steps 5 --eval-size 20   # a smoke run
+
+Everything is trained (vision tower, projector, language model), like LLaVA's own stages
+folded into one: the answer loss on the answer tokens, plus a dense auxiliary loss that
+makes the vision features name the colour and the shape under every patch (two linear
+heads, dropped after pretraining). The auxiliary loss grounds the vision tokens early, so
+the language model learns the questions in minutes instead of hours. Deterministic from
+``--seed``; the result is saved with ``save_pretrained`` beside a model card.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+from transformers import CLIPImageProcessorPil, LlavaForConditionalGeneration, LlavaProcessor
+
+from data.collator import IGNORE_INDEX, VQACollator
+from data.synthetic_vqa import COLORS, SHAPES, SyntheticVQADataset, patch_labels, vocabulary
+from data.word_tokenizer import build_word_tokenizer
+from models.llava_backbone import LlavaBackbone
+from models.tiny_llava import TINY_IMAGE_SIZE, TINY_PATCH_SIZE, tiny_llava_config
+from trainers.evaluation import evaluate_accuracy, generate_baseline_answers
+
+
+def build_processor() -> LlavaProcessor:
+    tokenizer = build_word_tokenizer(vocabulary())
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": TINY_IMAGE_SIZE}, crop_size={"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE}
+    )
+    # num_additional_image_tokens=1: the processor counts CLS, which the `default` strategy drops.
+    return LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=TINY_PATCH_SIZE,
+                          vision_feature_select_strategy="default", num_additional_image_tokens=1)
+
+
+def build_model(processor: LlavaProcessor, text_layers: int) -> LlavaForConditionalGeneration:
+    tok = processor.tokenizer
+    config = tiny_llava_config(len(tok), tok.pad_token_id, tok.bos_token_id, tok.eos_token_id,
+                               tok.convert_tokens_to_ids("<image>"), text_layers=text_layers)
+    return LlavaForConditionalGeneration(config)
+
+
+def answer_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy on the labelled (answer) positions."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX)
+
+
+class PatchHeads(nn.Module):
+    """Auxiliary heads: colour and shape class of the object under each patch (0 = background)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.color = nn.Linear(dim, len(COLORS) + 1)
+        self.shape = nn.Linear(dim, len(SHAPES) + 1)
+
+    def loss(self, features: torch.Tensor, colors: torch.Tensor, shapes: torch.Tensor) -> torch.Tensor:
+        # Object patches are ~3% of all: weight them up so the heads do not settle on "background".
+        weight = 1.0 + 20.0 * (colors > 0).float()  # (B, N)
+        ce_color = F.cross_entropy(self.color(features).transpose(1, 2), colors, reduction="none")
+        ce_shape = F.cross_entropy(self.shape(features).transpose(1, 2), shapes, reduction="none")
+        return ((ce_color + ce_shape) * weight).sum() / weight.sum()
+
+
+def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
+    """Linear warm-up, then cosine decay to 5% of the peak."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+@torch.no_grad()
+def first_token_accuracy(backbone: LlavaBackbone, batches: list[dict]) -> dict[str, float]:
+    """Teacher-forced accuracy of the answer's first token per question type (a cheap progress signal)."""
+    hits: dict[str, list[bool]] = {}
+    for batch in batches:
+        logits = backbone(batch["input_ids"], batch["pixel_values"], batch["attention_mask"])
+        labels = batch["labels"]
+        first = (labels != IGNORE_INDEX).float().argmax(dim=1)  # first answer position per sample
+        rows = torch.arange(len(first))
+        ok = logits[rows, first - 1].argmax(-1) == labels[rows, first]
+        for qtype, hit in zip(batch["question_types"], ok.tolist()):
+            hits.setdefault("overall", []).append(hit)
+            hits.setdefault(qtype, []).append(hit)
+    return {k: sum(v) / len(v) for k, v in hits.items()}
+
+
+def write_model_card(out: Path, args: argparse.Namespace, model: LlavaForConditionalGeneration, report: dict) -> None:
+    text, vision = model.config.text_config, model.config.vision_config
+    n_params = sum(p.numel() for p in model.parameters())
+    per_type = "\n".join(f"| {k} | {v:.3f} |" for k, v in report["accuracy"].items())
+    card = f"""# tiny-llava: the embedded CPU backbone
+
+A small `LlavaForConditionalGeneration` pretrained on the project's synthetic VQA data
+(`data/synthetic_vqa.py`), so that the whole pruning pipeline runs on a CPU with no download.
+
+- Vision tower: CLIP, {vision.num_hidden_layers} layers x {vision.hidden_size}, {vision.image_size} px images,
+  {vision.patch_size} px patches: {(vision.image_size // vision.patch_size) ** 2} vision tokens
+  (feature layer {model.config.vision_feature_layer}, `{model.config.vision_feature_select_strategy}` strategy).
+- Language model: Llama, {text.num_hidden_layers} layers x {text.hidden_size}, MLP {text.intermediate_size},
+  {text.num_attention_heads} heads, word-level vocabulary of {text.vocab_size} tokens.
+- Parameters: {n_params:,} ({n_params * 4 / 2**20:.1f} MiB in fp32).
+- Pretraining: {report['steps']} steps, batch {args.batch_size}, AdamW peak lr {args.lr} with warm-up and cosine
+  decay, auxiliary patch loss weight {args.aux_weight}, data seed {args.seed}; wall time
+  {report['wall_time_s'] / 60:.1f} min on {report['machine']}.
+- Held-out accuracy ({report['eval_size']} eval-split samples, greedy generation, normalised exact match;
+  the majority answer scores {report['majority_baseline']:.3f}):
+
+| question type | accuracy |
+|---|---|
+{per_type}
+
+Rebuilt with:
+
+    {report['command']}
+"""
+    (out / "README.md").write_text(card)
+    (out / "pretraining.json").write_text(json.dumps(report, indent=2) + "\n")
+
+
+def majority_baseline(dataset: SyntheticVQADataset) -> float:
+    counts: dict[str, int] = {}
+    for i in range(len(dataset)):
+        answer = dataset[i].answer
+        counts[answer] = counts.get(answer, 0) + 1
+    return max(counts.values()) / len(dataset)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, required=True, help="folder to save the backbone into")
+    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--warmup", type=int, default=100)
+    parser.add_argument("--aux-weight", type=float, default=1.0)
+    parser.add_argument("--text-layers", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--eval-size", type=int, default=1000)
+    parser.add_argument("--probe-every", type=int, default=250, help="steps between progress probes and saves")
+    args = parser.parse_args(argv)
+    if args.steps < 1 or args.batch_size < 1 or args.eval_size < 1:
+        parser.error("--steps, --batch-size and --eval-size must be positive")
+
+    torch.manual_seed(args.seed)
+    np.random.seed(args.seed)
+    processor = build_processor()
+    model = build_model(processor, args.text_layers)
+    backbone = LlavaBackbone(model, processor, freeze=False)
+    heads = PatchHeads(backbone.vision_hidden_size)
+    params = [*model.parameters(), *heads.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
+
+    train = SyntheticVQADataset(args.steps * args.batch_size, "train", args.seed)
+    eval_set = SyntheticVQADataset(args.eval_size, "eval", args.seed)
+    collate = VQACollator(processor)
+    probe = [collate([eval_set[j] for j in range(i, min(i + 64, len(eval_set)))])
+             for i in range(0, min(320, len(eval_set)), 64)]
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    start = time.time()
+    bar = tqdm(range(args.steps), desc="pretraining tiny-llava")
+    for step in bar:
+        samples = [train[step * args.batch_size + i] for i in range(args.batch_size)]
+        batch = collate(samples)
+        labels = [patch_labels(s.objects) for s in samples]
+        colors = torch.from_numpy(np.stack([c for c, _ in labels]))
+        shapes = torch.from_numpy(np.stack([s for _, s in labels]))
+
+        model.train()
+        features = backbone.vision_features(batch["pixel_values"])  # (B, N, Dv)
+        embeds = backbone.merge_image_embeddings(batch["input_ids"], backbone.project(features))
+        logits = backbone.lm_head(backbone.decode(embeds, batch["attention_mask"]))
+        task = answer_loss(logits, batch["labels"])
+        aux = heads.loss(features, colors, shapes)
+        loss = task + args.aux_weight * aux
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite loss at step {step}: task {task.item()}, aux {aux.item()}")
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        bar.set_postfix(task=f"{task.item():.3f}", aux=f"{aux.item():.3f}", gnorm=f"{grad_norm:.2f}")
+
+        if (step + 1) % args.probe_every == 0 or step + 1 == args.steps:
+            model.eval()
+            acc = first_token_accuracy(backbone, probe)
+            tqdm.write(f"[step {step + 1}] {(time.time() - start) / 60:.1f} min, probe accuracy "
+                       + ", ".join(f"{k} {v:.2f}" for k, v in acc.items()))
+            model.save_pretrained(args.out)  # nothing lost if the run is stopped
+            processor.save_pretrained(args.out)
+    wall = time.time() - start
+
+    model.eval()
+    prompts = VQACollator(processor, with_answers=False)
+    batches = (prompts([eval_set[j] for j in range(i, min(i + 64, len(eval_set)))])
+               for i in range(0, len(eval_set), 64))
+    accuracy = evaluate_accuracy(lambda b: generate_baseline_answers(backbone, b), batches, desc="final eval")
+    report = {
+        "steps": args.steps, "wall_time_s": round(wall, 1), "eval_size": args.eval_size,
+        "accuracy": {k: round(v, 4) for k, v in sorted(accuracy.items())},
+        "majority_baseline": round(majority_baseline(eval_set), 4),
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
+        "command": "python -m trainers.tiny_backbone " + " ".join(sys.argv[1:] if argv is None else argv),
+    }
+    model.save_pretrained(args.out)
+    processor.save_pretrained(args.out)
+    write_model_card(args.out, args, model, report)
+    print(json.dumps(report, indent=2))
+    return report
+
+
+if __name__ == "__main__":
+    main()
