@@ -224,6 +224,36 @@ def make_sample(seed: int, split: str, index: int) -> VQASample:
     )
 
 
+def scene_questions(objects: tuple[SceneObject, ...], rng: np.random.Generator) -> list[tuple[str, str, str]]:
+    """One (type, question, answer) per question type that the scene can answer, answers read off the scene.
+
+    Used to ask several questions about one image (multi-turn pretraining); unlike
+    :func:`make_sample`, the answers are not balanced.
+    """
+    out = []
+    color_counts = {c: sum(o.color == c for o in objects) for c in COLORS}
+    target = objects[rng.integers(len(objects))]
+    out.append(("color_at", f"what color is the object in the {region_name(target.region)} ?", target.color))
+    unique = [o for o in objects if color_counts[o.color] == 1]
+    if unique:
+        obj = unique[rng.integers(len(unique))]
+        out.append(("shape_of", f"what shape is the {obj.color} object ?", obj.shape))
+    color = list(COLORS)[rng.integers(len(COLORS))]
+    if color_counts[color] < len(COUNT_WORDS):
+        out.append(("count", f"how many {color} objects are there ?", COUNT_WORDS[color_counts[color]]))
+    obj = objects[rng.integers(len(objects))]
+    color, shape = (obj.color, obj.shape) if rng.integers(2) else (list(COLORS)[rng.integers(len(COLORS))],
+                                                                    SHAPES[rng.integers(len(SHAPES))])
+    present = any(o.color == color and o.shape == shape for o in objects)
+    out.append(("exists", f"is there a {color} {shape} ?", "yes" if present else "no"))
+    pairs = [(a, b) for a in unique for b in unique if a.region[1] != b.region[1]]
+    if pairs:
+        a, b = pairs[rng.integers(len(pairs))]
+        out.append(("relation", f"is the {a.color} object left or right of the {b.color} one ?",
+                    "left" if a.region[1] < b.region[1] else "right"))
+    return out
+
+
 class SyntheticVQADataset:
     """A map-style data set of ``size`` samples of one split; samples are made on access."""
 

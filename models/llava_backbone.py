@@ -204,15 +204,26 @@ class LlavaBackbone(nn.Module):
         return self.language_model.rotary_emb(hidden, position_ids=position_ids)
 
     def run_layer(self, index: int, hidden: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
-                  position_embeddings: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """Decoder layer ``index`` on (B, T, D) with a 4D additive mask (B, 1, T, T)."""
+                  position_embeddings: tuple[torch.Tensor, torch.Tensor], cache=None) -> torch.Tensor:
+        """Decoder layer ``index`` on (B, T, D) with a 4D additive mask (B, 1, T, S).
+
+        With a ``cache`` (from :meth:`new_cache`) the layer appends its keys and values to its own
+        cache layer and attends over everything cached there; each layer's cache can hold a
+        different number of tokens, which is why the caller passes each layer's mask itself.
+        """
         return self.layers[index](
             hidden,
             attention_mask=attention_mask,
             position_ids=position_ids,
             position_embeddings=position_embeddings,
-            use_cache=False,
+            cache=cache,
+            use_cache=cache is not None,
         )
+
+    def new_cache(self):
+        from transformers import DynamicCache
+
+        return DynamicCache(config=self.text_config)
 
     # ----- whole passes -----
     def decode(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
@@ -244,6 +255,12 @@ def causal_padding_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> tor
     allowed = allowed | torch.eye(T, dtype=torch.bool, device=attention_mask.device)[None]
     mask = torch.zeros(allowed.shape, dtype=dtype, device=attention_mask.device)
     return mask.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
+
+
+def key_padding_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(B, S) 1/0 mask of cached keys -> (B, 1, 1, S) additive mask for one new query that follows them all."""
+    mask = torch.zeros(attention_mask.shape, dtype=dtype, device=attention_mask.device)
+    return mask.masked_fill(~attention_mask.bool(), torch.finfo(dtype).min)[:, None, None, :]
 
 
 def missing_backbone_message(name_or_path: str, err: Exception) -> str:

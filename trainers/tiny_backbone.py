@@ -3,12 +3,18 @@
     python -m trainers.tiny_backbone --out backbones/tiny-llava            # the shipped model
     python -m trainers.tiny_backbone --out /tmp/tiny --steps 5 --eval-size 20   # a smoke run
 
-Everything is trained (vision tower, projector, language model), like LLaVA's own stages
-folded into one: the answer loss on the answer tokens, plus a dense auxiliary loss that
-makes the vision features name the colour and the shape under every patch (two linear
-heads, dropped after pretraining). The auxiliary loss grounds the vision tokens early, so
-the language model learns the questions in minutes instead of hours. Deterministic from
-``--seed``; the result is saved with ``save_pretrained`` beside a model card.
+Everything is trained (vision tower, projector, language model), LLaVA's two stages folded
+into one, with three things that make a small model learn in minutes instead of hours:
+- multi-turn samples: after the single-turn question in the evaluation format, the same
+  image is asked ``--turns - 1`` more questions (``USER: q ASSISTANT: a</s>`` each), so
+  every forward pass supervises several answers;
+- a dense auxiliary loss that makes the vision features name the colour and the shape
+  under every patch (two linear heads, dropped after pretraining);
+- an alignment loss (LLaVA's stage-1 idea): each object's projected token, read through
+  the word-embedding table, must name its colour word and its shape word, so that a
+  question word can find its object by attention from the first steps.
+Deterministic from ``--seed``; the result is saved with ``save_pretrained`` beside a
+model card.
 """
 
 from __future__ import annotations
@@ -29,7 +35,8 @@ from tqdm import tqdm
 from transformers import CLIPImageProcessorPil, LlavaForConditionalGeneration, LlavaProcessor
 
 from data.collator import IGNORE_INDEX, VQACollator
-from data.synthetic_vqa import COLORS, SHAPES, SyntheticVQADataset, patch_labels, vocabulary
+from data.collator import build_prompt
+from data.synthetic_vqa import COLORS, SHAPES, SyntheticVQADataset, patch_labels, scene_questions, vocabulary
 from data.word_tokenizer import build_word_tokenizer
 from models.llava_backbone import LlavaBackbone
 from models.tiny_llava import TINY_IMAGE_SIZE, TINY_PATCH_SIZE, tiny_llava_config
@@ -74,6 +81,41 @@ class PatchHeads(nn.Module):
         return ((ce_color + ce_shape) * weight).sum() / weight.sum()
 
 
+def alignment_loss(projected: torch.Tensor, word_embeddings: torch.Tensor, colors: torch.Tensor,
+                   shapes: torch.Tensor, color_word_ids: torch.Tensor, shape_word_ids: torch.Tensor) -> torch.Tensor:
+    """Object tokens (B, N, D) read through the embedding table (V, D) must name their colour and shape words."""
+    objects = colors > 0  # (B, N)
+    logits = projected[objects] @ word_embeddings.T  # (M, V)
+    return (F.cross_entropy(logits, color_word_ids[colors[objects] - 1])
+            + F.cross_entropy(logits, shape_word_ids[shapes[objects] - 1]))
+
+
+def multi_turn_batch(samples, processor, seed: int, offset: int, turns: int) -> dict:
+    """The evaluation-format first turn, then up to ``turns - 1`` more questions on the same image.
+
+    Labels cover every answer and its end-of-sequence token.
+    """
+    tok = processor.tokenizer
+    texts = []
+    for i, sample in enumerate(samples):
+        rng = np.random.default_rng([seed, 7, offset + i])
+        extra = scene_questions(sample.objects, rng)
+        rng.shuffle(extra)
+        text = f"{build_prompt(sample.question)} {sample.answer}{tok.eos_token}"
+        text += "".join(f" USER: {q} ASSISTANT: {a}{tok.eos_token}" for _, q, a in extra[: turns - 1])
+        texts.append(text)
+    batch = dict(processor(images=[s.image for s in samples], text=texts, padding=True, return_tensors="pt"))
+    ids = batch["input_ids"]
+    assistant, colon = tok.convert_tokens_to_ids("ASSISTANT"), tok.convert_tokens_to_ids(":")
+    starts = torch.zeros_like(ids, dtype=torch.bool)
+    starts[:, 2:] = (ids[:, :-2] == assistant) & (ids[:, 1:-1] == colon)  # first answer token of each turn
+    ends = ids == tok.eos_token_id
+    # inside an answer: after a start, up to and including the next EOS
+    inside = (starts.long().cumsum(1) - ends.long().cumsum(1) + ends.long()) > 0
+    batch["labels"] = torch.where(inside, ids, torch.full_like(ids, IGNORE_INDEX))
+    return batch
+
+
 def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
     """Linear warm-up, then cosine decay to 5% of the peak."""
     if step < warmup:
@@ -113,7 +155,7 @@ A small `LlavaForConditionalGeneration` pretrained on the project's synthetic VQ
 - Language model: Llama, {text.num_hidden_layers} layers x {text.hidden_size}, MLP {text.intermediate_size},
   {text.num_attention_heads} heads, word-level vocabulary of {text.vocab_size} tokens.
 - Parameters: {n_params:,} ({n_params * 4 / 2**20:.1f} MiB in fp32).
-- Pretraining: {report['steps']} steps, batch {args.batch_size}, AdamW peak lr {args.lr} with warm-up and cosine
+- Pretraining: {report['steps']} steps, batch {args.batch_size}, {args.turns} questions per image, AdamW peak lr {args.lr} with warm-up and cosine
   decay, auxiliary patch loss weight {args.aux_weight}, data seed {args.seed}; wall time
   {report['wall_time_s'] / 60:.1f} min on {report['machine']}.
 - Held-out accuracy ({report['eval_size']} eval-split samples, greedy generation, normalised exact match;
@@ -146,7 +188,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--warmup", type=int, default=100)
-    parser.add_argument("--aux-weight", type=float, default=1.0)
+    parser.add_argument("--aux-weight", type=float, default=1.0, help="weight of the patch and alignment losses")
+    parser.add_argument("--turns", type=int, default=4, help="questions asked per image in pretraining")
     parser.add_argument("--text-layers", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--eval-size", type=int, default=1000)
@@ -164,6 +207,8 @@ def main(argv: list[str] | None = None) -> dict:
     params = [*model.parameters(), *heads.parameters()]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
 
+    color_word_ids = torch.tensor(processor.tokenizer.convert_tokens_to_ids(list(COLORS)))
+    shape_word_ids = torch.tensor(processor.tokenizer.convert_tokens_to_ids(list(SHAPES)))
     train = SyntheticVQADataset(args.steps * args.batch_size, "train", args.seed)
     eval_set = SyntheticVQADataset(args.eval_size, "eval", args.seed)
     collate = VQACollator(processor)
@@ -175,17 +220,19 @@ def main(argv: list[str] | None = None) -> dict:
     bar = tqdm(range(args.steps), desc="pretraining tiny-llava")
     for step in bar:
         samples = [train[step * args.batch_size + i] for i in range(args.batch_size)]
-        batch = collate(samples)
+        batch = multi_turn_batch(samples, processor, args.seed, step * args.batch_size, args.turns)
         labels = [patch_labels(s.objects) for s in samples]
         colors = torch.from_numpy(np.stack([c for c, _ in labels]))
         shapes = torch.from_numpy(np.stack([s for _, s in labels]))
 
         model.train()
         features = backbone.vision_features(batch["pixel_values"])  # (B, N, Dv)
-        embeds = backbone.merge_image_embeddings(batch["input_ids"], backbone.project(features))
+        projected = backbone.project(features)  # (B, N, D)
+        embeds = backbone.merge_image_embeddings(batch["input_ids"], projected)
         logits = backbone.lm_head(backbone.decode(embeds, batch["attention_mask"]))
         task = answer_loss(logits, batch["labels"])
-        aux = heads.loss(features, colors, shapes)
+        aux = heads.loss(features, colors, shapes) + alignment_loss(
+            projected, backbone.language_model.embed_tokens.weight, colors, shapes, color_word_ids, shape_word_ids)
         loss = task + args.aux_weight * aux
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite loss at step {step}: task {task.item()}, aux {aux.item()}")

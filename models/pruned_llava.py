@@ -1,0 +1,220 @@
+"""The pruned forward: token merger before the projector, layer pruners inside the language model.
+
+``PrunedLlava`` runs the frozen backbone's pieces itself (through the adapter,
+models/llava_backbone.py) so that a pruner can act before any chosen decoder layer.
+
+- Merging: the N vision features become K merged tokens (models/token_merger.py); each sits
+  in its centre's placeholder slot, the other placeholders leave the sequence.
+- Soft mode (training): each vision token j carries a cumulative keep probability m_j (the
+  product over the stages it passed); every later layer adds log(m_j) to the attention
+  logits towards key j, so a token with m_j -> 0 stops being seen. The sequence length stays
+  fixed and gradients reach every m_j.
+- Hard mode (inference): at each pruning layer the top-k vision tokens by keep logit stay;
+  hidden states, position ids and masks are gathered, so later layers run on shorter
+  sequences. Every sample keeps the same k, so the batch stays a batch.
+- Text tokens are never pruned; every token keeps its original position id (RoPE positions
+  do not shift), in both modes.
+- Token counts are read off the tensors as they pass each layer.
+
+With no merger and no pruners the logits equal the stock ``LlavaForConditionalGeneration``
+forward (tests/test_pruned_llava.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from data.collator import IGNORE_INDEX
+from models.gumbel import gumbel_sigmoid
+from models.layer_pruner import hard_keep
+from models.llava_backbone import LlavaBackbone, causal_padding_mask, key_padding_mask
+from models.token_merger import MergeOutput, TokenMerger
+
+KEEP_PROB_FLOOR = 1e-6  # log(m) is clamped here: a dropped key keeps a weight of 1e-6, not -inf
+
+
+@dataclass
+class PrunedOutput:
+    hidden: torch.Tensor  # (B, T', D) after the final norm
+    logits: torch.Tensor  # (B, T', V)
+    attention_mask: torch.Tensor  # (B, T') of the final sequence
+    labels: torch.Tensor | None  # (B, T') labels gathered like the sequence
+    merge: MergeOutput | None
+    stage_keep_probs: list[torch.Tensor] = field(default_factory=list)  # soft: (B, n) cumulative m per stage
+    vision_tokens_per_layer: list[int] = field(default_factory=list)  # counted from the tensors, per decoder layer
+    seq_len_per_layer: list[int] = field(default_factory=list)
+    pruner_sparsity_losses: list[torch.Tensor] = field(default_factory=list)
+    layer_attention_masks: list[torch.Tensor] = field(default_factory=list)  # (B, T_l) keys each layer saw
+
+
+@dataclass
+class _Sequence:
+    """The running sequence and everything gathered along with it."""
+
+    hidden: torch.Tensor  # (B, T, D)
+    position_ids: torch.Tensor  # (B, T) original positions
+    attention_mask: torch.Tensor  # (B, T) 1 = real token
+    question_mask: torch.Tensor  # (B, T) bool, the question's text tokens
+    is_vision: torch.Tensor  # (B, T) bool
+    labels: torch.Tensor | None  # (B, T)
+
+    def gather(self, index: torch.Tensor) -> "_Sequence":
+        take = lambda x: None if x is None else x.gather(1, index)
+        return _Sequence(
+            self.hidden.gather(1, index.unsqueeze(-1).expand(-1, -1, self.hidden.shape[-1])),
+            take(self.position_ids), take(self.attention_mask), take(self.question_mask), take(self.is_vision),
+            take(self.labels),
+        )
+
+    @property
+    def vision_index(self) -> torch.Tensor:
+        """(B, n) sequence positions of the vision tokens; every sample holds the same n."""
+        return rows_nonzero(self.is_vision)
+
+
+def rows_nonzero(mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) bool with the same count c per row -> (B, c) column indices, ascending."""
+    counts = mask.sum(dim=1)
+    if not bool((counts == counts[0]).all()):
+        raise ValueError(f"rows hold different counts {counts.tolist()}; a batch needs the same number per sample")
+    return mask.nonzero()[:, 1].view(mask.shape[0], -1)
+
+
+def question_token_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor, image_token_id: int,
+                        labels: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, T) bool: real text tokens after the image and before the answer (the answer must not leak to pruners)."""
+    is_image = input_ids == image_token_id
+    after_image = (is_image.long().cumsum(dim=1) == is_image.sum(dim=1, keepdim=True)) & ~is_image
+    mask = after_image & attention_mask.bool()
+    if labels is not None:
+        mask &= labels == IGNORE_INDEX
+    return mask
+
+
+class PrunedLlava(nn.Module):
+    """A frozen LLaVA backbone with an optional token merger and layer pruners before ``pruning_layers``."""
+
+    def __init__(self, backbone: LlavaBackbone, merger: TokenMerger | None = None,
+                 pruners: nn.ModuleList | None = None, pruning_layers: list[int] = (),
+                 stage_budgets: list[int] = ()):
+        super().__init__()
+        pruners = pruners if pruners is not None else nn.ModuleList()
+        if not (len(pruners) == len(pruning_layers) == len(stage_budgets)):
+            raise ValueError(f"{len(pruners)} pruners, {len(pruning_layers)} pruning layers and "
+                             f"{len(stage_budgets)} stage budgets must match")
+        bad = [layer for layer in pruning_layers if not 0 <= layer < backbone.num_layers]
+        if bad:
+            raise ValueError(f"pruning layers {bad} outside 0..{backbone.num_layers - 1}")
+        self.backbone = backbone
+        self.merger = merger
+        self.pruners = pruners
+        self.stage_of_layer = {layer: s for s, layer in enumerate(pruning_layers)}
+        self.stage_budgets = list(stage_budgets)
+
+    # ------------------------------------------------------------------ building the sequence
+    def _initial_sequence(self, input_ids, pixel_values, attention_mask, labels, tau, generator):
+        bb = self.backbone
+        with torch.no_grad():
+            features = bb.vision_features(pixel_values)  # (B, N, Dv), the backbone is frozen
+        question_mask = question_token_mask(input_ids, attention_mask, bb.image_token_id, labels)
+        embeds = bb.embed_tokens(input_ids)  # (B, T, D)
+        merge = None
+        if self.merger is not None:
+            merge = self.merger(features, tau, question=embeds, question_mask=question_mask, generator=generator)
+            vision, kept = merge.tokens, merge.positions  # (B, K, Dv), (B, K)
+        else:
+            vision = features
+            kept = torch.arange(features.shape[1], device=features.device).expand(features.shape[0], -1)
+        is_image = bb.image_token_mask(input_ids)  # (B, T)
+        image_slots = rows_nonzero(is_image)  # (B, N)
+        if image_slots.shape[1] != features.shape[1]:
+            raise ValueError(f"image placeholders and image features do not match: {image_slots.shape[1]} "
+                             f"placeholders per sample, {features.shape[1]} features")
+        kept_slots = image_slots.gather(1, kept)  # (B, K)
+        projected = bb.project(vision).to(embeds.dtype)  # (B, K, D)
+        embeds = embeds.scatter(1, kept_slots.unsqueeze(-1).expand(-1, -1, embeds.shape[-1]), projected)
+        is_vision = torch.zeros_like(is_image).scatter(1, kept_slots, True)
+        B, T = input_ids.shape
+        full = _Sequence(embeds, torch.arange(T, device=input_ids.device).expand(B, T), attention_mask,
+                         question_mask, is_vision, labels)
+        return full.gather(rows_nonzero(~is_image | is_vision)), merge
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor, attention_mask: torch.Tensor,
+                labels: torch.Tensor | None = None, mode: str = "soft", tau: float = 1.0,
+                generator: torch.Generator | None = None, cache=None) -> PrunedOutput:
+        """Soft (``mode="soft"``) or hard (``"hard"``) pruned forward. Noise only in training mode."""
+        if mode not in ("soft", "hard"):
+            raise ValueError(f"mode must be 'soft' or 'hard', got {mode!r}")
+        bb = self.backbone
+        seq, merge = self._initial_sequence(input_ids, pixel_values, attention_mask, labels, tau, generator)
+        mask = causal_padding_mask(seq.attention_mask, seq.hidden.dtype)
+        cos_sin = bb.rotary(seq.hidden, seq.position_ids)
+        keep = torch.ones(seq.hidden.shape[:2], device=seq.hidden.device, dtype=seq.hidden.dtype)  # soft: m_j
+        out = PrunedOutput(seq.hidden, seq.hidden, seq.attention_mask, seq.labels, merge)
+        n_start = int(seq.is_vision.sum(dim=1)[0])
+
+        for layer in range(bb.num_layers):
+            if layer in self.stage_of_layer:
+                stage = self.stage_of_layer[layer]
+                vision_index = seq.vision_index  # (B, n)
+                vision = seq.hidden.gather(1, vision_index.unsqueeze(-1).expand(-1, -1, seq.hidden.shape[-1]))
+                logits = self.pruners[stage](vision, seq.hidden, seq.question_mask)  # (B, n)
+                if mode == "hard":
+                    kept = vision_index.gather(1, hard_keep(logits, self.stage_budgets[stage]))  # (B, k)
+                    stay = ~seq.is_vision
+                    stay = stay.scatter(1, kept, True)
+                    seq = seq.gather(rows_nonzero(stay))
+                    mask = causal_padding_mask(seq.attention_mask, seq.hidden.dtype)
+                    cos_sin = bb.rotary(seq.hidden, seq.position_ids)
+                else:
+                    q = gumbel_sigmoid(logits, tau, noise=self.training, generator=generator)  # (B, n)
+                    keep = keep.scatter(1, vision_index, keep.gather(1, vision_index) * q)
+                    cumulative = keep.gather(1, vision_index)  # (B, n)
+                    out.stage_keep_probs.append(cumulative)
+                    target = self.stage_budgets[stage] / n_start
+                    out.pruner_sparsity_losses.append((cumulative.mean() - target) ** 2)
+                    bias = keep.clamp_min(KEEP_PROB_FLOOR).log()  # (B, T), 0 for text tokens
+                    mask = (causal_padding_mask(seq.attention_mask, seq.hidden.dtype)
+                            + bias[:, None, None, :]).clamp_min(torch.finfo(seq.hidden.dtype).min)
+            out.vision_tokens_per_layer.append(int(seq.is_vision.sum(dim=1)[0]))
+            out.seq_len_per_layer.append(seq.hidden.shape[1])
+            out.layer_attention_masks.append(seq.attention_mask)
+            seq.hidden = bb.run_layer(layer, seq.hidden, mask, seq.position_ids, cos_sin, cache=cache)
+
+        out.hidden = bb.norm(seq.hidden)
+        out.logits = bb.lm_head(out.hidden)
+        out.attention_mask, out.labels = seq.attention_mask, seq.labels
+        return out
+
+    # ------------------------------------------------------------------ generation
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, pixel_values: torch.Tensor, attention_mask: torch.Tensor,
+                 max_new_tokens: int, eos_token_id: int, pad_token_id: int, mode: str = "hard") -> tuple[torch.Tensor, PrunedOutput]:
+        """Greedy answers (B, <= max_new_tokens) after a pruned prefill; decoding reads each layer's KV cache."""
+        bb = self.backbone
+        cache = bb.new_cache()
+        prefill = self.forward(input_ids, pixel_values, attention_mask, mode=mode, cache=cache)
+        token = prefill.logits[:, -1].argmax(-1)  # (B,)
+        next_position = input_ids.shape[1]  # original positions continue after the prompt
+        done = torch.zeros_like(token, dtype=torch.bool)
+        key_masks = list(prefill.layer_attention_masks)  # per layer: its cached keys, 1 = real
+        generated = []
+        for step in range(max_new_tokens):
+            token = torch.where(done, torch.full_like(token, pad_token_id), token)
+            generated.append(token)
+            done |= token == eos_token_id
+            if bool(done.all()) or step == max_new_tokens - 1:
+                break
+            hidden = bb.embed_tokens(token[:, None])  # (B, 1, D)
+            position_ids = torch.full_like(token[:, None], next_position + step)
+            cos_sin = bb.rotary(hidden, position_ids)
+            for layer in range(bb.num_layers):
+                key_masks[layer] = torch.cat([key_masks[layer], torch.ones_like(key_masks[layer][:, :1])], dim=1)
+                mask = key_padding_mask(key_masks[layer], hidden.dtype)  # (B, 1, 1, S): the new token sees all real keys
+                hidden = bb.run_layer(layer, hidden, mask, position_ids, cos_sin, cache=cache)
+            token = bb.lm_head(bb.norm(hidden))[:, -1].argmax(-1)
+        return torch.stack(generated, dim=1), prefill

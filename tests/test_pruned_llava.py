@@ -1,0 +1,194 @@
+import pytest
+import torch
+from torch import nn
+
+from data.collator import IGNORE_INDEX, VQACollator
+from data.synthetic_vqa import SyntheticVQADataset
+from models.layer_pruner import build_pruner
+from models.llava_backbone import LlavaBackbone
+from models.pruned_llava import PrunedLlava, question_token_mask
+from models.token_merger import TokenMerger
+from tests.conftest import llava_like
+
+LAYERS = [1, 2, 3]
+
+
+class FixedPruner(nn.Module):
+    """Keep logits +a for every vision token whose rank in the sequence is not a multiple of `every`, -a else
+    (`every=None`: keep all)."""
+
+    def __init__(self, every: int | None, magnitude: float = 30.0):
+        super().__init__()
+        self.every, self.magnitude = every, magnitude
+
+    def forward(self, vision, question, question_mask):
+        n = vision.shape[1]
+        keep = torch.ones(n, dtype=torch.bool) if self.every is None else torch.arange(n) % self.every != 0
+        return torch.where(keep, self.magnitude, -self.magnitude).expand(vision.shape[0], n).clone()
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model, processor = llava_like(96, 8, text_layers=4, seed=1)
+    return LlavaBackbone(model, processor)
+
+
+def make_batch(tiny, with_answers=True, n=3):
+    data = SyntheticVQADataset(n, "eval", seed=2)
+    return VQACollator(tiny.processor, with_answers=with_answers)([data[i] for i in range(n)])
+
+
+def learned(tiny, budgets=(50, 35, 20), merger_keep=72, merger_type="simple", pruner_type="cross_attention"):
+    torch.manual_seed(0)
+    D = tiny.hidden_size
+    merger = None if merger_keep is None else TokenMerger(tiny.vision_hidden_size, D, merger_keep, merger_keep / 144,
+                                                          merger_type, hidden=32, num_heads=2)
+    pruners = nn.ModuleList(build_pruner(pruner_type, D, 16, 2) for _ in budgets)
+    model = PrunedLlava(tiny, merger, pruners, LAYERS[:len(budgets)], list(budgets))
+    for p in [*model.pruners.parameters(), *(merger.parameters() if merger else [])]:
+        nn.init.normal_(p, std=0.5)  # away from the keep-everything start, so choices differ between tokens
+    return model
+
+
+def fixed(tiny, every=(3, 4, 5), merger_keep=None):
+    """Pruners with known choices: stage s drops every `every[s]`-th vision token; optionally a (random) merger."""
+    merger = None
+    if merger_keep is not None:
+        torch.manual_seed(0)
+        merger = TokenMerger(tiny.vision_hidden_size, tiny.hidden_size, merger_keep, merger_keep / 144, hidden=32)
+        nn.init.normal_(merger.scorer.net[-1].weight)
+    budgets, n = [], merger_keep or 144
+    for e in every:
+        n -= 0 if e is None else len(range(0, n, e))
+        budgets.append(n)
+    return PrunedLlava(tiny, merger, nn.ModuleList(FixedPruner(e) for e in every), LAYERS, budgets).eval(), budgets
+
+
+def test_no_merger_no_pruners_equals_stock_forward(tiny):
+    batch = make_batch(tiny)
+    assert (batch["attention_mask"] == 0).any(), "padding must be exercised"
+    model = PrunedLlava(tiny)
+    with torch.no_grad():
+        expected = tiny.model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"],
+                              attention_mask=batch["attention_mask"], use_cache=False).logits
+        for mode in ("soft", "hard"):
+            out = model(batch["input_ids"], batch["pixel_values"], batch["attention_mask"], mode=mode)
+            real = batch["attention_mask"].bool()
+            torch.testing.assert_close(out.logits[real], expected[real], rtol=1e-5, atol=1e-5)
+            assert out.vision_tokens_per_layer == [144] * 4
+
+
+def test_hard_mode_really_shortens_the_sequence(tiny):
+    batch = make_batch(tiny)
+    model = learned(tiny).eval()
+    with torch.no_grad():
+        out = model(batch["input_ids"], batch["pixel_values"], batch["attention_mask"], labels=batch["labels"],
+                    mode="hard")
+    T = batch["input_ids"].shape[1]
+    assert out.vision_tokens_per_layer == [72, 50, 35, 20]
+    assert out.seq_len_per_layer == [T - 144 + k for k in (72, 50, 35, 20)]
+    assert out.logits.shape[:2] == out.labels.shape == (3, T - 124)
+    # Text tokens are never pruned: every answer label survives.
+    assert ((out.labels != IGNORE_INDEX).sum(1) == (batch["labels"] != IGNORE_INDEX).sum(1)).all()
+
+
+@pytest.mark.parametrize("tau", [1.0, 0.1])
+def test_soft_keep_zero_equals_hard_removal(tiny, tau):
+    """Soft mode with m_j ~ 0 for exactly the tokens hard mode drops gives hard mode's logits on text tokens.
+
+    Stage 1 drops every third vision token; the later stages keep all (in soft mode they see the dropped
+    tokens too, so a rank-based choice there would differ between the modes).
+    """
+    batch = make_batch(tiny)
+    model, budgets = fixed(tiny, every=(3, None, None))
+    with torch.no_grad():
+        hard = model(batch["input_ids"], batch["pixel_values"], batch["attention_mask"], labels=batch["labels"],
+                     mode="hard")
+        soft = model(batch["input_ids"], batch["pixel_values"], batch["attention_mask"], labels=batch["labels"],
+                     mode="soft", tau=tau)
+    assert hard.vision_tokens_per_layer == [144] + budgets
+    assert soft.vision_tokens_per_layer == [144] * 4 and soft.seq_len_per_layer[-1] == batch["input_ids"].shape[1]
+    # soft keeps, after the last stage, ~1 exactly for the tokens hard mode kept, ~0 for the rest
+    final = soft.stage_keep_probs[-1]  # (B, 144)
+    assert ((final > 0.5).sum(1) == budgets[-1]).all()
+    assert ((final - final.round()).abs() < 1e-6).all()
+    # compare the answer positions (text): the logits agree, with original positions kept in hard mode
+    answers = batch["labels"] != IGNORE_INDEX
+    torch.testing.assert_close(hard.logits[hard.labels != IGNORE_INDEX], soft.logits[answers], rtol=1e-4, atol=1e-4)
+
+
+def test_soft_at_low_temperature_agrees_with_hard_choices(tiny):
+    batch = make_batch(tiny, with_answers=False)
+    model = learned(tiny, merger_keep=None, budgets=(100,))
+    model.eval()
+    with torch.no_grad():
+        out = model(batch["input_ids"], batch["pixel_values"], batch["attention_mask"], mode="soft", tau=1e-3)
+        logits = model.pruners[0](*_stage_inputs(model, batch))  # the logits the stage saw
+    k = int((logits > 0).sum(1).min())
+    soft_kept = out.stage_keep_probs[0] > 0.5
+    assert torch.equal(soft_kept, logits > 0)
+    hard_top = logits.topk(k, dim=1).indices
+    assert soft_kept.gather(1, hard_top).all()  # hard mode's top-k are kept by soft mode at low temperature
+
+
+def _stage_inputs(model, batch):
+    """Hidden states entering layer 1 for a model whose single pruner sits there (no merger)."""
+    seen = {}
+    hook = model.backbone.layers[1].register_forward_pre_hook(lambda m, args, kw: seen.update(h=args[0]),
+                                                              with_kwargs=True)
+    try:
+        out = PrunedLlava(model.backbone)(batch["input_ids"], batch["pixel_values"], batch["attention_mask"])
+    finally:
+        hook.remove()
+    h = seen["h"]
+    is_image = model.backbone.image_token_mask(batch["input_ids"])
+    vision = h[is_image].view(h.shape[0], 144, -1)
+    q = question_token_mask(batch["input_ids"], batch["attention_mask"], model.backbone.image_token_id)
+    return vision, h, q
+
+
+def test_gradients_reach_merger_and_pruners_never_the_backbone(tiny):
+    batch = make_batch(tiny)
+    for merger_type, pruner_type in [("simple", "cross_attention"), ("question_aware", "mlp")]:
+        model = learned(tiny, merger_type=merger_type, pruner_type=pruner_type).train()
+        out = model(batch["input_ids"], batch["pixel_values"], batch["attention_mask"], labels=batch["labels"],
+                    mode="soft", tau=1.0)
+        loss = nn.functional.cross_entropy(out.logits[:, :-1].flatten(0, 1), out.labels[:, 1:].flatten(),
+                                           ignore_index=IGNORE_INDEX)
+        loss.backward()
+        trainable = [*model.merger.named_parameters(), *model.pruners.named_parameters()]
+        missing = [name for name, p in trainable if p.grad is None or not p.grad.abs().sum() > 0]
+        assert not missing, (merger_type, pruner_type, missing)
+        assert all(p.grad is None and not p.requires_grad for p in tiny.parameters())
+
+
+def test_question_mask_excludes_image_padding_and_answer(tiny):
+    batch = make_batch(tiny)
+    tok = tiny.processor.tokenizer
+    mask = question_token_mask(batch["input_ids"], batch["attention_mask"], tiny.image_token_id, batch["labels"])
+    for row, m in zip(batch["input_ids"], mask):
+        words = tok.decode(row[m]).split()
+        assert words[-2:] == ["ASSISTANT", ":"] and "<image>" not in words and "</s>" not in words
+        assert len(words) >= 5
+
+
+def test_hard_generation_with_cache_matches_stock_and_recomputation(tiny):
+    prompts = make_batch(tiny, with_answers=False)
+    ids, pixels, mask = prompts["input_ids"], prompts["pixel_values"], prompts["attention_mask"]
+    eos, pad = tiny.processor.tokenizer.eos_token_id, tiny.processor.tokenizer.pad_token_id
+    stock = tiny.model.generate(input_ids=ids, pixel_values=pixels, attention_mask=mask, max_new_tokens=5,
+                                do_sample=False, eos_token_id=-1, pad_token_id=pad)[:, ids.shape[1]:]
+    tokens, _ = PrunedLlava(tiny).generate(ids, pixels, mask, max_new_tokens=5, eos_token_id=-1, pad_token_id=pad)
+    assert torch.equal(tokens, stock)
+
+    # With real pruning, cached decoding equals recomputing the pruned prefill over prompt + answer so far.
+    model, budgets = fixed(tiny, merger_keep=96)
+    tokens, prefill = model.generate(ids, pixels, mask, max_new_tokens=4, eos_token_id=-1, pad_token_id=pad)
+    assert prefill.vision_tokens_per_layer == [96] + budgets
+    grown_ids, grown_mask = ids, mask
+    with torch.no_grad():
+        for step in range(4):
+            logits = model(grown_ids, pixels, grown_mask, mode="hard").logits[:, -1]
+            assert torch.equal(logits.argmax(-1), tokens[:, step])
+            grown_ids = torch.cat([grown_ids, tokens[:, step:step + 1]], dim=1)
+            grown_mask = torch.cat([grown_mask, torch.ones_like(grown_mask[:, :1])], dim=1)

@@ -1,0 +1,69 @@
+import pytest
+import torch
+
+from models.token_merger import TokenMerger, soft_assignment_merge
+
+
+def merger(kind="simple", keep=6, n=16, dim=8):
+    torch.manual_seed(0)
+    m = TokenMerger(dim, 12, keep, keep / n, kind, hidden=16, num_heads=2)
+    for p in m.parameters():
+        torch.nn.init.normal_(p, std=0.5)
+    return m
+
+
+def test_output_shapes_order_and_determinism_in_eval():
+    m = merger().eval()
+    x = torch.randn(3, 16, 8)
+    a, b = m(x, tau=1.0), m(x, tau=1.0)
+    assert a.tokens.shape == (3, 6, 8) and a.positions.shape == (3, 6)
+    assert torch.equal(a.positions, b.positions) and torch.equal(a.tokens, b.tokens)
+    assert (a.positions.diff(dim=1) > 0).all(), "centres keep their spatial order"
+    scores = m.scorer(x)
+    assert torch.equal(a.positions, scores.topk(6).indices.sort().values), "eval = plain top-K of the scores"
+
+
+def test_training_samples_different_centres():
+    m = merger().train()
+    x = torch.randn(1, 16, 8).expand(64, -1, -1)
+    positions = m(x, tau=1.0, generator=torch.Generator().manual_seed(0)).positions
+    assert len({tuple(p.tolist()) for p in positions}) > 1
+
+
+def test_merge_is_a_weighted_mean_and_identity_when_all_are_centres():
+    x = torch.randn(2, 5, 4)
+    everyone = torch.arange(5).expand(2, 5)
+    torch.testing.assert_close(soft_assignment_merge(x, everyone, torch.ones(2, 5), tau=1.0), x)
+    # one centre: the output is the plain mean of all tokens (each non-centre assigned to it with weight 1)
+    centre = torch.tensor([[2], [0]])
+    selection = torch.zeros(2, 5).scatter(1, centre, 1.0)
+    torch.testing.assert_close(soft_assignment_merge(x, centre, selection, tau=0.5), x.mean(dim=1, keepdim=True))
+
+
+def test_low_temperature_assigns_each_token_to_its_most_similar_centre():
+    centres = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    x = torch.stack([centres[0], centres[1], torch.tensor([2.0, 0.1]), torch.tensor([0.1, 3.0])])[None]  # (1, 4, 2)
+    sel = torch.tensor([[1.0, 1.0, 0.0, 0.0]])
+    out = soft_assignment_merge(x, torch.tensor([[0, 1]]), sel, tau=0.01)
+    torch.testing.assert_close(out[0], torch.stack([(x[0, 0] + x[0, 2]) / 2, (x[0, 1] + x[0, 3]) / 2]))
+
+
+@pytest.mark.parametrize("kind", ["simple", "question_aware"])
+def test_gradients_reach_the_scorer_through_the_selection(kind):
+    m = merger(kind).train()
+    x, q = torch.randn(2, 16, 8), torch.randn(2, 5, 12)
+    qmask = torch.tensor([[True] * 5, [True, True, False, False, False]])
+    out = m(x, tau=0.5, question=q, question_mask=qmask)
+    (out.tokens.square().sum()).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in m.parameters())
+
+
+def test_starts_without_preference_and_sparsity_loss():
+    m = TokenMerger(8, 12, 4, 0.25, hidden=16)
+    out = m(torch.randn(2, 16, 8), tau=1.0)
+    torch.testing.assert_close(out.keep_prob, torch.full((2, 16), 0.25))
+    assert out.sparsity_loss.item() == pytest.approx(0.0, abs=1e-12)
+    with pytest.raises(ValueError, match="keeps 20 tokens but the image has 16"):
+        TokenMerger(8, 12, 20, 0.5, hidden=16)(torch.randn(1, 16, 8), tau=1.0)
+    with pytest.raises(ValueError, match="merger_type"):
+        TokenMerger(8, 12, 4, 0.25, "clever")
