@@ -82,7 +82,11 @@ class MethodSettings:
     merge_ratio: float = num(0.5, gt=0, le=1)
     target_merge_tokens: int | None = num(288, ge=1)
     merge_sparsity_weight: float = num(1e-4, ge=0)
+    merger_d_internal: int = num(256, ge=1)
     pruning_layers: list[int] = field(default_factory=lambda: [10, 20, 31])
+    # Vision tokens kept by each pruning stage, as a fraction of those entering it (hard mode's budget,
+    # soft mode's sparsity target): 288 -> ~200 -> ~150 -> ~100 for llava-1.5, the seed's trajectory.
+    pruner_keep_ratios: list[float] = field(default_factory=lambda: [0.7, 0.75, 0.67])
     pruner_d_internal: int = num(512, ge=1)
     pruner_num_heads: int = num(4, ge=1)
     pruner_type: Literal["cross_attention", "mlp"] = "cross_attention"
@@ -92,6 +96,8 @@ class MethodSettings:
     adv_loss_weight: float = num(1.0, ge=0)
     task_loss_weight: float = num(25.0, ge=0)
     disc_reinit_prob: float = num(0.0, ge=0, le=1)
+    discriminator_input: Literal["hidden", "logits"] = "hidden"
+    discriminator_hidden: int = num(256, ge=1)
 
 
 @dataclass(frozen=True)
@@ -237,6 +243,17 @@ def cross_check(config: Config) -> list[str]:
         problems.append(f"method_settings.pruning_layers {layers} must be strictly increasing")
     if any(layer < 0 for layer in layers):
         problems.append(f"method_settings.pruning_layers {layers} holds a negative layer index")
+    if len(m.pruner_keep_ratios) != len(layers):
+        problems.append(f"method_settings.pruner_keep_ratios has {len(m.pruner_keep_ratios)} entries but "
+                        f"pruning_layers has {len(layers)}; give one keep ratio per pruning layer")
+    if any(not 0 < r <= 1 for r in m.pruner_keep_ratios):
+        problems.append(f"method_settings.pruner_keep_ratios {m.pruner_keep_ratios}: each must be in (0, 1]")
+    if m.pruner_d_internal % m.pruner_num_heads:
+        problems.append(f"method_settings.pruner_d_internal ({m.pruner_d_internal}) is not divisible by "
+                        f"pruner_num_heads ({m.pruner_num_heads})")
+    if m.merger_type == "question_aware" and m.merger_d_internal % m.pruner_num_heads:
+        problems.append(f"method_settings.merger_d_internal ({m.merger_d_internal}) is not divisible by "
+                        f"pruner_num_heads ({m.pruner_num_heads}), which the question-aware merger uses")
     if d.source == "llava_json":
         for key in ("train_json", "eval_json", "image_folder"):
             if getattr(d, key) is None:

@@ -1,0 +1,41 @@
+"""The learnable parts a config asks for, around a loaded backbone."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from configs.schema import MethodSettings
+from models.discriminator import Discriminator
+from models.layer_pruner import build_pruner, stage_budgets
+from models.llava_backbone import LlavaBackbone
+from models.pruned_llava import PrunedLlava
+from models.token_merger import TokenMerger
+
+
+def merged_token_count(method: MethodSettings, num_vision_tokens: int) -> int:
+    """K, the merger's output: ``target_merge_tokens`` (checked against the ratio at load) or round(ratio x N)."""
+    if method.target_merge_tokens is not None:
+        return method.target_merge_tokens
+    return max(1, round(method.merge_ratio * num_vision_tokens))
+
+
+def build_pruned_model(method: MethodSettings, backbone: LlavaBackbone) -> PrunedLlava:
+    """Token merger (skipped when merge_ratio is 1) and one pruner per pruning layer."""
+    n = backbone.num_vision_tokens
+    k = merged_token_count(method, n)
+    merger = None
+    if k < n:
+        merger = TokenMerger(backbone.vision_hidden_size, backbone.hidden_size, k, k / n, method.merger_type,
+                             hidden=method.merger_d_internal, num_heads=method.pruner_num_heads)
+    pruners = nn.ModuleList(
+        build_pruner(method.pruner_type, backbone.hidden_size, method.pruner_d_internal, method.pruner_num_heads)
+        for _ in method.pruning_layers
+    )
+    model = PrunedLlava(backbone, merger, pruners, list(method.pruning_layers),
+                        stage_budgets(k, list(method.pruner_keep_ratios)))
+    return model.to(backbone.device)
+
+
+def build_discriminator(method: MethodSettings, backbone: LlavaBackbone) -> Discriminator:
+    width = backbone.hidden_size if method.discriminator_input == "hidden" else backbone.text_config.vocab_size
+    return Discriminator(width, method.discriminator_hidden, method.discriminator_input).to(backbone.device)
