@@ -3,6 +3,7 @@
     python main.py                                  # configs/vision_token_pruning.yaml (GPU, llava-1.5-7b)
     python main.py --config configs/tiny.yaml       # the embedded CPU default, no download
     python main.py --config configs/tiny.yaml --set trainer_settings.dl_settings.batch_size=8
+    python main.py --config configs/tiny.yaml --resume auto    # continue the run in output_dir
 
 CLI -> config (validated, every problem at once) -> checks against the backbone's shape
 (before any weight loads) -> run mode.
@@ -21,11 +22,11 @@ import torch  # noqa: E402
 
 from configs.schema import (ConfigError, Config, check_against_backbone, check_devices, load_config,  # noqa: E402
                             save_config)
-from data.build import batches, build_datasets  # noqa: E402
-from data.collator import VQACollator  # noqa: E402
+from data.build import build_datasets  # noqa: E402
 from models.llava_backbone import BackboneNotFoundError, LlavaBackbone, read_backbone_shape  # noqa: E402
-from trainers.evaluation import evaluate_accuracy, generate_baseline_answers  # noqa: E402
+from trainers.checkpoint import Checkpointer  # noqa: E402
 from trainers.run_log import RunLog  # noqa: E402
+from trainers.trainer import NonFiniteLossError, Trainer  # noqa: E402
 
 DEFAULT_CONFIG = "configs/vision_token_pruning.yaml"
 
@@ -37,6 +38,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         epilog="The README's configuration reference lists every key.",
     )
     parser.add_argument("--config", default=DEFAULT_CONFIG, help=f"YAML config (default: {DEFAULT_CONFIG})")
+    parser.add_argument("--resume", metavar="PATH|auto",
+                        help="continue from a training_state_step_N.pt, or 'auto' for the latest in output_dir")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="dotted.key=value",
                         help="override one key, typed as in YAML (repeatable), e.g. --set method_settings.merge_ratio=0.4")
     return parser.parse_args(argv)
@@ -57,7 +60,8 @@ def prepare(config: Config, config_path: str) -> None:
         raise ConfigError(problems, config_path)
 
 
-def run(config: Config, log: RunLog) -> dict[str, float]:
+def load_world(config: Config, log: RunLog):
+    """The frozen backbone and the train / eval data sets, with what the seed guide prints."""
     settings = config.backbone_settings
     log.info("Preloading backbone and dataset...")
     backbone = LlavaBackbone.from_pretrained(settings.name_or_path, settings.dtype, settings.attn_implementation,
@@ -72,17 +76,39 @@ def run(config: Config, log: RunLog) -> dict[str, float]:
     frozen = sum(p.numel() for p in backbone.parameters() if not p.requires_grad)
     log.info(f"Backbone: {settings.name_or_path}, {frozen:,} frozen parameters, {backbone.num_layers} decoder layers, "
              f"{backbone.num_vision_tokens} vision tokens per image, device {backbone.device}")
+    return backbone, train_set, eval_set
 
-    prompts = VQACollator(backbone.processor, with_answers=False)
-    accuracy = evaluate_accuracy(
-        lambda batch: generate_baseline_answers(backbone, batch, config.data_settings.max_new_tokens),
-        batches(eval_set, prompts, config.data_settings.eval_batch_size),
-        desc="accuracy_baseline",
-    )
-    lines = [f"  - accuracy_baseline: {accuracy['overall']:.3f}"]
-    lines += [f"    - {qtype}: {acc:.3f}" for qtype, acc in accuracy.items() if qtype != "overall" and qtype != "all"]
-    log.block("[Eval Step 0]\n" + "\n".join(lines))
-    return accuracy
+
+def resume_path(resume: str | None, out: Path) -> Path | None:
+    """``--resume PATH|auto`` -> the training-state file to load, or None for a fresh run."""
+    if resume is None:
+        existing = Checkpointer(out / "checkpoints", keep_last=1).latest()
+        if existing is not None:
+            raise ValueError(f"{out / 'checkpoints'} already holds a run (up to {existing.name}); pass --resume auto to "
+                             "continue it, or set manager_settings.output_dir to a new folder (nothing was overwritten)")
+        return None
+    if resume == "auto":
+        latest = Checkpointer(out / "checkpoints", keep_last=1).latest()
+        if latest is None:
+            raise ValueError(f"--resume auto: no training_state_step_N.pt in {out / 'checkpoints'}")
+        return latest
+    path = Path(resume)
+    if not path.is_file():
+        raise ValueError(f"--resume {resume}: no such file (give a training_state_step_N.pt or 'auto')")
+    return path
+
+
+def run(config: Config, log: RunLog, resume: Path | None, out: Path) -> dict[str, float]:
+    backbone, train_set, eval_set = load_world(config, log)
+    trainer = Trainer(config, backbone, train_set, eval_set, log, out)
+    if resume is not None:
+        trainer.load_training_state(resume)
+    if config.manager_settings.mode == "eval":
+        metrics = trainer.evaluate()
+        trainer.log_eval(metrics)
+        log.block(trainer.summary(metrics))
+        return metrics
+    return trainer.train()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(args.config, args.overrides)
         prepare(config, args.config)
+        out = Path(config.manager_settings.output_dir)
+        resume = resume_path(args.resume, out)
     except (ConfigError, BackboneNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -98,11 +126,13 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     torch.manual_seed(config.manager_settings.seed)
-    out = Path(config.manager_settings.output_dir)
     save_config(config, out / "resolved_config.yaml")
     log = RunLog(out / "logs" / "training.log")
     try:
-        run(config, log)
+        run(config, log, resume, out)
+    except NonFiniteLossError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     finally:
         log.close()
     return 0

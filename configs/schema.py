@@ -74,6 +74,13 @@ class TrainerSettings:
     eval_every: int = num(200, ge=1)
     save_every: int = num(200, ge=1)
     max_grad_norm: float = num(1.0, gt=0)
+    max_steps: int | None = num(None, ge=1)  # stop early (null: all epochs)
+    keep_last: int = num(3, ge=1)  # step checkpoints kept on disk
+    best_metric: str = "accuracy_hard"  # eval metric that picks *_best.pt
+    best_mode: Literal["max", "min"] = "max"
+    max_nonfinite_steps: int = num(3, ge=1)  # non-finite losses in a row before the run stops
+    mixed_precision: Literal["no", "bf16"] = "no"  # bf16 autocast (GPUs)
+    gradient_checkpointing: bool = False  # recompute decoder layers in backward (saves GPU memory)
 
 
 @dataclass(frozen=True)
@@ -95,6 +102,8 @@ class MethodSettings:
     temperature_anneal_rate: float = num(0.5, ge=0, le=1)
     adv_loss_weight: float = num(1.0, ge=0)
     task_loss_weight: float = num(25.0, ge=0)
+    pruner_sparsity_weight: float = num(1.0, ge=0)  # per-stage keep-budget losses of the pruners
+    distill_weight: float = num(0.0, ge=0)  # KL to the unpruned model's answer distribution (0 = off)
     disc_reinit_prob: float = num(0.0, ge=0, le=1)
     discriminator_input: Literal["hidden", "logits"] = "hidden"
     discriminator_hidden: int = num(256, ge=1)
@@ -128,6 +137,7 @@ class DataSettings:
     image_max_size: int | None = num(None, ge=1)
     eval_batch_size: int = num(16, ge=1)
     max_new_tokens: int = num(8, ge=1)
+    num_workers: int = num(0, ge=0)  # DataLoader worker processes for training batches
 
 
 @dataclass(frozen=True)

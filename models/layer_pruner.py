@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from models.cross_attention import CrossAttention
+from models.flops import cross_attention_pruner_flops
 
 INITIAL_KEEP_LOGIT = 4.0  # sigmoid(4) = 0.98: start by keeping almost every token
 
@@ -35,6 +36,11 @@ class CrossAttentionPruner(nn.Module):
         self.attention = CrossAttention(d_internal, num_heads)
         self.head = nn.Sequential(nn.Linear(2 * d_internal, d_internal), nn.GELU(), nn.Linear(d_internal, 1))
         _init_keep_all(self.head[-1])
+        self.hidden_size, self.d_internal = hidden_size, d_internal
+
+    def flops(self, n_vision: int, n_text: int) -> int:
+        """Multiply-adds of one call (models/flops.py)."""
+        return cross_attention_pruner_flops(n_vision, n_text, self.hidden_size, self.d_internal)
 
     def forward(self, vision: torch.Tensor, question: torch.Tensor, question_mask: torch.Tensor) -> torch.Tensor:
         """(B, n, D) vision hidden states, (B, Tq, D) question hidden states -> (B, n) keep logits."""
@@ -50,6 +56,11 @@ class MLPPruner(nn.Module):
         self.net = nn.Sequential(nn.LayerNorm(hidden_size), nn.Linear(hidden_size, d_internal), nn.GELU(),
                                  nn.Linear(d_internal, 1))
         _init_keep_all(self.net[-1])
+        self.hidden_size, self.d_internal = hidden_size, d_internal
+
+    def flops(self, n_vision: int, n_text: int) -> int:
+        """Multiply-adds of one call: the MLP on every vision token."""
+        return n_vision * (self.hidden_size * self.d_internal + self.d_internal)
 
     def forward(self, vision: torch.Tensor, question: torch.Tensor, question_mask: torch.Tensor) -> torch.Tensor:
         return self.net(vision).squeeze(-1)  # (B, n)

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from data.collator import IGNORE_INDEX
 from models.gumbel import gumbel_sigmoid
@@ -113,6 +114,7 @@ class PrunedLlava(nn.Module):
         self.pruners = pruners
         self.stage_of_layer = {layer: s for s, layer in enumerate(pruning_layers)}
         self.stage_budgets = list(stage_budgets)
+        self.gradient_checkpointing = False  # recompute each decoder layer in backward (GPU memory)
 
     # ------------------------------------------------------------------ building the sequence
     def _initial_sequence(self, input_ids, pixel_values, attention_mask, labels, tau, generator):
@@ -183,7 +185,11 @@ class PrunedLlava(nn.Module):
             out.vision_tokens_per_layer.append(int(seq.is_vision.sum(dim=1)[0]))
             out.seq_len_per_layer.append(seq.hidden.shape[1])
             out.layer_attention_masks.append(seq.attention_mask)
-            seq.hidden = bb.run_layer(layer, seq.hidden, mask, seq.position_ids, cos_sin, cache=cache)
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                seq.hidden = checkpoint(bb.run_layer, layer, seq.hidden, mask, seq.position_ids, cos_sin,
+                                        use_reentrant=False)
+            else:
+                seq.hidden = bb.run_layer(layer, seq.hidden, mask, seq.position_ids, cos_sin, cache=cache)
 
         out.hidden = bb.norm(seq.hidden)
         out.logits = bb.lm_head(out.hidden)

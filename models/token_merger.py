@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.cross_attention import CrossAttention
+from models.flops import token_merger_flops
 from models.gumbel import gumbel_top_k, relaxed_top_k, sample_gumbel, straight_through, top_k_mask
 
 
@@ -80,6 +81,7 @@ class TokenMerger(nn.Module):
         else:
             raise ValueError(f"merger_type must be 'simple' or 'question_aware', got {merger_type!r}")
         self.merger_type = merger_type
+        self.dim, self.hidden = dim, hidden
         self.num_keep = num_keep
         self.merge_ratio = merge_ratio
         self._init_keep_all()
@@ -89,6 +91,10 @@ class TokenMerger(nn.Module):
         last = self.scorer.net[-1] if isinstance(self.scorer, SimpleScorer) else self.scorer.head[-1]
         nn.init.zeros_(last.weight)
         nn.init.constant_(last.bias, torch.logit(torch.tensor(self.merge_ratio).clamp(1e-3, 1 - 1e-3)).item())
+
+    def flops(self, n: int) -> int:
+        """Multiply-adds of one call on n tokens (the simple scorer's count; models/flops.py)."""
+        return token_merger_flops(n, self.num_keep, self.dim, self.hidden)
 
     def forward(self, features: torch.Tensor, tau: float, question: torch.Tensor | None = None,
                 question_mask: torch.Tensor | None = None, generator: torch.Generator | None = None) -> MergeOutput:

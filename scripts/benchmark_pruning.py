@@ -32,11 +32,12 @@ from transformers import CLIPImageProcessorPil, LlavaForConditionalGeneration, L
 from data.collator import VQACollator  # noqa: E402
 from data.synthetic_vqa import SyntheticVQADataset, vocabulary  # noqa: E402
 from data.word_tokenizer import build_word_tokenizer  # noqa: E402
-from models.flops import compare_prefill, cross_attention_pruner_flops, token_merger_flops  # noqa: E402
+from models.flops import compare_prefill  # noqa: E402
 from models.layer_pruner import build_pruner, stage_budgets  # noqa: E402
 from models.llava_backbone import LlavaBackbone  # noqa: E402
 from models.pruned_llava import PrunedLlava  # noqa: E402
 from models.tiny_llava import llava15_7b_config  # noqa: E402
+from trainers.evaluation import module_flops  # noqa: E402
 from models.token_merger import TokenMerger  # noqa: E402
 
 
@@ -82,18 +83,6 @@ def timed(fn, repeats: int, device: torch.device) -> float:
     return statistics.median(times)
 
 
-def module_flops(model: PrunedLlava, backbone: LlavaBackbone, text_tokens: int) -> int:
-    """The merger's and pruners' own multiply-adds per sample."""
-    total = 0
-    n = backbone.num_vision_tokens
-    if model.merger is not None:
-        total += token_merger_flops(n, model.merger.num_keep, backbone.vision_hidden_size, 256)
-    counts = [model.merger.num_keep if model.merger else n, *model.stage_budgets]
-    for stage in range(len(model.pruners)):
-        total += cross_attention_pruner_flops(counts[stage], text_tokens, backbone.hidden_size, 512)
-    return total
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--backbone", default="backbones/tiny-llava")
@@ -129,7 +118,7 @@ def main(argv: list[str] | None = None) -> None:
             generate = timed(lambda: model.generate(ids, pixels, mask, args.new_tokens, eos_token_id=-1,
                                                     pad_token_id=tok.pad_token_id), args.repeats, backbone.device)
         row = dict(keep=keep, vision=out.vision_tokens_per_layer, seq=out.seq_len_per_layer, prefill=prefill,
-                   generate=generate, extra=module_flops(model, backbone, text_tokens) if keep < 1 else 0)
+                   generate=generate, extra=module_flops(model, text_tokens))
         baseline = baseline or row
         rows.append(row)
         print(f"keep {keep:.2f}: prefill {prefill * 1e3:.1f} ms, generate {generate * 1e3:.1f} ms", file=sys.stderr)

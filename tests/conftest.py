@@ -49,3 +49,39 @@ def llava15_folder(tmp_path_factory):
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory):
+    """A random-init tiny LLaVA (96 px / 8 px patches = 144 vision tokens, 4 decoder layers) saved to disk."""
+    model, processor = llava_like(96, 8, text_layers=4, seed=3)
+    folder = tmp_path_factory.mktemp("tiny-random")
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def tiny_run_config(tmp_path, backbone_folder, **overrides):
+    """configs/tiny.yaml shrunk to seconds on the random tiny backbone; ``overrides`` are dotted keys."""
+    from configs.schema import apply_overrides, config_from_dict, read_yaml
+
+    data = read_yaml("configs/tiny.yaml")
+    settings = {
+        "manager_settings.output_dir": str(tmp_path / "out"),
+        "backbone_settings.name_or_path": str(backbone_folder),
+        "method_settings.pruning_layers": [1, 2, 3],
+        "method_settings.pruner_d_internal": 16,
+        "method_settings.merger_d_internal": 16,
+        "method_settings.discriminator_hidden": 16,
+        "trainer_settings.dl_settings.batch_size": 4,
+        "trainer_settings.log_every": 2,
+        "trainer_settings.eval_every": 4,
+        "trainer_settings.save_every": 2,
+        "trainer_settings.max_steps": 4,
+        "data_settings.synthetic_train_size": 32,
+        "data_settings.synthetic_eval_size": 6,
+        "data_settings.eval_batch_size": 3,
+        "data_settings.max_new_tokens": 2,
+        **overrides,
+    }
+    return config_from_dict(apply_overrides(data, [f"{k}={v}" for k, v in settings.items()]))

@@ -1,4 +1,15 @@
-"""Evaluation: greedy answers from the backbone, scored by the one answer-scoring function."""
+"""Evaluation: greedy answers scored by one function, token counts and FLOPs read off real tensors.
+
+- ``accuracy_baseline``: the unpruned backbone through the stock ``generate``;
+- ``accuracy_soft``: soft pruning (no noise), each new token recomputed over the whole prefix;
+- ``accuracy_hard``: hard pruning (tokens really dropped), decoding through the KV cache;
+- token counts: ``avg_original_tokens`` (vision tokens per image), ``avg_merged_tokens`` (after
+  the merger), ``keep_ratio_merge`` (their ratio), ``tokens_after_layer_L`` for every pruning
+  layer L and ``avg_vision_tokens_per_layer``, all counted from the hard-mode prefill's tensors;
+- FLOPs of the LLM prefill (models/flops.py), baseline vs hard-pruned, per sample on its real
+  (unpadded) tokens: ``flops_*`` over all tokens, ``vision_flops_*`` over vision tokens only;
+  the pruned side includes the merger's and pruners' own cost.
+"""
 
 from __future__ import annotations
 
@@ -8,25 +19,50 @@ import torch
 from tqdm import tqdm
 
 from data.scoring import accuracy_by_type
+from models.flops import llm_prefill_flops
 from models.llava_backbone import LlavaBackbone
+from models.pruned_llava import PrunedLlava, PrunedOutput
+
+
+def _to_device(batch: dict, backbone: LlavaBackbone) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return (batch["input_ids"].to(backbone.device), batch["pixel_values"].to(backbone.device, backbone.dtype),
+            batch["attention_mask"].to(backbone.device))
 
 
 @torch.no_grad()
 def generate_baseline_answers(backbone: LlavaBackbone, batch: dict, max_new_tokens: int = 8) -> list[str]:
     """Greedy answers of the unpruned backbone through the stock ``generate`` (prompt-only batch)."""
     tokenizer = backbone.processor.tokenizer
-    device = backbone.device
-    out = backbone.model.generate(
-        input_ids=batch["input_ids"].to(device),
-        attention_mask=batch["attention_mask"].to(device),
-        pixel_values=batch["pixel_values"].to(device, backbone.dtype),
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    new_tokens = out[:, batch["input_ids"].shape[1]:]
-    return tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+    ids, pixels, mask = _to_device(batch, backbone)
+    out = backbone.model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels,
+                                  max_new_tokens=max_new_tokens, do_sample=False,
+                                  pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    return tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
+
+
+@torch.no_grad()
+def generate_pruned(model: PrunedLlava, batch: dict, mode: str, tau: float,
+                    max_new_tokens: int) -> tuple[list[str], PrunedOutput]:
+    """Greedy answers under soft or hard pruning, and the prefill's output (token counts)."""
+    tok = model.backbone.processor.tokenizer
+    ids, pixels, mask = _to_device(batch, model.backbone)
+    if mode == "hard":
+        tokens, prefill = model.generate(ids, pixels, mask, max_new_tokens, tok.eos_token_id, tok.pad_token_id)
+        return tok.batch_decode(tokens, skip_special_tokens=True), prefill
+    # Soft masks have no cache form: each step reruns the soft forward over prompt + answer so far.
+    prefill, generated = None, []
+    done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+    for _ in range(max_new_tokens):
+        out = model(ids, pixels, mask, mode="soft", tau=tau)
+        prefill = prefill or out
+        token = out.logits[:, -1].argmax(-1).masked_fill(done, tok.pad_token_id)
+        generated.append(token)
+        done |= token == tok.eos_token_id
+        if bool(done.all()):
+            break
+        ids = torch.cat([ids, token[:, None]], dim=1)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+    return tok.batch_decode(torch.stack(generated, dim=1), skip_special_tokens=True), prefill
 
 
 def evaluate_accuracy(answer_fn, batches: Iterable[dict], desc: str = "eval", show_progress: bool = True) -> dict[str, float]:
@@ -37,3 +73,69 @@ def evaluate_accuracy(answer_fn, batches: Iterable[dict], desc: str = "eval", sh
         references += batch["answers"]
         types += batch["question_types"]
     return accuracy_by_type(predictions, references, types)
+
+
+def prefill_flops(model: PrunedLlava, prefill: PrunedOutput, attention_mask: torch.Tensor) -> dict[str, float]:
+    """Mean per-sample LLM prefill multiply-adds, unpruned vs this hard-pruned prefill."""
+    bb = model.backbone
+    d, m, n_layers = bb.hidden_size, bb.text_config.intermediate_size, bb.num_layers
+    n_vision = bb.num_vision_tokens
+    real = attention_mask.sum(dim=1).tolist()  # per sample, unpruned
+    pruned_real = torch.stack([mask.sum(dim=1) for mask in prefill.layer_attention_masks], dim=1).tolist()  # (B, L)
+    base = [llm_prefill_flops([n] * n_layers, d, m) for n in real]
+    pruned = [llm_prefill_flops(counts, d, m) + module_flops(model, n - n_vision) for n, counts in zip(real, pruned_real)]
+    vision_base = llm_prefill_flops([n_vision] * n_layers, d, m)
+    vision_pruned = llm_prefill_flops(prefill.vision_tokens_per_layer, d, m)
+    mean = lambda xs: sum(xs) / len(xs)
+    return {
+        "flops_baseline": mean(base), "flops_pruned": mean(pruned), "flops_reduction": 1 - mean(pruned) / mean(base),
+        "vision_flops_reduction": 1 - vision_pruned / vision_base,
+    }
+
+
+def module_flops(model: PrunedLlava, text_tokens: int) -> int:
+    """The merger's and the pruners' own multiply-adds for one sample."""
+    n = model.backbone.num_vision_tokens
+    total = 0
+    if model.merger is not None:
+        total += model.merger.flops(n)
+        n = model.merger.num_keep
+    for pruner, budget in zip(model.pruners, model.stage_budgets):
+        total += pruner.flops(n, text_tokens)
+        n = budget
+    return total
+
+
+def evaluate_pruned(model: PrunedLlava, batches: Iterable[dict], tau: float, max_new_tokens: int,
+                    show_progress: bool = True) -> dict[str, float]:
+    """accuracy_soft, accuracy_hard, token counts per stage and prefill FLOPs over prompt-only batches."""
+    was_training = model.training
+    model.eval()
+    soft, hard, types, refs = [], [], [], []
+    sums: dict[str, float] = {}
+    samples = 0
+    for batch in tqdm(batches, desc="eval (soft, hard)", leave=False, disable=not show_progress):
+        soft += generate_pruned(model, batch, "soft", tau, max_new_tokens)[0]
+        answers, prefill = generate_pruned(model, batch, "hard", tau, max_new_tokens)
+        hard += answers
+        types += batch["question_types"]
+        refs += batch["answers"]
+        n = len(answers)
+        per_layer = prefill.vision_tokens_per_layer
+        counts = {"avg_original_tokens": model.backbone.num_vision_tokens, "avg_merged_tokens": per_layer[0],
+                  "avg_vision_tokens_per_layer": sum(per_layer) / len(per_layer)}
+        for layer in model.stage_of_layer:
+            counts[f"tokens_after_layer_{layer}"] = prefill.vision_tokens_per_layer[layer]
+        counts.update(prefill_flops(model, prefill, batch["attention_mask"].to(model.backbone.device)))
+        for key, value in counts.items():
+            sums[key] = sums.get(key, 0.0) + value * n
+        samples += n
+    model.train(was_training)
+    metrics = {key: value / samples for key, value in sums.items()}
+    metrics["keep_ratio_merge"] = metrics["avg_merged_tokens"] / metrics["avg_original_tokens"]
+    acc_soft, acc_hard = accuracy_by_type(soft, refs, types), accuracy_by_type(hard, refs, types)
+    metrics["accuracy_soft"], metrics["accuracy_hard"] = acc_soft["overall"], acc_hard["overall"]
+    for qtype, value in acc_hard.items():
+        if qtype not in ("overall", "all"):
+            metrics[f"accuracy_hard/{qtype}"] = value
+    return metrics

@@ -1,0 +1,100 @@
+"""End to end: main.py on a tiny config, its log lines, files and errors."""
+
+import pytest
+import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import main as entry
+
+SEED_INFO_LINES = [
+    "[INFO] Preloading backbone and dataset...",
+    "[INFO] Freezing backbone parameters...",
+    "[INFO] Creating Trainer...",
+    "[INFO] Creating Token Merger...",
+    "[INFO] Creating Layer-Specific Pruners...",
+    "[INFO] Creating Discriminator...",
+    "[INFO] Starting training...",
+    "[INFO] Token Merger type: simple",
+    "[INFO] Merge Ratio: 0.5",
+    "[INFO] Pruning Layers: [1, 2, 3]",
+    "[INFO] Temperature: 1.0 → 0.1",
+]
+
+
+def args_for(tmp_path, folder, *extra):
+    out = tmp_path / "out"
+    sets = {
+        "manager_settings.output_dir": out, "backbone_settings.name_or_path": folder,
+        "method_settings.pruning_layers": "[1,2,3]", "method_settings.pruner_d_internal": 16,
+        "method_settings.merger_d_internal": 16, "method_settings.discriminator_hidden": 16,
+        "trainer_settings.dl_settings.batch_size": 4, "trainer_settings.log_every": 2,
+        "trainer_settings.eval_every": 4, "trainer_settings.save_every": 2, "trainer_settings.max_steps": 4,
+        "data_settings.synthetic_train_size": 16, "data_settings.synthetic_eval_size": 6,
+        "data_settings.eval_batch_size": 3, "data_settings.max_new_tokens": 2,
+    }
+    args = ["--config", "configs/tiny.yaml"]
+    for key, value in sets.items():
+        args += ["--set", f"{key}={value}"]
+    return [*args, *extra], out
+
+
+def test_main_trains_logs_and_writes_the_seed_outputs(tmp_path, tiny_folder, capsys):
+    args, out = args_for(tmp_path, tiny_folder)
+    assert entry.main(args) == 0
+    printed = capsys.readouterr().out
+    positions = [printed.index(line) for line in SEED_INFO_LINES]
+    assert positions == sorted(positions), "the start-up lines come in the seed guide's order"
+    for block in ["[Step 2] Losses:\n  token_merger:\n    - merge_sparsity_loss: ",
+                  "  layer_pruners:\n    - adv_loss: ", "    - task_loss: ",
+                  "  discriminator:\n    - real_loss: ", "    - fake_loss: ",
+                  "[Step 4] Temperature: 0.10", "[INFO] disc_prob_real: ", "[INFO] disc_prob_fake: ",
+                  "[Eval Step 4]\n  - accuracy_baseline: ", "  - accuracy_soft: ", "  - accuracy_hard: ",
+                  "  - keep_ratio_merge: 0.500", "  - avg_original_tokens: 144", "  - avg_merged_tokens: 72",
+                  "  - tokens_after_layer_3: 25", "  - flops_reduction: ", "[Summary] targets of the quick-start guide"]:
+        assert block in printed, block
+    assert (out / "logs" / "training.log").read_text() == printed  # mirrored
+    resolved = yaml.safe_load((out / "resolved_config.yaml").read_text())
+    assert resolved["trainer_settings"]["max_steps"] == 4
+    names = {p.name for p in (out / "checkpoints").iterdir()}
+    assert {"token_merger_step_4.pt", "layer_pruners_step_4.pt", "discriminator_step_4.pt",
+            "training_state_step_4.pt", "token_merger_best.pt"} <= names
+
+    events = EventAccumulator(str(out / "logs" / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"loss/token_merger/merge_sparsity_loss", "loss/layer_pruners/task_loss", "loss/layer_pruners/adv_loss",
+            "loss/discriminator/real_loss", "loss/discriminator/fake_loss", "temperature",
+            "discriminator/disc_prob_real", "discriminator/disc_prob_fake", "eval/accuracy_baseline",
+            "eval/accuracy_soft", "eval/accuracy_hard", "eval/keep_ratio_merge", "eval/avg_merged_tokens",
+            "eval/tokens_after_layer_1", "eval/flops_reduction"} <= tags
+
+    # A second run into the same folder refuses instead of overwriting; --resume auto continues.
+    assert entry.main(args) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    args_more, _ = args_for(tmp_path, tiny_folder, "--resume", "auto", "--set", "trainer_settings.max_steps=6",
+                            "--set", "data_settings.synthetic_train_size=24")
+    assert entry.main(args_more) == 0
+    assert "[INFO] Resumed from" in capsys.readouterr().out and (out / "checkpoints" / "training_state_step_6.pt").exists()
+
+
+def test_config_problems_stop_before_any_model_loads(tmp_path, capsys):
+    args = ["--config", "configs/tiny.yaml", "--set", "method_settings.pruning_layers=[2,4,9]",
+            "--set", "method_settings.merge_ration=0.4"]
+    assert entry.main(args) == 2
+    err = capsys.readouterr().err
+    assert "merge_ration: unknown key; did you mean 'method_settings.merge_ratio'?" in err
+    assert entry.main(["--config", "configs/tiny.yaml", "--set", "method_settings.pruning_layers=[2,4,9]"]) == 2
+    assert "layer(s) [9] outside 1..7 for a backbone with 8 decoder layers" in capsys.readouterr().err
+
+
+def test_missing_backbone_says_how_to_run_the_cpu_default(capsys):
+    assert entry.main(["--set", "backbone_settings.name_or_path=/nonexistent/llava"]) == 2
+    err = capsys.readouterr().err
+    assert "not found" in err and "python main.py --config configs/tiny.yaml" in err
+
+
+def test_help_lists_the_options(capsys):
+    with pytest.raises(SystemExit):
+        entry.main(["--help"])
+    text = capsys.readouterr().out
+    assert "--config" in text and "--set" in text and "--resume" in text

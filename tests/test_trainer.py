@@ -1,0 +1,149 @@
+import copy
+
+import pytest
+import torch
+
+from data.build import build_datasets
+from models.llava_backbone import LlavaBackbone
+from tests.conftest import tiny_run_config
+from trainers import checkpoint as checkpoint_module
+from trainers import trainer as trainer_module
+from trainers.run_log import RunLog
+from trainers.trainer import NonFiniteLossError, Trainer
+
+
+def make_trainer(tmp_path, folder, **overrides):
+    config = tiny_run_config(tmp_path, folder, **overrides)
+    torch.manual_seed(config.manager_settings.seed)
+    backbone = LlavaBackbone.from_pretrained(str(folder))
+    train_set, eval_set = build_datasets(config.data_settings)
+    log = RunLog(tmp_path / "out" / "logs" / "training.log")
+    return Trainer(config, backbone, train_set, eval_set, log, tmp_path / "out")
+
+
+def first_batch(trainer):
+    return next(trainer.train_batches())
+
+
+def test_each_optimizer_owns_exactly_its_group_and_the_backbone_never_changes(tmp_path, tiny_folder):
+    trainer = make_trainer(tmp_path, tiny_folder)
+    groups = {name: {id(p) for g in opt.param_groups for p in g["params"]} for name, opt in trainer.optimizers.items()}
+    assert groups["token_merger"] == {id(p) for p in trainer.model.merger.parameters()}
+    assert groups["layer_pruners"] == {id(p) for p in trainer.model.pruners.parameters()}
+    assert groups["discriminator"] == {id(p) for p in trainer.discriminator.parameters()}
+    backbone_before = copy.deepcopy(trainer.backbone.state_dict())
+    trainable_before = {n: p.clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    data = trainer.train_batches()
+    for _ in range(2):
+        assert trainer.training_step(next(data)) is not None
+        trainer.step += 1
+    for name, value in trainer.backbone.state_dict().items():
+        assert torch.equal(value, backbone_before[name]), name
+    changed = [n for n, p in trainer.model.named_parameters() if p.requires_grad and not torch.equal(p, trainable_before[n])]
+    assert any(n.startswith("merger.") for n in changed) and any(n.startswith("pruners.") for n in changed)
+    assert not any(p.requires_grad for p in trainer.backbone.parameters())
+
+
+def test_temperature_follows_the_schedule(tmp_path, tiny_folder):
+    trainer = make_trainer(tmp_path, tiny_folder, **{"trainer_settings.max_steps": 10, "data_settings.synthetic_train_size": 64,
+                                                    "method_settings.temperature_anneal_rate": 0.4})
+    values = []
+    data = trainer.train_batches()
+    for _ in range(5):
+        values.append(trainer.training_step(next(data))["temperature"])
+        trainer.step += 1
+    assert values == pytest.approx([1.0, 0.775, 0.55, 0.325, 0.1])
+
+
+def test_disc_reinit_prob_one_reinitialises_every_step(tmp_path, tiny_folder, monkeypatch):
+    trainer = make_trainer(tmp_path, tiny_folder, **{"method_settings.disc_reinit_prob": 1.0})
+    resets = []
+    original = trainer.discriminator.reset_parameters
+    monkeypatch.setattr(trainer.discriminator, "reset_parameters", lambda: (resets.append(1), original()))
+    data = trainer.train_batches()
+    for _ in range(3):
+        trainer.training_step(next(data))
+        trainer.step += 1
+        state = trainer.optimizers["discriminator"].state
+        assert all(int(s["step"]) == 1 for s in state.values())  # fresh Adam state: one update since the reset
+    assert len(resets) == 3
+
+
+def test_nan_loss_stops_the_update_before_any_optimizer_step(tmp_path, tiny_folder, monkeypatch):
+    trainer = make_trainer(tmp_path, tiny_folder, **{"trainer_settings.max_nonfinite_steps": 2})
+    before = {n: p.clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    monkeypatch.setattr(trainer_module, "task_loss", lambda logits, labels: logits.sum() * float("nan"))
+    data = trainer.train_batches()
+    assert trainer.training_step(next(data)) is None
+    assert all(torch.equal(p, before[n]) for n, p in trainer.model.named_parameters() if p.requires_grad)
+    assert not trainer.optimizers["token_merger"].state and not trainer.optimizers["layer_pruners"].state
+    log = (tmp_path / "out" / "logs" / "training.log").read_text()
+    assert "non-finite task_loss: update skipped (1 in a row, limit 2)" in log
+    with pytest.raises(NonFiniteLossError, match="last good state is saved"):
+        trainer.training_step(next(data))
+    assert trainer.checkpointer.latest() is not None
+
+
+def run_steps(tmp_path, folder, steps, resume=None, **overrides):
+    trainer = make_trainer(tmp_path, folder, **{"trainer_settings.max_steps": 6, "trainer_settings.eval_every": 100,
+                                                "trainer_settings.save_every": 3, **overrides})
+    if resume is not None:
+        trainer.load_training_state(resume)
+    data = trainer.train_batches()
+    while trainer.step < steps:
+        trainer.training_step(next(data))
+        trainer.step += 1
+        if trainer.step % 3 == 0:
+            trainer.save()
+    return trainer
+
+
+def test_resume_continues_bit_for_bit(tmp_path, tiny_folder):
+    straight = run_steps(tmp_path / "a", tiny_folder, 6)
+    run_steps(tmp_path / "b", tiny_folder, 3)
+    torch.manual_seed(12345)  # a resumed run must not depend on the RNG it starts with
+    resumed = run_steps(tmp_path / "b", tiny_folder, 6, resume=tmp_path / "b" / "out" / "checkpoints" /
+                        "training_state_step_3.pt")
+    for name, state in straight.module_states().items():
+        other = resumed.module_states()[name]
+        for key, value in state.items():
+            assert torch.equal(value, other[key]), (name, key)
+
+
+def test_checkpoints_are_plain_state_dicts_and_rotate(tmp_path, tiny_folder):
+    trainer = run_steps(tmp_path, tiny_folder, 6, **{"trainer_settings.keep_last": 1})
+    folder = tmp_path / "out" / "checkpoints"
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        f"{n}_step_6.pt" for n in ("token_merger", "layer_pruners", "discriminator", "training_state"))
+    merger = copy.deepcopy(trainer.model.merger)
+    torch.nn.init.zeros_(merger.scorer.net[1].weight)
+    merger.load_state_dict(torch.load(folder / "token_merger_step_6.pt"))  # the seed guide's way
+    assert torch.equal(merger.scorer.net[1].weight, trainer.model.merger.scorer.net[1].weight)
+    trainer.model.pruners.load_state_dict(torch.load(folder / "layer_pruners_step_6.pt", weights_only=True))
+    trainer.discriminator.load_state_dict(torch.load(folder / "discriminator_step_6.pt", weights_only=True))
+
+
+def test_a_crash_during_a_save_leaves_the_previous_checkpoint_loadable(tmp_path, tiny_folder, monkeypatch):
+    trainer = run_steps(tmp_path, tiny_folder, 3, **{"trainer_settings.keep_last": 1})
+    folder = tmp_path / "out" / "checkpoints"
+    calls = []
+
+    def crashing_save(obj, path):
+        calls.append(path)
+        if len(calls) == 2:  # die while writing the second file of the new step
+            path.write_bytes(b"half a file")
+            raise KeyboardInterrupt("killed")
+        return real_save(obj, path)
+
+    real_save = torch.save
+    monkeypatch.setattr(checkpoint_module.torch, "save", crashing_save)
+    trainer.step = 6
+    with pytest.raises(KeyboardInterrupt):
+        trainer.save()
+    monkeypatch.undo()
+    assert trainer.checkpointer.latest().name == "training_state_step_3.pt"
+    state = checkpoint_module.load(folder / "training_state_step_3.pt")
+    assert state["step"] == 3
+    for name in ("token_merger", "layer_pruners", "discriminator"):
+        torch.load(folder / f"{name}_step_3.pt", weights_only=True)
+    assert not (folder / "layer_pruners_step_6.pt").exists()  # the half-written file never got its final name

@@ -1,0 +1,104 @@
+"""Checkpoints: per-module state_dicts the seed guide loads, plus one full training state per save.
+
+Files in ``outputs/checkpoints/``:
+
+- ``token_merger_step_N.pt``, ``layer_pruners_step_N.pt``, ``discriminator_step_N.pt``: plain
+  ``state_dict``s (``token_merger.load_state_dict(torch.load(path))`` works);
+- ``training_state_step_N.pt``: everything an exact resume needs (the three modules, the
+  three optimizers, step, temperature, RNG states, data position, resolved config);
+- ``*_best.pt``: the same four files of the best evaluation so far by the configured metric.
+
+Every file is written to a temporary name and moved into place with ``os.replace``, so a
+crash leaves either the old file or the new one, never half of one. Old steps are deleted
+only after the new step's four files are complete (keep-last-K rotation). Loading uses
+``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+MODULES = ("token_merger", "layer_pruners", "discriminator")
+STATE = "training_state"
+_STEP_FILE = re.compile(rf"^{STATE}_step_(\d+)\.pt$")
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load(path: str | Path) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as err:  # a truncated or foreign file: say which one and what to do
+        raise CheckpointError(f"cannot read checkpoint {path}: {err.__class__.__name__}: {err}. "
+                              "Resume from an earlier step (training_state_step_N.pt) instead.") from err
+
+
+class Checkpointer:
+    def __init__(self, folder: str | Path, keep_last: int):
+        self.folder = Path(folder)
+        self.keep_last = keep_last
+
+    def save(self, step: int, module_states: dict[str, dict], training_state: dict, tag: str | None = None) -> Path:
+        """Write the four files of ``step`` (or of ``tag``, e.g. "best"); then rotate old steps."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        suffix = tag or f"step_{step}"
+        for name in MODULES:
+            if name in module_states:
+                atomic_save(module_states[name], self.folder / f"{name}_{suffix}.pt")
+        state_path = self.folder / f"{STATE}_{suffix}.pt"
+        atomic_save(training_state, state_path)  # last: its presence marks the step as complete
+        if tag is None:
+            self._rotate()
+        return state_path
+
+    def steps(self) -> list[int]:
+        """Steps whose training state is complete, ascending."""
+        if not self.folder.is_dir():
+            return []
+        return sorted(int(m.group(1)) for p in self.folder.iterdir() if (m := _STEP_FILE.match(p.name)))
+
+    def latest(self) -> Path | None:
+        steps = self.steps()
+        return self.folder / f"{STATE}_step_{steps[-1]}.pt" if steps else None
+
+    def _rotate(self) -> None:
+        for step in self.steps()[: -self.keep_last]:
+            for name in (*MODULES, STATE):
+                (self.folder / f"{name}_step_{step}.pt").unlink(missing_ok=True)
+
+
+def rng_state() -> dict:
+    """Every RNG a step draws from, as tensors and plain numbers (loadable with weights_only=True)."""
+    py_version, py_internal, py_gauss = random.getstate()
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "python": {"version": py_version, "internal": list(py_internal), "gauss": py_gauss},
+        "numpy": {"name": np_name, "keys": torch.from_numpy(np_keys.astype(np.int64)), "pos": int(np_pos),
+                  "has_gauss": int(np_has_gauss), "gauss": float(np_gauss)},
+    }
+
+
+def restore_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["internal"]), py["gauss"]))
+    npy = state["numpy"]
+    np.random.set_state((npy["name"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"], npy["gauss"]))

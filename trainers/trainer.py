@@ -1,0 +1,365 @@
+"""The adversarial trainer: teacher pass, student pass, discriminator step, generator step.
+
+Each step:
+1. teacher: the unpruned backbone on the batch (no grad);
+2. student: merger + soft pruners at temperature tau(step);
+3. discriminator update on detached real (teacher) / fake (student) answer states;
+4. generator update: task_loss_weight * task + adv_loss_weight * adv
+   + merge_sparsity_weight * merge_sparsity + pruner_sparsity_weight * pruner sparsity
+   (+ distill_weight * KL(teacher || student) on the answer tokens), stepping the
+   ``token_merger`` and ``layer_pruners`` optimizers.
+Three AdamW optimizers own disjoint parameter sets; every update is checked for non-finite
+losses before its optimizer step. Logs follow the quick-start guide's formats; checkpoints
+and exact resume are in trainers/checkpoint.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from configs.schema import Config, config_to_dict
+from data.build import batches
+from data.collator import IGNORE_INDEX, VQACollator
+from models.discriminator import adversarial_loss, discriminator_losses
+from models.llava_backbone import LlavaBackbone
+from models.pruned_llava import PrunedLlava
+from trainers.build import build_discriminator, build_pruned_model
+from trainers.checkpoint import Checkpointer, load, restore_rng_state, rng_state
+from trainers.evaluation import evaluate_accuracy, evaluate_pruned, generate_baseline_answers
+from trainers.run_log import RunLog
+from trainers.schedules import TemperatureSchedule
+
+GROUPS = ("token_merger", "layer_pruners", "discriminator")
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+def next_token_positions(labels: torch.Tensor) -> torch.Tensor:
+    """(B, T) bool: positions whose next token is supervised (where the answer is predicted)."""
+    mask = torch.zeros_like(labels, dtype=torch.bool)
+    mask[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+    return mask
+
+
+def task_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX)
+
+
+def distillation_loss(student_logits, student_labels, teacher_logits, teacher_labels) -> torch.Tensor:
+    """KL(teacher || student) over the answer positions (same count and order in both: text is never pruned)."""
+    s = student_logits[next_token_positions(student_labels)].float().log_softmax(-1)
+    t = teacher_logits[next_token_positions(teacher_labels)].float().log_softmax(-1)
+    return F.kl_div(s, t, log_target=True, reduction="batchmean")
+
+
+class Trainer:
+    def __init__(self, config: Config, backbone: LlavaBackbone, train_set, eval_set, log: RunLog,
+                 output_dir: str | Path):
+        self.config, self.backbone, self.log = config, backbone, log
+        self.train_set, self.eval_set = train_set, eval_set
+        method, trainer = config.method_settings, config.trainer_settings
+        self.out = Path(output_dir)
+        log.info("Creating Trainer...")
+        log.info("Creating Token Merger...")
+        log.info("Creating Layer-Specific Pruners...")
+        self.model: PrunedLlava = build_pruned_model(method, backbone)
+        self.model.gradient_checkpointing = trainer.gradient_checkpointing
+        log.info("Creating Discriminator...")
+        self.discriminator = build_discriminator(method, backbone)
+        self.teacher = PrunedLlava(backbone)  # the unpruned forward, through the same code path
+        params = {
+            "token_merger": list(self.model.merger.parameters()) if self.model.merger is not None else [],
+            "layer_pruners": list(self.model.pruners.parameters()),
+            "discriminator": list(self.discriminator.parameters()),
+        }
+        self.optimizers = {
+            name: torch.optim.AdamW(group, lr=getattr(trainer.dl_settings.optimizers, name).lr,
+                                    weight_decay=getattr(trainer.dl_settings.optimizers, name).weight_decay)
+            for name, group in params.items() if group
+        }
+        self.collate = VQACollator(backbone.processor)
+        self.steps_per_epoch = math.ceil(len(train_set) / trainer.dl_settings.batch_size)
+        self.total_steps = self.steps_per_epoch * trainer.dl_settings.epochs
+        if trainer.max_steps is not None:
+            self.total_steps = min(self.total_steps, trainer.max_steps)
+        self.temperature = TemperatureSchedule(method.temperature, method.temperature_min,
+                                               method.temperature_anneal_rate, self.total_steps)
+        self.checkpointer = Checkpointer(self.out / "checkpoints", trainer.keep_last)
+        self.step = 0
+        self.best: float | None = None
+        self.nonfinite_in_a_row = 0
+        self.accuracy_baseline: float | None = None
+        self._writer = None
+
+    # ------------------------------------------------------------------ state
+    def module_states(self) -> dict[str, dict]:
+        states = {"layer_pruners": self.model.pruners.state_dict(), "discriminator": self.discriminator.state_dict()}
+        if self.model.merger is not None:
+            states["token_merger"] = self.model.merger.state_dict()
+        return states
+
+    def training_state(self) -> dict:
+        return {
+            "step": self.step, "temperature": self.temperature(self.step), "modules": self.module_states(),
+            "optimizers": {name: opt.state_dict() for name, opt in self.optimizers.items()},
+            "rng": rng_state(), "best": self.best, "nonfinite_in_a_row": self.nonfinite_in_a_row,
+            "accuracy_baseline": self.accuracy_baseline,
+            "data_position": {"epoch": self.step // self.steps_per_epoch, "batch": self.step % self.steps_per_epoch},
+            "config": config_to_dict(self.config),
+        }
+
+    def load_training_state(self, path: str | Path) -> None:
+        state = load(path)
+        if state.get("config", {}).get("method_settings") != config_to_dict(self.config)["method_settings"]:
+            raise ValueError(f"{path} was trained with other method_settings than this config; resume with the "
+                             "config of that run (its resolved_config.yaml) or start a new output_dir")
+        modules = state["modules"]
+        self.model.pruners.load_state_dict(modules["layer_pruners"])
+        self.discriminator.load_state_dict(modules["discriminator"])
+        if self.model.merger is not None:
+            self.model.merger.load_state_dict(modules["token_merger"])
+        for name, opt in self.optimizers.items():
+            opt.load_state_dict(state["optimizers"][name])
+        self.step, self.best = state["step"], state["best"]
+        self.nonfinite_in_a_row, self.accuracy_baseline = state["nonfinite_in_a_row"], state["accuracy_baseline"]
+        restore_rng_state(state["rng"])
+        self.log.info(f"Resumed from {path} at step {self.step}")
+
+    def save(self, tag: str | None = None) -> Path:
+        return self.checkpointer.save(self.step, self.module_states(), self.training_state(), tag)
+
+    # ------------------------------------------------------------------ data
+    def train_batches(self):
+        """Batches from the current step on: a fresh permutation per epoch, seeded, so a resume continues exactly."""
+        bs = self.config.trainer_settings.dl_settings.batch_size
+        epoch, start = divmod(self.step, self.steps_per_epoch)
+        while True:
+            order = torch.randperm(len(self.train_set),
+                                   generator=torch.Generator().manual_seed(self.config.manager_settings.seed + epoch))
+            index_batches = [order[i:i + bs].tolist() for i in range(0, len(order), bs)][start:]
+            # Its own generator: a DataLoader draws a seed when iterated, which must not move the global RNG
+            # (the Gumbel noise's) differently in a resumed run.
+            loader = DataLoader(self.train_set, batch_sampler=index_batches, collate_fn=self.collate,
+                                num_workers=self.config.data_settings.num_workers,
+                                generator=torch.Generator().manual_seed(epoch))
+            yield from loader
+            epoch, start = epoch + 1, 0
+
+    # ------------------------------------------------------------------ one step
+    def autocast(self):
+        if self.config.trainer_settings.mixed_precision == "bf16":
+            return torch.autocast(self.backbone.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def training_step(self, batch: dict) -> dict[str, float] | None:
+        """One step; returns the logged values, or None when a non-finite loss skipped the update."""
+        method = self.config.method_settings
+        tau = self.temperature(self.step)
+        device = self.backbone.device
+        ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+        pixels, labels = batch["pixel_values"].to(device, self.backbone.dtype), batch["labels"].to(device)
+        self.model.train()
+        self.discriminator.train()
+        if method.disc_reinit_prob > 0 and torch.rand(()).item() < method.disc_reinit_prob:
+            self.discriminator.reset_parameters()
+            self.optimizers["discriminator"].state.clear()
+
+        with self.autocast():
+            with torch.no_grad():
+                teacher = self.teacher(ids, pixels, mask, labels=labels)  # (1) unpruned
+            student = self.model(ids, pixels, mask, labels=labels, mode="soft", tau=tau)  # (2)
+            real = self.discriminator.features(teacher.hidden, teacher.logits, next_token_positions(teacher.labels))
+            fake = self.discriminator.features(student.hidden, student.logits, next_token_positions(student.labels))
+
+            # (3) discriminator on detached inputs
+            d = discriminator_losses(self.discriminator, real, fake)
+        if not self._finite({"real_loss": d["real_loss"], "fake_loss": d["fake_loss"]}):
+            return None
+        self._update(["discriminator"], d["real_loss"] + d["fake_loss"])
+
+        # (4) generator: merger and pruners; the discriminator only judges
+        self.discriminator.requires_grad_(False)
+        try:
+            with self.autocast():
+                terms = {
+                    "task_loss": task_loss(student.logits, student.labels),
+                    "adv_loss": adversarial_loss(self.discriminator, fake),
+                    "pruner_sparsity_loss": torch.stack(student.pruner_sparsity_losses).sum()
+                    if student.pruner_sparsity_losses else torch.zeros((), device=device),
+                }
+                if student.merge is not None:
+                    terms["merge_sparsity_loss"] = student.merge.sparsity_loss
+                if method.distill_weight > 0:
+                    terms["distill_loss"] = distillation_loss(student.logits, student.labels,
+                                                              teacher.logits, teacher.labels)
+        finally:
+            self.discriminator.requires_grad_(True)
+        if not self._finite(terms):
+            return None
+        weights = {"task_loss": method.task_loss_weight, "adv_loss": method.adv_loss_weight,
+                   "pruner_sparsity_loss": method.pruner_sparsity_weight,
+                   "merge_sparsity_loss": method.merge_sparsity_weight, "distill_loss": method.distill_weight}
+        total = sum(weights[name] * value for name, value in terms.items())
+        self._update(["token_merger", "layer_pruners"], total)
+        self.nonfinite_in_a_row = 0
+        values = {name: v.item() for name, v in terms.items()}
+        values.update({k: v.item() for k, v in d.items()})
+        values["temperature"] = tau
+        return values
+
+    def _finite(self, terms: dict[str, torch.Tensor]) -> bool:
+        bad = [name for name, value in terms.items() if not torch.isfinite(value).all()]
+        if not bad:
+            return True
+        self.nonfinite_in_a_row += 1
+        limit = self.config.trainer_settings.max_nonfinite_steps
+        self.log.info(f"[Step {self.step}] non-finite {', '.join(bad)}: update skipped "
+                      f"({self.nonfinite_in_a_row} in a row, limit {limit})")
+        if self.nonfinite_in_a_row >= limit:
+            path = self.save()
+            raise NonFiniteLossError(
+                f"{self.nonfinite_in_a_row} steps in a row had non-finite losses ({', '.join(bad)}) at step {self.step}; "
+                f"the last good state is saved in {path}. Lower the learning rates or the loss weights, or try "
+                "trainer_settings.mixed_precision: no")
+        return False
+
+    def _update(self, groups: list[str], loss: torch.Tensor) -> None:
+        groups = [g for g in groups if g in self.optimizers]
+        for g in groups:
+            self.optimizers[g].zero_grad(set_to_none=True)
+        loss.backward()
+        for g in groups:
+            params = [p for group in self.optimizers[g].param_groups for p in group["params"]]
+            torch.nn.utils.clip_grad_norm_(params, self.config.trainer_settings.max_grad_norm)
+            self.optimizers[g].step()
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(self) -> dict[str, float]:
+        data = self.config.data_settings
+        prompts = VQACollator(self.backbone.processor, with_answers=False)
+        eval_batches = lambda: batches(self.eval_set, prompts, data.eval_batch_size)
+        if self.accuracy_baseline is None:  # once per eval set: the backbone is frozen
+            self.accuracy_baseline = evaluate_accuracy(
+                lambda b: generate_baseline_answers(self.backbone, b, data.max_new_tokens), eval_batches(),
+                desc="accuracy_baseline")["overall"]
+        metrics = {"accuracy_baseline": self.accuracy_baseline}
+        metrics.update(evaluate_pruned(self.model, eval_batches(), self.temperature(self.step), data.max_new_tokens))
+        return metrics
+
+    # ------------------------------------------------------------------ logging
+    @property
+    def writer(self):
+        if self._writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(str(self.out / "logs" / "tensorboard"))
+        return self._writer
+
+    def log_step(self, values: dict[str, float]) -> None:
+        groups = {"token_merger": ["merge_sparsity_loss"],
+                  "layer_pruners": ["adv_loss", "task_loss", "pruner_sparsity_loss", "distill_loss"],
+                  "discriminator": ["real_loss", "fake_loss"]}
+        lines = [f"[Step {self.step}] Losses:"]
+        for group, names in groups.items():
+            present = [n for n in names if n in values]
+            if present:
+                lines.append(f"  {group}:")
+                lines += [f"    - {n}: {values[n]:.4f}" for n in present]
+            for n in present:
+                self.writer.add_scalar(f"loss/{group}/{n}", values[n], self.step)
+        self.log.block("\n".join(lines))
+        self.log.block(f"[Step {self.step}] Temperature: {values['temperature']:.2f}")
+        self.log.info(f"disc_prob_real: {values['disc_prob_real']:.3f}")
+        self.log.info(f"disc_prob_fake: {values['disc_prob_fake']:.3f}")
+        self.writer.add_scalar("temperature", values["temperature"], self.step)
+        self.writer.add_scalar("discriminator/disc_prob_real", values["disc_prob_real"], self.step)
+        self.writer.add_scalar("discriminator/disc_prob_fake", values["disc_prob_fake"], self.step)
+
+    def log_eval(self, metrics: dict[str, float]) -> None:
+        integers = ("avg_original_tokens", "avg_merged_tokens")
+        lines = [f"[Eval Step {self.step}]"]
+        first = ["accuracy_baseline", "accuracy_soft", "accuracy_hard", "keep_ratio_merge", *integers]  # the seed's order
+        for key in sorted(metrics, key=lambda k: first.index(k) if k in first else len(first)):
+            value = metrics[key]
+            shown = f"{value:.0f}" if key in integers or key.startswith("tokens_after") else (
+                f"{value:.4g}" if "flops_baseline" in key or "flops_pruned" in key else f"{value:.3f}")
+            lines.append(f"  - {key}: {shown}")
+            self.writer.add_scalar(f"eval/{key}", value, self.step)
+        self.log.block("\n".join(lines))
+        self.writer.flush()
+
+    # ------------------------------------------------------------------ the loop
+    def train(self) -> dict[str, float]:
+        method, trainer = self.config.method_settings, self.config.trainer_settings
+        self.log.info("Starting training...")
+        self.log.info(f"Token Merger type: {method.merger_type}")
+        self.log.info(f"Merge Ratio: {method.merge_ratio}")
+        self.log.info(f"Pruning Layers: {list(method.pruning_layers)}")
+        self.log.info(f"Temperature: {method.temperature} → {method.temperature_min}")
+        self.log.info(f"{self.total_steps} steps ({self.steps_per_epoch} per epoch), vision tokens per stage in hard "
+                      f"mode: {self.backbone.num_vision_tokens} → "
+                      + " → ".join(str(k) for k in self._budget_trajectory()))
+        metrics: dict[str, float] = {}
+        bar = tqdm(total=self.total_steps, initial=self.step, desc="training")
+        data = self.train_batches()
+        try:
+            while self.step < self.total_steps:
+                values = self.training_step(next(data))
+                self.step += 1
+                bar.update(1)
+                if values is not None:
+                    bar.set_postfix(task=f"{values['task_loss']:.3f}", tau=f"{values['temperature']:.2f}")
+                    if self.step % trainer.log_every == 0:
+                        self.log_step(values)
+                last = self.step == self.total_steps
+                if self.step % trainer.eval_every == 0 or last:
+                    metrics = self.evaluate()
+                    self.log_eval(metrics)
+                    self._keep_best(metrics)
+                if self.step % trainer.save_every == 0 or last:
+                    self.save()
+        finally:
+            bar.close()
+            if self._writer is not None:
+                self._writer.close()
+        self.log.block(self.summary(metrics))
+        return metrics
+
+    def _budget_trajectory(self) -> list[int]:
+        merged = self.model.merger.num_keep if self.model.merger is not None else self.backbone.num_vision_tokens
+        return [merged, *self.model.stage_budgets]
+
+    def _keep_best(self, metrics: dict[str, float]) -> None:
+        name = self.config.trainer_settings.best_metric
+        if name not in metrics:
+            raise KeyError(f"trainer_settings.best_metric {name!r} is not an eval metric; choose one of {sorted(metrics)}")
+        value = metrics[name]
+        better = self.best is None or (value > self.best if self.config.trainer_settings.best_mode == "max"
+                                       else value < self.best)
+        if better:
+            self.best = value
+            self.save(tag="best")
+
+    def summary(self, metrics: dict[str, float]) -> str:
+        """Whether the quick-start guide's three targets were met."""
+        if not metrics:
+            return "[Summary] no evaluation ran"
+        drop = metrics["accuracy_baseline"] - metrics["accuracy_hard"]
+        tokens = 1 - metrics["avg_vision_tokens_per_layer"] / metrics["avg_original_tokens"]
+        flops = metrics["flops_reduction"]
+        check = lambda ok: "met" if ok else "NOT met"
+        return "\n".join([
+            "[Summary] targets of the quick-start guide:",
+            f"  - accuracy drop (baseline - hard) {drop:.3f} < 0.03: {check(drop < 0.03)}",
+            f"  - vision tokens in the LLM reduced by {tokens:.1%} (mean over layers) > 60%: {check(tokens > 0.6)}",
+            f"  - LLM prefill FLOPs reduced by {flops:.1%} > 60%: {check(flops > 0.6)}",
+        ])
