@@ -133,6 +133,13 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteLossError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    except torch.cuda.OutOfMemoryError as err:
+        batch = config.trainer_settings.dl_settings.batch_size
+        print(f"error: CUDA out of memory ({str(err).splitlines()[0]}). Lower trainer_settings.dl_settings.batch_size "
+              f"(now {batch}) or data_settings.eval_batch_size (now {config.data_settings.eval_batch_size}), or set "
+              "trainer_settings.gradient_checkpointing: true and trainer_settings.mixed_precision: bf16; resume with "
+              "--resume auto", file=sys.stderr)
+        return 1
     finally:
         log.close()
     return 0

@@ -39,9 +39,9 @@ KEEP_PROB_FLOOR = 1e-6  # log(m) is clamped here: a dropped key keeps a weight o
 
 @dataclass
 class PrunedOutput:
-    hidden: torch.Tensor  # (B, T', D) after the final norm
-    logits: torch.Tensor  # (B, T', V)
-    attention_mask: torch.Tensor  # (B, T') of the final sequence
+    hidden: torch.Tensor | None  # (B, T', D) after the final norm
+    logits: torch.Tensor | None  # (B, T', V)
+    attention_mask: torch.Tensor | None  # (B, T') of the final sequence
     labels: torch.Tensor | None  # (B, T') labels gathered like the sequence
     merge: MergeOutput | None
     stage_keep_probs: list[torch.Tensor] = field(default_factory=list)  # soft: (B, n) cumulative m per stage
@@ -156,7 +156,7 @@ class PrunedLlava(nn.Module):
         mask = causal_padding_mask(seq.attention_mask, seq.hidden.dtype)
         cos_sin = bb.rotary(seq.hidden, seq.position_ids)
         keep = torch.ones(seq.hidden.shape[:2], device=seq.hidden.device, dtype=seq.hidden.dtype)  # soft: m_j
-        out = PrunedOutput(seq.hidden, seq.hidden, seq.attention_mask, seq.labels, merge)
+        stats = PrunedOutput(hidden=None, logits=None, attention_mask=None, labels=None, merge=merge)  # filled below
         n_start = int(seq.is_vision.sum(dim=1)[0])
 
         for layer in range(bb.num_layers):
@@ -176,25 +176,25 @@ class PrunedLlava(nn.Module):
                     q = gumbel_sigmoid(logits, tau, noise=self.training, generator=generator)  # (B, n)
                     keep = keep.scatter(1, vision_index, keep.gather(1, vision_index) * q)
                     cumulative = keep.gather(1, vision_index)  # (B, n)
-                    out.stage_keep_probs.append(cumulative)
+                    stats.stage_keep_probs.append(cumulative)
                     target = self.stage_budgets[stage] / n_start
-                    out.pruner_sparsity_losses.append((cumulative.mean() - target) ** 2)
+                    stats.pruner_sparsity_losses.append((cumulative.mean() - target) ** 2)
                     bias = keep.clamp_min(KEEP_PROB_FLOOR).log()  # (B, T), 0 for text tokens
                     mask = (causal_padding_mask(seq.attention_mask, seq.hidden.dtype)
                             + bias[:, None, None, :]).clamp_min(torch.finfo(seq.hidden.dtype).min)
-            out.vision_tokens_per_layer.append(int(seq.is_vision.sum(dim=1)[0]))
-            out.seq_len_per_layer.append(seq.hidden.shape[1])
-            out.layer_attention_masks.append(seq.attention_mask)
+            stats.vision_tokens_per_layer.append(int(seq.is_vision.sum(dim=1)[0]))
+            stats.seq_len_per_layer.append(seq.hidden.shape[1])
+            stats.layer_attention_masks.append(seq.attention_mask)
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 seq.hidden = checkpoint(bb.run_layer, layer, seq.hidden, mask, seq.position_ids, cos_sin,
                                         use_reentrant=False)
             else:
                 seq.hidden = bb.run_layer(layer, seq.hidden, mask, seq.position_ids, cos_sin, cache=cache)
 
-        out.hidden = bb.norm(seq.hidden)
-        out.logits = bb.lm_head(out.hidden)
-        out.attention_mask, out.labels = seq.attention_mask, seq.labels
-        return out
+        stats.hidden = bb.norm(seq.hidden)
+        stats.logits = bb.lm_head(stats.hidden)
+        stats.attention_mask, stats.labels = seq.attention_mask, seq.labels
+        return stats
 
     # ------------------------------------------------------------------ generation
     @torch.no_grad()

@@ -8,7 +8,9 @@ from data.collator import VQACollator
 from data.synthetic_vqa import SyntheticVQADataset
 from models.llava_backbone import LlavaBackbone
 from trainers.evaluation import evaluate_accuracy, generate_baseline_answers
-from trainers.tiny_backbone import lr_at, main as build_tiny
+from data.synthetic_vqa import make_sample, patch_labels, region_name
+from trainers.tiny_backbone import (background_visibility, hide_background, lr_at, main as build_tiny,
+                                    patch_word_targets)
 
 SHIPPED = Path(__file__).resolve().parents[1] / "backbones" / "tiny-llava"
 
@@ -48,3 +50,26 @@ def test_shipped_backbone_answers_held_out_questions():
                                  batches(data, VQACollator(backbone.processor, with_answers=False), 50),
                                  show_progress=False)
     assert accuracy["overall"] >= 0.85, accuracy
+
+
+def test_background_curriculum_hides_only_background_image_tokens():
+    assert [background_visibility(s, 100, 0.25, 0.6) for s in (0, 25, 60, 99)] == [0.0, 0.0, 1.0, 1.0]
+    assert background_visibility(40, 100, 0.25, 0.6) == pytest.approx(15 / 35)
+    image = torch.tensor([[False, True, True, True, False]])
+    colors = torch.tensor([[0, 3, 0]])  # patch order: background, object, background
+    mask = torch.ones(1, 5, dtype=torch.long)
+    hidden = hide_background(mask, image, colors, 0.0, torch.Generator().manual_seed(0))
+    assert hidden.tolist() == [[1, 0, 1, 0, 1]]
+    assert hide_background(mask, image, colors, 1.0, torch.Generator()) is mask
+
+
+def test_alignment_targets_name_colour_shape_and_region(processor):
+    sample = make_sample(0, "eval", 3)
+    colors, shapes = (torch.from_numpy(a)[None] for a in patch_labels(sample.objects))
+    targets = patch_word_targets(colors, shapes, processor.tokenizer, position_words=True)
+    tok = processor.tokenizer
+    for obj in sample.objects:
+        k = obj.patch[0] * 12 + obj.patch[1]
+        words = [tok.convert_ids_to_tokens(int(t[0, k])) for t in targets]
+        assert words == [obj.color, obj.shape, *region_name(obj.region).split()]
+    assert all((t[colors == 0] == -100).all() for t in targets)

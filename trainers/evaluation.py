@@ -54,7 +54,8 @@ def generate_pruned(model: PrunedLlava, batch: dict, mode: str, tau: float,
     done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
     for _ in range(max_new_tokens):
         out = model(ids, pixels, mask, mode="soft", tau=tau)
-        prefill = prefill or out
+        if prefill is None:
+            prefill = out
         token = out.logits[:, -1].argmax(-1).masked_fill(done, tok.pad_token_id)
         generated.append(token)
         done |= token == tok.eos_token_id

@@ -11,8 +11,14 @@ into one, with three things that make a small model learn in minutes instead of 
 - a dense auxiliary loss that makes the vision features name the colour and the shape
   under every patch (two linear heads, dropped after pretraining);
 - an alignment loss (LLaVA's stage-1 idea): each object's projected token, read through
-  the word-embedding table, must name its colour word and its shape word, so that a
-  question word can find its object by attention from the first steps.
+  the word-embedding table, must name its colour word and its shape word (and, with
+  ``--position-words``, its region's row and column words), so that a question word can
+  find its object by attention from the first steps;
+- a background curriculum: at first the language model's attention cannot see the
+  background vision tokens (they are masked as keys), so it learns to find objects among a
+  handful of tokens; from ``--curriculum-start`` to ``--curriculum-end`` (fractions of the
+  steps) each background token becomes visible with a probability rising from 0 to 1, and
+  the rest of the run trains on the plain format the model is evaluated on.
 Deterministic from ``--seed``; the result is saved with ``save_pretrained`` beside a
 model card.
 """
@@ -36,7 +42,8 @@ from transformers import CLIPImageProcessorPil, LlavaForConditionalGeneration, L
 
 from data.collator import IGNORE_INDEX, VQACollator
 from data.collator import build_prompt
-from data.synthetic_vqa import COLORS, SHAPES, SyntheticVQADataset, patch_labels, scene_questions, vocabulary
+from data.synthetic_vqa import (COL_NAMES, COLORS, GRID, REGION_PATCHES, ROW_NAMES, SHAPES, SyntheticVQADataset,
+                                patch_labels, scene_questions, vocabulary)
 from data.word_tokenizer import build_word_tokenizer
 from models.llava_backbone import LlavaBackbone
 from models.tiny_llava import TINY_IMAGE_SIZE, TINY_PATCH_SIZE, tiny_llava_config
@@ -81,13 +88,23 @@ class PatchHeads(nn.Module):
         return ((ce_color + ce_shape) * weight).sum() / weight.sum()
 
 
-def alignment_loss(projected: torch.Tensor, word_embeddings: torch.Tensor, colors: torch.Tensor,
-                   shapes: torch.Tensor, color_word_ids: torch.Tensor, shape_word_ids: torch.Tensor) -> torch.Tensor:
-    """Object tokens (B, N, D) read through the embedding table (V, D) must name their colour and shape words."""
-    objects = colors > 0  # (B, N)
-    logits = projected[objects] @ word_embeddings.T  # (M, V)
-    return (F.cross_entropy(logits, color_word_ids[colors[objects] - 1])
-            + F.cross_entropy(logits, shape_word_ids[shapes[objects] - 1]))
+def patch_word_targets(colors: torch.Tensor, shapes: torch.Tensor, tokenizer, position_words: bool) -> list[torch.Tensor]:
+    """Per patch (B, N), the word ids an object token must name (its colour, its shape and, with
+    ``position_words``, its region's row and column words); IGNORE_INDEX on background patches."""
+    ids = lambda words: torch.tensor(tokenizer.convert_tokens_to_ids(list(words)))
+    background = colors == 0
+    targets = [ids(COLORS)[(colors - 1).clamp_min(0)], ids(SHAPES)[(shapes - 1).clamp_min(0)]]
+    if position_words:
+        patch = torch.arange(colors.shape[1]).expand_as(colors)
+        targets.append(ids(ROW_NAMES)[patch // GRID // REGION_PATCHES])
+        targets.append(ids(COL_NAMES)[patch % GRID // REGION_PATCHES])
+    return [t.masked_fill(background, IGNORE_INDEX) for t in targets]
+
+
+def alignment_loss(projected: torch.Tensor, word_embeddings: torch.Tensor, targets: list[torch.Tensor]) -> torch.Tensor:
+    """Object tokens (B, N, D) read through the embedding table (V, D) must name their words (LLaVA's stage-1 idea)."""
+    logits = (projected @ word_embeddings.T).flatten(0, 1)  # (B * N, V)
+    return sum(F.cross_entropy(logits, t.flatten(), ignore_index=IGNORE_INDEX) for t in targets)
 
 
 def multi_turn_batch(samples, processor, seed: int, offset: int, turns: int) -> dict:
@@ -114,6 +131,25 @@ def multi_turn_batch(samples, processor, seed: int, offset: int, turns: int) -> 
     inside = (starts.long().cumsum(1) - ends.long().cumsum(1) + ends.long()) > 0
     batch["labels"] = torch.where(inside, ids, torch.full_like(ids, IGNORE_INDEX))
     return batch
+
+
+def background_visibility(step: int, total: int, start: float, end: float) -> float:
+    """Probability that a background vision token is visible to the LM: 0 until ``start``, 1 from ``end``."""
+    progress = step / total
+    if progress <= start:
+        return 0.0
+    return 1.0 if progress >= end else (progress - start) / (end - start)
+
+
+def hide_background(attention_mask: torch.Tensor, image_mask: torch.Tensor, colors: torch.Tensor,
+                    visible: float, generator: torch.Generator) -> torch.Tensor:
+    """The 2D mask with each background image token hidden (0) with probability 1 - ``visible``."""
+    if visible >= 1.0:
+        return attention_mask
+    background = torch.zeros_like(image_mask)
+    background[image_mask] = (colors == 0).flatten()  # image tokens come in patch order
+    hidden = background & (torch.rand(attention_mask.shape, generator=generator) >= visible)
+    return attention_mask.masked_fill(hidden, 0)
 
 
 def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
@@ -155,9 +191,11 @@ A small `LlavaForConditionalGeneration` pretrained on the project's synthetic VQ
 - Language model: Llama, {text.num_hidden_layers} layers x {text.hidden_size}, MLP {text.intermediate_size},
   {text.num_attention_heads} heads, word-level vocabulary of {text.vocab_size} tokens.
 - Parameters: {n_params:,} ({n_params * 4 / 2**20:.1f} MiB in fp32).
-- Pretraining: {report['steps']} steps, batch {args.batch_size}, {args.turns} questions per image, AdamW peak lr {args.lr} with warm-up and cosine
-  decay, auxiliary patch loss weight {args.aux_weight}, data seed {args.seed}; wall time
-  {report['wall_time_s'] / 60:.1f} min on {report['machine']}.
+- Pretraining: {len(report['phases'])} phase(s), {sum(p['steps'] for p in report['phases'])} steps and
+  {sum(p['wall_time_s'] for p in report['phases']) / 60:.1f} min in all on {report['machine']}. Last phase:
+  {report['steps']} steps, batch {args.batch_size}, {args.turns} questions per image, background curriculum
+  {args.curriculum_start}-{args.curriculum_end}, position words {'on' if args.position_words else 'off'}, AdamW
+  peak lr {args.lr} with warm-up and cosine decay, auxiliary loss weight {args.aux_weight}, data seed {args.seed}.
 - Held-out accuracy ({report['eval_size']} eval-split samples, greedy generation, normalised exact match;
   the majority answer scores {report['majority_baseline']:.3f}):
 
@@ -165,12 +203,20 @@ A small `LlavaForConditionalGeneration` pretrained on the project's synthetic VQ
 |---|---|
 {per_type}
 
-Rebuilt with:
+Rebuilt with (phase by phase):
 
-    {report['command']}
-"""
+""" + "\n".join(f"    {p['command']}" for p in report["phases"]) + "\n"
     (out / "README.md").write_text(card)
     (out / "pretraining.json").write_text(json.dumps(report, indent=2) + "\n")
+
+
+def earlier_phases(init_from: Path | None) -> list[dict]:
+    """The pretraining phases recorded beside the backbone a further phase starts from."""
+    path = init_from / "pretraining.json" if init_from is not None else None
+    if path is None or not path.exists():
+        return []
+    report = json.loads(path.read_text())
+    return report.get("phases") or [{key: report[key] for key in ("command", "steps", "wall_time_s")}]
 
 
 def majority_baseline(dataset: SyntheticVQADataset) -> float:
@@ -189,9 +235,18 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--warmup", type=int, default=100)
     parser.add_argument("--aux-weight", type=float, default=1.0, help="weight of the patch and alignment losses")
-    parser.add_argument("--turns", type=int, default=4, help="questions asked per image in pretraining")
+    parser.add_argument("--turns", type=int, default=5, help="questions asked per image in pretraining")
+    parser.add_argument("--curriculum-start", type=float, default=0.25,
+                        help="fraction of the steps with every background token hidden from the LM")
+    parser.add_argument("--curriculum-end", type=float, default=0.6,
+                        help="fraction of the steps from which every background token is visible")
     parser.add_argument("--text-layers", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--init-from", type=Path, help="continue from a saved backbone folder instead of a new model")
+    parser.add_argument("--position-words", action="store_true",
+                        help="the alignment loss also asks each object token to name its region's row and column words")
+    parser.add_argument("--sample-offset", type=int, default=0,
+                        help="index of the first training sample (a further phase uses samples the first did not)")
     parser.add_argument("--eval-size", type=int, default=1000)
     parser.add_argument("--probe-every", type=int, default=250, help="steps between progress probes and saves")
     args = parser.parse_args(argv)
@@ -200,27 +255,31 @@ def main(argv: list[str] | None = None) -> dict:
 
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
-    processor = build_processor()
-    model = build_model(processor, args.text_layers)
+    if args.init_from is not None:  # a further phase of pretraining, from a saved backbone
+        processor = LlavaProcessor.from_pretrained(args.init_from, local_files_only=True)
+        model = LlavaForConditionalGeneration.from_pretrained(args.init_from, local_files_only=True)
+    else:
+        processor = build_processor()
+        model = build_model(processor, args.text_layers)
     backbone = LlavaBackbone(model, processor, freeze=False)
     heads = PatchHeads(backbone.vision_hidden_size)
     params = [*model.parameters(), *heads.parameters()]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
 
-    color_word_ids = torch.tensor(processor.tokenizer.convert_tokens_to_ids(list(COLORS)))
-    shape_word_ids = torch.tensor(processor.tokenizer.convert_tokens_to_ids(list(SHAPES)))
-    train = SyntheticVQADataset(args.steps * args.batch_size, "train", args.seed)
+    train = SyntheticVQADataset(args.sample_offset + args.steps * args.batch_size, "train", args.seed)
     eval_set = SyntheticVQADataset(args.eval_size, "eval", args.seed)
     collate = VQACollator(processor)
     probe = [collate([eval_set[j] for j in range(i, min(i + 64, len(eval_set)))])
              for i in range(0, min(320, len(eval_set)), 64)]
     args.out.mkdir(parents=True, exist_ok=True)
 
+    curriculum_rng = torch.Generator().manual_seed(args.seed)
     start = time.time()
     bar = tqdm(range(args.steps), desc="pretraining tiny-llava")
     for step in bar:
-        samples = [train[step * args.batch_size + i] for i in range(args.batch_size)]
-        batch = multi_turn_batch(samples, processor, args.seed, step * args.batch_size, args.turns)
+        first = args.sample_offset + step * args.batch_size
+        samples = [train[first + i] for i in range(args.batch_size)]
+        batch = multi_turn_batch(samples, processor, args.seed, first, args.turns)
         labels = [patch_labels(s.objects) for s in samples]
         colors = torch.from_numpy(np.stack([c for c, _ in labels]))
         shapes = torch.from_numpy(np.stack([s for _, s in labels]))
@@ -229,10 +288,14 @@ def main(argv: list[str] | None = None) -> dict:
         features = backbone.vision_features(batch["pixel_values"])  # (B, N, Dv)
         projected = backbone.project(features)  # (B, N, D)
         embeds = backbone.merge_image_embeddings(batch["input_ids"], projected)
-        logits = backbone.lm_head(backbone.decode(embeds, batch["attention_mask"]))
+        visible = background_visibility(step, args.steps, args.curriculum_start, args.curriculum_end)
+        mask = hide_background(batch["attention_mask"], backbone.image_token_mask(batch["input_ids"]), colors,
+                               visible, curriculum_rng)
+        logits = backbone.lm_head(backbone.decode(embeds, mask))
         task = answer_loss(logits, batch["labels"])
         aux = heads.loss(features, colors, shapes) + alignment_loss(
-            projected, backbone.language_model.embed_tokens.weight, colors, shapes, color_word_ids, shape_word_ids)
+            projected, backbone.language_model.embed_tokens.weight,
+            patch_word_targets(colors, shapes, processor.tokenizer, args.position_words))
         loss = task + args.aux_weight * aux
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite loss at step {step}: task {task.item()}, aux {aux.item()}")
@@ -242,7 +305,7 @@ def main(argv: list[str] | None = None) -> dict:
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
-        bar.set_postfix(task=f"{task.item():.3f}", aux=f"{aux.item():.3f}", gnorm=f"{grad_norm:.2f}")
+        bar.set_postfix(task=f"{task.item():.3f}", aux=f"{aux.item():.3f}", gnorm=f"{grad_norm:.2f}", bg=f"{visible:.2f}")
 
         if (step + 1) % args.probe_every == 0 or step + 1 == args.steps:
             model.eval()
@@ -265,6 +328,8 @@ def main(argv: list[str] | None = None) -> dict:
         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
         "command": "python -m trainers.tiny_backbone " + " ".join(sys.argv[1:] if argv is None else argv),
     }
+    report["phases"] = earlier_phases(args.init_from)
+    report["phases"].append({key: report[key] for key in ("command", "steps", "wall_time_s")})
     model.save_pretrained(args.out)
     processor.save_pretrained(args.out)
     write_model_card(args.out, args, model, report)
