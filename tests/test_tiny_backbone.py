@@ -49,7 +49,7 @@ def test_shipped_backbone_answers_held_out_questions():
     accuracy = evaluate_accuracy(lambda b: generate_baseline_answers(backbone, b, max_new_tokens=3),
                                  batches(data, VQACollator(backbone.processor, with_answers=False), 50),
                                  show_progress=False)
-    assert accuracy["overall"] >= 0.85, accuracy
+    assert accuracy["overall"] >= 0.6, accuracy  # the majority answer scores 0.10
 
 
 def test_background_curriculum_hides_only_background_image_tokens():

@@ -136,9 +136,9 @@ def multi_turn_batch(samples, processor, seed: int, offset: int, turns: int) -> 
 def background_visibility(step: int, total: int, start: float, end: float) -> float:
     """Probability that a background vision token is visible to the LM: 0 until ``start``, 1 from ``end``."""
     progress = step / total
-    if progress <= start:
-        return 0.0
-    return 1.0 if progress >= end else (progress - start) / (end - start)
+    if progress >= end:
+        return 1.0
+    return 0.0 if progress <= start else (progress - start) / (end - start)
 
 
 def hide_background(attention_mask: torch.Tensor, image_mask: torch.Tensor, colors: torch.Tensor,
@@ -248,6 +248,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--sample-offset", type=int, default=0,
                         help="index of the first training sample (a further phase uses samples the first did not)")
     parser.add_argument("--eval-size", type=int, default=1000)
+    parser.add_argument("--stop-after", type=int, help="end the phase after this many steps (the schedule still spans --steps)")
     parser.add_argument("--probe-every", type=int, default=250, help="steps between progress probes and saves")
     args = parser.parse_args(argv)
     if args.steps < 1 or args.batch_size < 1 or args.eval_size < 1:
@@ -277,6 +278,8 @@ def main(argv: list[str] | None = None) -> dict:
     start = time.time()
     bar = tqdm(range(args.steps), desc="pretraining tiny-llava")
     for step in bar:
+        if args.stop_after is not None and step == args.stop_after:
+            break
         first = args.sample_offset + step * args.batch_size
         samples = [train[first + i] for i in range(args.batch_size)]
         batch = multi_turn_batch(samples, processor, args.seed, first, args.turns)
@@ -307,7 +310,7 @@ def main(argv: list[str] | None = None) -> dict:
         optimizer.step()
         bar.set_postfix(task=f"{task.item():.3f}", aux=f"{aux.item():.3f}", gnorm=f"{grad_norm:.2f}", bg=f"{visible:.2f}")
 
-        if (step + 1) % args.probe_every == 0 or step + 1 == args.steps:
+        if (step + 1) % args.probe_every == 0 or step + 1 in (args.steps, args.stop_after):
             model.eval()
             acc = first_token_accuracy(backbone, probe)
             tqdm.write(f"[step {step + 1}] {(time.time() - start) / 60:.1f} min, probe accuracy "
@@ -322,7 +325,7 @@ def main(argv: list[str] | None = None) -> dict:
                for i in range(0, len(eval_set), 64))
     accuracy = evaluate_accuracy(lambda b: generate_baseline_answers(backbone, b), batches, desc="final eval")
     report = {
-        "steps": args.steps, "wall_time_s": round(wall, 1), "eval_size": args.eval_size,
+        "steps": min(args.steps, args.stop_after or args.steps), "wall_time_s": round(wall, 1), "eval_size": args.eval_size,
         "accuracy": {k: round(v, 4) for k, v in sorted(accuracy.items())},
         "majority_baseline": round(majority_baseline(eval_set), 4),
         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
