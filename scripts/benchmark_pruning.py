@@ -37,8 +37,8 @@ from models.layer_pruner import build_pruner, stage_budgets  # noqa: E402
 from models.llava_backbone import LlavaBackbone  # noqa: E402
 from models.pruned_llava import PrunedLlava  # noqa: E402
 from models.tiny_llava import llava15_7b_config  # noqa: E402
-from trainers.evaluation import module_flops  # noqa: E402
 from models.token_merger import TokenMerger  # noqa: E402
+from trainers.evaluation import module_flops  # noqa: E402
 
 
 def load_backbone(args) -> LlavaBackbone:

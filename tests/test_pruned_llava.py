@@ -137,7 +137,7 @@ def _stage_inputs(model, batch):
     hook = model.backbone.layers[1].register_forward_pre_hook(lambda m, args, kw: seen.update(h=args[0]),
                                                               with_kwargs=True)
     try:
-        out = PrunedLlava(model.backbone)(batch["input_ids"], batch["pixel_values"], batch["attention_mask"])
+        PrunedLlava(model.backbone)(batch["input_ids"], batch["pixel_values"], batch["attention_mask"])
     finally:
         hook.remove()
     h = seen["h"]
@@ -175,7 +175,7 @@ def test_question_mask_excludes_image_padding_and_answer(tiny):
 def test_hard_generation_with_cache_matches_stock_and_recomputation(tiny):
     prompts = make_batch(tiny, with_answers=False)
     ids, pixels, mask = prompts["input_ids"], prompts["pixel_values"], prompts["attention_mask"]
-    eos, pad = tiny.processor.tokenizer.eos_token_id, tiny.processor.tokenizer.pad_token_id
+    pad = tiny.processor.tokenizer.pad_token_id
     stock = tiny.model.generate(input_ids=ids, pixel_values=pixels, attention_mask=mask, max_new_tokens=5,
                                 do_sample=False, eos_token_id=-1, pad_token_id=pad)[:, ids.shape[1]:]
     tokens, _ = PrunedLlava(tiny).generate(ids, pixels, mask, max_new_tokens=5, eos_token_id=-1, pad_token_id=pad)

@@ -7,7 +7,7 @@
   the merger), ``keep_ratio_merge`` (their ratio), ``tokens_after_layer_L`` for every pruning
   layer L and ``avg_vision_tokens_per_layer``, all counted from the hard-mode prefill's tensors;
 - FLOPs of the LLM prefill (models/flops.py), baseline vs hard-pruned, per sample on its real
-  (unpadded) tokens: ``flops_*`` over all tokens, ``vision_flops_*`` over vision tokens only;
+  (unpadded) tokens: ``flops_*`` over all tokens, ``vision_flops_reduction`` over vision tokens only;
   the pruned side includes the merger's and pruners' own cost.
 """
 

@@ -47,7 +47,9 @@ from data.synthetic_vqa import (COL_NAMES, COLORS, GRID, REGION_PATCHES, ROW_NAM
 from data.word_tokenizer import build_word_tokenizer
 from models.llava_backbone import LlavaBackbone
 from models.tiny_llava import TINY_IMAGE_SIZE, TINY_PATCH_SIZE, tiny_llava_config
+from data.scoring import accuracy_by_type
 from trainers.evaluation import evaluate_accuracy, generate_baseline_answers
+from trainers.losses import task_loss
 
 
 def build_processor() -> LlavaProcessor:
@@ -65,11 +67,6 @@ def build_model(processor: LlavaProcessor, text_layers: int) -> LlavaForConditio
     config = tiny_llava_config(len(tok), tok.pad_token_id, tok.bos_token_id, tok.eos_token_id,
                                tok.convert_tokens_to_ids("<image>"), text_layers=text_layers)
     return LlavaForConditionalGeneration(config)
-
-
-def answer_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Next-token cross-entropy on the labelled (answer) positions."""
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX)
 
 
 class PatchHeads(nn.Module):
@@ -163,17 +160,16 @@ def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
 @torch.no_grad()
 def first_token_accuracy(backbone: LlavaBackbone, batches: list[dict]) -> dict[str, float]:
     """Teacher-forced accuracy of the answer's first token per question type (a cheap progress signal)."""
-    hits: dict[str, list[bool]] = {}
+    predicted, expected, types = [], [], []
     for batch in batches:
         logits = backbone(batch["input_ids"], batch["pixel_values"], batch["attention_mask"])
         labels = batch["labels"]
         first = (labels != IGNORE_INDEX).float().argmax(dim=1)  # first answer position per sample
         rows = torch.arange(len(first))
-        ok = logits[rows, first - 1].argmax(-1) == labels[rows, first]
-        for qtype, hit in zip(batch["question_types"], ok.tolist()):
-            hits.setdefault("overall", []).append(hit)
-            hits.setdefault(qtype, []).append(hit)
-    return {k: sum(v) / len(v) for k, v in hits.items()}
+        predicted += [str(i) for i in logits[rows, first - 1].argmax(-1).tolist()]
+        expected += [str(i) for i in labels[rows, first].tolist()]
+        types += batch["question_types"]
+    return accuracy_by_type(predicted, expected, types)
 
 
 def write_model_card(out: Path, args: argparse.Namespace, model: LlavaForConditionalGeneration, report: dict) -> None:
@@ -295,7 +291,7 @@ def main(argv: list[str] | None = None) -> dict:
         mask = hide_background(batch["attention_mask"], backbone.image_token_mask(batch["input_ids"]), colors,
                                visible, curriculum_rng)
         logits = backbone.lm_head(backbone.decode(embeds, mask))
-        task = answer_loss(logits, batch["labels"])
+        task = task_loss(logits, batch["labels"])
         aux = heads.loss(features, colors, shapes) + alignment_loss(
             projected, backbone.language_model.embed_tokens.weight,
             patch_word_targets(colors, shapes, processor.tokenizer, args.position_words))

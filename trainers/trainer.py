@@ -20,13 +20,12 @@ import math
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from configs.schema import Config, config_to_dict
 from data.build import batches
-from data.collator import IGNORE_INDEX, VQACollator
+from data.collator import VQACollator
 from models.discriminator import adversarial_loss, discriminator_losses
 from models.llava_backbone import LlavaBackbone
 from models.pruned_llava import PrunedLlava
@@ -34,6 +33,7 @@ from trainers.build import build_discriminator, build_pruned_model
 from trainers.checkpoint import Checkpointer, load, restore_rng_state, rng_state
 from trainers.evaluation import evaluate_accuracy, evaluate_pruned, generate_baseline_answers
 from trainers.run_log import RunLog
+from trainers.losses import distillation_loss, next_token_positions, task_loss
 from trainers.schedules import TemperatureSchedule
 
 GROUPS = ("token_merger", "layer_pruners", "discriminator")
@@ -41,24 +41,6 @@ GROUPS = ("token_merger", "layer_pruners", "discriminator")
 
 class NonFiniteLossError(RuntimeError):
     pass
-
-
-def next_token_positions(labels: torch.Tensor) -> torch.Tensor:
-    """(B, T) bool: positions whose next token is supervised (where the answer is predicted)."""
-    mask = torch.zeros_like(labels, dtype=torch.bool)
-    mask[:, :-1] = labels[:, 1:] != IGNORE_INDEX
-    return mask
-
-
-def task_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX)
-
-
-def distillation_loss(student_logits, student_labels, teacher_logits, teacher_labels) -> torch.Tensor:
-    """KL(teacher || student) over the answer positions (same count and order in both: text is never pruned)."""
-    s = student_logits[next_token_positions(student_labels)].float().log_softmax(-1)
-    t = teacher_logits[next_token_positions(teacher_labels)].float().log_softmax(-1)
-    return F.kl_div(s, t, log_target=True, reduction="batchmean")
 
 
 class Trainer:

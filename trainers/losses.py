@@ -1,0 +1,26 @@
+"""Losses on the answer tokens, shared by the trainer and the tiny backbone's builder."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from data.collator import IGNORE_INDEX
+
+
+def next_token_positions(labels: torch.Tensor) -> torch.Tensor:
+    """(B, T) bool: positions whose next token is supervised (where the answer is predicted)."""
+    mask = torch.zeros_like(labels, dtype=torch.bool)
+    mask[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+    return mask
+
+
+def task_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX)
+
+
+def distillation_loss(student_logits, student_labels, teacher_logits, teacher_labels) -> torch.Tensor:
+    """KL(teacher || student) over the answer positions (same count and order in both: text is never pruned)."""
+    s = student_logits[next_token_positions(student_labels)].float().log_softmax(-1)
+    t = teacher_logits[next_token_positions(teacher_labels)].float().log_softmax(-1)
+    return F.kl_div(s, t, log_target=True, reduction="batchmean")
