@@ -172,9 +172,36 @@ class LlavaBackbone(nn.Module):
         """Pre-projector vision features as LLaVA selects them: (B, N, Dv), N = num_vision_tokens."""
         out = self.vision_tower(pixel_values.to(self.dtype), output_hidden_states=True, return_dict=True)
         features = out.hidden_states[self.config.vision_feature_layer]  # (B, 1 + P, Dv)
-        if self.config.vision_feature_select_strategy == "default":
-            features = features[:, 1:]  # drop CLS
-        return features
+        return self._select_vision_tokens(features)
+
+    def _select_vision_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, 1 + P, ...) -> (B, N, ...): LLaVA's ``vision_feature_select_strategy`` (``default`` drops CLS)."""
+        return tokens[:, 1:] if self.config.vision_feature_select_strategy == "default" else tokens
+
+    def vision_features_with_attention(self, pixel_values: torch.Tensor) -> "VisionAttention":
+        """The features of :meth:`vision_features` and what the encoder layer that produced them attends with.
+
+        CLIP's ``hidden_states[i]`` (i >= 1) is the output of ``encoder.layers[i - 1]``, and
+        ``hidden_states[i - 1]`` its input; the CLS query's attention and the keys are recomputed from
+        that input (layer_norm1, q/k projections, softmax(q k^T * scale)), which is what eager attention
+        computes inside the layer, so the tower keeps running with SDPA. For llava-1.5 (feature layer -2)
+        this is the penultimate layer's attention, the one VisionZip reads.
+        """
+        out = self.vision_tower(pixel_values.to(self.dtype), output_hidden_states=True, return_dict=True)
+        index = self.config.vision_feature_layer % len(out.hidden_states)
+        if index == 0:
+            raise ValueError("vision_feature_layer selects the patch embeddings, which no attention layer produced")
+        layer = self.vision_tower.encoder.layers[index - 1]
+        attn = layer.self_attn
+        x = layer.layer_norm1(out.hidden_states[index - 1])  # (B, 1 + P, Dv), what the layer's attention reads
+        B, T, _ = x.shape
+        query = attn.q_proj(x[:, :1]).view(B, 1, attn.num_heads, attn.head_dim).transpose(1, 2)  # (B, h, 1, hd)
+        keys = attn.k_proj(x)  # (B, 1 + P, Dv)
+        heads = keys.view(B, T, attn.num_heads, attn.head_dim).transpose(1, 2)  # (B, h, 1 + P, hd)
+        probs = torch.softmax(query @ heads.transpose(2, 3) * attn.scale, dim=-1, dtype=torch.float32)  # (B, h, 1, 1 + P)
+        cls_attention = probs.mean(dim=1)[:, 0]  # (B, 1 + P), mean over heads
+        return VisionAttention(self._select_vision_tokens(out.hidden_states[index]),
+                               self._select_vision_tokens(cls_attention), self._select_vision_tokens(keys))
 
     def project(self, features: torch.Tensor) -> torch.Tensor:
         """(B, N, Dv) vision features -> (B, N, D) LLM-space embeddings."""
@@ -220,6 +247,34 @@ class LlavaBackbone(nn.Module):
             use_cache=cache is not None,
         )
 
+    def attention_probs(self, index: int, hidden: torch.Tensor, attention_mask: torch.Tensor,
+                        position_embeddings: tuple[torch.Tensor, torch.Tensor], query_index: torch.Tensor) -> torch.Tensor:
+        """Attention probabilities (B, H, Q, T) of decoder layer ``index`` for the queries at ``query_index`` (B, Q).
+
+        ``hidden`` (B, T, D) are the hidden states entering the layer, ``attention_mask`` (B, T) marks
+        real tokens and ``position_embeddings`` are their (cos, sin). Recomputes what eager attention
+        computes inside the layer (input norm, q/k projections, RoPE, grouped keys, causal and padding
+        mask, softmax in float32) for the requested rows only, so the model keeps running with SDPA.
+        Written against ``LlamaAttention`` (transformers 5.x), LLaVA-1.5's language model.
+        """
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
+
+        layer = self.layers[index]
+        attn = layer.self_attn
+        x = layer.input_layernorm(hidden)  # (B, T, D)
+        B, T, _ = x.shape
+        Q = query_index.shape[1]
+        rows = lambda t: t.gather(1, query_index.unsqueeze(-1).expand(-1, -1, t.shape[-1]))  # (B, T, C) -> (B, Q, C)
+        cos, sin = position_embeddings  # (B, T, hd) each
+        query = attn.q_proj(rows(x)).view(B, Q, -1, attn.head_dim).transpose(1, 2)  # (B, H, Q, hd)
+        keys = attn.k_proj(x).view(B, T, -1, attn.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
+        query = apply_rotary_pos_emb(query, query, rows(cos), rows(sin))[0]
+        keys = repeat_kv(apply_rotary_pos_emb(keys, keys, cos, sin)[1], attn.num_key_value_groups)  # (B, H, T, hd)
+        scores = query @ keys.transpose(2, 3) * attn.scaling  # (B, H, Q, T)
+        mask = causal_padding_mask(attention_mask, scores.dtype)  # (B, 1, T, T)
+        mask = mask.gather(2, query_index[:, None, :, None].expand(-1, -1, -1, T))  # (B, 1, Q, T)
+        return torch.softmax(scores + mask, dim=-1, dtype=torch.float32)
+
     def new_cache(self):
         from transformers import DynamicCache
 
@@ -244,6 +299,15 @@ class LlavaBackbone(nn.Module):
         image_embeds = self.project(self.vision_features(pixel_values))
         hidden = self.decode(self.merge_image_embeddings(input_ids, image_embeds), attention_mask)
         return self.lm_head(hidden)
+
+
+@dataclass
+class VisionAttention:
+    """Vision features with what the encoder layer that produced them attends with (training-free mergers read it)."""
+
+    features: torch.Tensor  # (B, N, Dv), as LlavaBackbone.vision_features returns them
+    cls_attention: torch.Tensor  # (B, N) the CLS query's attention to each token, mean over heads
+    keys: torch.Tensor  # (B, N, Dv) that layer's attention keys of each token, heads concatenated
 
 
 def causal_padding_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

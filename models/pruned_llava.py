@@ -15,6 +15,9 @@ models/llava_backbone.py) so that a pruner can act before any chosen decoder lay
 - Text tokens are never pruned; every token keeps its original position id (RoPE positions
   do not shift), in both modes.
 - Token counts are read off the tensors as they pass each layer.
+- Training-free baselines (models/baselines/) take the merger's or a pruner's place and run
+  through the same hard path; rankers such as FastV read attention probabilities on request
+  (``AttentionProbe``) while the model keeps running with SDPA.
 
 With no merger and no pruners the logits equal the stock ``LlavaForConditionalGeneration``
 forward (tests/test_pruned_llava.py).
@@ -76,6 +79,28 @@ class _Sequence:
         return rows_nonzero(self.is_vision)
 
 
+@dataclass
+class AttentionProbe:
+    """The attention probabilities a decoder layer computes on the current sequence, on request.
+
+    Holds the hidden states entering the layers that can be probed at a pruning layer (that layer
+    and the one before it); ``probe(layer, query_index)`` -> (B, H, Q, T) through the adapter
+    (LlavaBackbone.attention_probs), so the model itself keeps running with SDPA.
+    """
+
+    backbone: LlavaBackbone
+    layer_inputs: dict[int, torch.Tensor]  # layer -> (B, T, D) hidden states entering it
+    attention_mask: torch.Tensor  # (B, T) 1 = real token
+    position_embeddings: tuple[torch.Tensor, torch.Tensor]  # (cos, sin) of the sequence's positions
+
+    def __call__(self, layer: int, query_index: torch.Tensor) -> torch.Tensor:
+        if layer not in self.layer_inputs:
+            raise ValueError(f"decoder layer {layer} cannot be probed here; only layers {sorted(self.layer_inputs)} "
+                             "(the pruning layer and the one before it)")
+        return self.backbone.attention_probs(layer, self.layer_inputs[layer], self.attention_mask,
+                                             self.position_embeddings, query_index)
+
+
 def rows_nonzero(mask: torch.Tensor) -> torch.Tensor:
     """(B, T) bool with the same count c per row -> (B, c) column indices, ascending."""
     counts = mask.sum(dim=1)
@@ -119,13 +144,19 @@ class PrunedLlava(nn.Module):
     # ------------------------------------------------------------------ building the sequence
     def _initial_sequence(self, input_ids, pixel_values, attention_mask, labels, tau, generator):
         bb = self.backbone
-        with torch.no_grad():
-            features = bb.vision_features(pixel_values)  # (B, N, Dv), the backbone is frozen
+        merger_inputs = {}
+        with torch.no_grad():  # the backbone is frozen
+            if getattr(self.merger, "reads_vision_attention", False):  # training-free mergers (models/baselines)
+                merger_inputs["vision_attention"] = bb.vision_features_with_attention(pixel_values)
+                features = merger_inputs["vision_attention"].features  # (B, N, Dv)
+            else:
+                features = bb.vision_features(pixel_values)  # (B, N, Dv)
         question_mask = question_token_mask(input_ids, attention_mask, bb.image_token_id, labels)
         embeds = bb.embed_tokens(input_ids)  # (B, T, D)
         merge = None
         if self.merger is not None:
-            merge = self.merger(features, tau, question=embeds, question_mask=question_mask, generator=generator)
+            merge = self.merger(features, tau, question=embeds, question_mask=question_mask, generator=generator,
+                                **merger_inputs)
             vision, kept = merge.tokens, merge.positions  # (B, K, Dv), (B, K)
         else:
             vision = features
@@ -151,6 +182,8 @@ class PrunedLlava(nn.Module):
         """Soft (``mode="soft"``) or hard (``"hard"``) pruned forward. Noise only in training mode."""
         if mode not in ("soft", "hard"):
             raise ValueError(f"mode must be 'soft' or 'hard', got {mode!r}")
+        if mode == "soft" and any(getattr(p, "reads_attention", False) for p in self.pruners):
+            raise ValueError("attention-ranking pruners (FastV, PyramidDrop) are training-free: run them with mode='hard'")
         bb = self.backbone
         seq, merge = self._initial_sequence(input_ids, pixel_values, attention_mask, labels, tau, generator)
         mask = causal_padding_mask(seq.attention_mask, seq.hidden.dtype)
@@ -158,13 +191,13 @@ class PrunedLlava(nn.Module):
         keep = torch.ones(seq.hidden.shape[:2], device=seq.hidden.device, dtype=seq.hidden.dtype)  # soft: m_j
         stats = PrunedOutput(hidden=None, logits=None, attention_mask=None, labels=None, merge=merge)  # filled below
         n_start = int(seq.is_vision.sum(dim=1)[0])
+        previous_input = None  # the hidden states that entered the previous layer (same tokens as seq)
 
         for layer in range(bb.num_layers):
             if layer in self.stage_of_layer:
                 stage = self.stage_of_layer[layer]
                 vision_index = seq.vision_index  # (B, n)
-                vision = seq.hidden.gather(1, vision_index.unsqueeze(-1).expand(-1, -1, seq.hidden.shape[-1]))
-                logits = self.pruners[stage](vision, seq.hidden, seq.question_mask)  # (B, n)
+                logits = self._keep_logits(stage, layer, seq, vision_index, cos_sin, previous_input)  # (B, n)
                 if mode == "hard":
                     kept = vision_index.gather(1, hard_keep(logits, self.stage_budgets[stage]))  # (B, k)
                     stay = ~seq.is_vision
@@ -185,6 +218,7 @@ class PrunedLlava(nn.Module):
             stats.vision_tokens_per_layer.append(int(seq.is_vision.sum(dim=1)[0]))
             stats.seq_len_per_layer.append(seq.hidden.shape[1])
             stats.layer_attention_masks.append(seq.attention_mask)
+            previous_input = seq.hidden
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 seq.hidden = checkpoint(bb.run_layer, layer, seq.hidden, mask, seq.position_ids, cos_sin,
                                         use_reentrant=False)
@@ -195,6 +229,18 @@ class PrunedLlava(nn.Module):
         stats.logits = bb.lm_head(stats.hidden)
         stats.attention_mask, stats.labels = seq.attention_mask, seq.labels
         return stats
+
+    def _keep_logits(self, stage: int, layer: int, seq: _Sequence, vision_index: torch.Tensor,
+                     cos_sin: tuple[torch.Tensor, torch.Tensor], previous_input: torch.Tensor | None) -> torch.Tensor:
+        """The stage's keep logits (B, n) for the vision tokens at ``vision_index``."""
+        pruner = self.pruners[stage]
+        if getattr(pruner, "reads_attention", False):
+            # Training-free rankers (models/baselines) read the attention of this layer or of the one before it.
+            inputs = {layer: seq.hidden} if previous_input is None else {layer: seq.hidden, layer - 1: previous_input}
+            probe = AttentionProbe(self.backbone, inputs, seq.attention_mask, cos_sin)
+            return pruner(probe, layer, seq.attention_mask, vision_index)
+        vision = seq.hidden.gather(1, vision_index.unsqueeze(-1).expand(-1, -1, seq.hidden.shape[-1]))  # (B, n, D)
+        return pruner(vision, seq.hidden, seq.question_mask)
 
     # ------------------------------------------------------------------ generation
     @torch.no_grad()

@@ -1,0 +1,82 @@
+"""Training-free baselines, run through the same pruned forward as the learned method.
+
+Each baseline is a small parameter-free module that takes the place of a learned one in
+PrunedLlava (models/pruned_llava.py), so the hard-mode forward, the KV-cached generation, the
+token counts and the FLOPs are shared rather than copied (models/baselines/base.py):
+
+=============  ===========================  ====================================================
+name           where it acts                paper
+=============  ===========================  ====================================================
+random         before the projector         (the floor; FastV's and PyramidDrop's ablation)
+pooling        before the projector         uniform spatial average pooling
+visionzip      before the projector         VisionZip, Yang et al. 2024
+tome           before the projector         ToMe, Bolya et al. 2023
+fastv          before decoder layer K       FastV, Chen et al. 2024
+pyramiddrop    at every pruning layer       PyramidDrop, Xing et al. 2024
+=============  ===========================  ====================================================
+
+A budget is the number K of vision tokens left after the last stage: the tokens entering the
+LLM for the methods that act before the projector, the tokens after layer K for FastV, the
+tokens of the last stage for PyramidDrop. Methods that prune later spend more FLOPs at the same
+K, which is why the benchmark reports FLOPs and time beside accuracy.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from models.baselines.fastv import FastV
+from models.baselines.pyramid_drop import PyramidDrop, pyramid_budgets
+from models.baselines.random_pruning import RandomPruning
+from models.baselines.spatial_pooling import SpatialPooling
+from models.baselines.tome import ToMe
+from models.baselines.visionzip import VisionZip
+from models.llava_backbone import LlavaBackbone
+from models.pruned_llava import PrunedLlava
+
+BASELINES = ("random", "pooling", "fastv", "pyramiddrop", "visionzip", "tome")
+
+
+def kept_tokens(num_tokens: int, budget: float) -> int:
+    """K = round(budget x N) vision tokens, checked to be a usable count."""
+    if not 0 < budget <= 1:
+        raise ValueError(f"budget {budget:g} is not a fraction of the vision tokens in (0, 1]; e.g. 0.25 keeps a quarter")
+    k = round(budget * num_tokens)
+    if k < 1:
+        raise ValueError(f"budget {budget:g} keeps {k} of {num_tokens} vision tokens; the smallest budget that keeps "
+                         f"one is {1 / num_tokens:.4f}")
+    return k
+
+
+def build_baseline(name: str, backbone: LlavaBackbone, num_keep: int, pruning_layers: list[int],
+                   fastv_layer: int = 2, seed: int = 0) -> PrunedLlava:
+    """The baseline ``name`` keeping ``num_keep`` vision tokens, on ``backbone``, in eval mode.
+
+    ``pruning_layers`` are PyramidDrop's stage starts; ``fastv_layer`` is FastV's K; ``seed`` the random draw's.
+    """
+    n = backbone.num_vision_tokens
+    if not 1 <= num_keep <= n:
+        raise ValueError(f"{name} cannot keep {num_keep} of {n} vision tokens; choose 1..{n}")
+    if name == "random":
+        model = PrunedLlava(backbone, RandomPruning(num_keep, seed))
+    elif name == "pooling":
+        model = PrunedLlava(backbone, SpatialPooling(n, num_keep))
+    elif name == "visionzip":
+        model = PrunedLlava(backbone, VisionZip(num_keep, backbone.vision_hidden_size))
+    elif name == "tome":
+        model = PrunedLlava(backbone, ToMe(num_keep, backbone.vision_hidden_size))
+    elif name == "fastv":
+        if not 1 <= fastv_layer < backbone.num_layers:
+            raise ValueError(f"FastV's layer K={fastv_layer} is outside 1..{backbone.num_layers - 1} (it ranks by "
+                             f"layer K-1's attention and prunes before layer K of {backbone.num_layers}); choose K in "
+                             "that range")
+        model = PrunedLlava(backbone, None, nn.ModuleList([FastV()]), [fastv_layer], [num_keep])
+    elif name == "pyramiddrop":
+        layers = list(pruning_layers)
+        if not layers:
+            raise ValueError("PyramidDrop needs at least one pruning layer (method_settings.pruning_layers)")
+        model = PrunedLlava(backbone, None, nn.ModuleList(PyramidDrop() for _ in layers), layers,
+                            pyramid_budgets(n, num_keep, len(layers)))
+    else:
+        raise ValueError(f"unknown baseline {name!r}; choose one of {', '.join(BASELINES)}")
+    return model.to(backbone.device).eval()

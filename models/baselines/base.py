@@ -1,0 +1,76 @@
+"""What every training-free baseline shares: the two places a method can act in PrunedLlava.
+
+- ``PreProjectorSelector`` sits where the learned token merger sits: N vision features in,
+  ``num_keep`` tokens out (kept or merged), each with the patch index whose placeholder slot (and
+  RoPE position) it takes, returned as the merger's ``MergeOutput``.
+- ``AttentionRanker`` sits where a learned layer pruner sits: at a pruning layer it scores the
+  surviving vision tokens from attention probabilities it requests through an ``AttentionProbe``
+  (models/pruned_llava.py); PrunedLlava keeps the stage's budget of top-scored tokens.
+
+Neither has parameters; both run in hard mode, through the same forward, generation, token
+counting and FLOPs as the learned method.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from models.token_merger import MergeOutput
+
+
+def gather_tokens(tokens: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """(B, N, C) tokens, (B, K) indices -> (B, K, C)."""
+    return tokens.gather(1, index.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) 1/0 mask -> (B,) index of each row's last real token (left or right padding)."""
+    T = attention_mask.shape[1]
+    return T - 1 - attention_mask.flip(1).long().argmax(dim=1)
+
+
+class PreProjectorSelector(nn.Module):
+    """Keep or merge N vision features into ``num_keep`` tokens before the projector."""
+
+    reads_vision_attention = False  # True: PrunedLlava passes the feature layer's VisionAttention
+
+    def __init__(self, num_keep: int):
+        super().__init__()
+        if num_keep < 1:
+            raise ValueError(f"{type(self).__name__} must keep at least 1 vision token, got {num_keep}")
+        self.num_keep = num_keep
+
+    def select(self, features: torch.Tensor, vision_attention) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, N, Dv) features -> (B, K, Dv) tokens and (B, K) patch indices, in any order."""
+        raise NotImplementedError
+
+    def flops(self, n: int) -> int:
+        """Multiply-adds of one call on n tokens (counted like models/flops.py: matrix products only)."""
+        return 0
+
+    def forward(self, features: torch.Tensor, tau: float = 1.0, question: torch.Tensor | None = None,
+                question_mask: torch.Tensor | None = None, generator: torch.Generator | None = None,
+                vision_attention=None) -> MergeOutput:
+        B, N, _ = features.shape
+        if self.num_keep > N:
+            raise ValueError(f"{type(self).__name__} keeps {self.num_keep} tokens but the image has {N}")
+        tokens, positions = self.select(features, vision_attention)  # (B, K, Dv), (B, K)
+        order = positions.argsort(dim=1)  # the placeholder slots are filled in spatial order
+        positions = positions.gather(1, order)
+        kept = torch.zeros(B, N, dtype=features.dtype, device=features.device).scatter(1, positions, 1.0)  # (B, N)
+        return MergeOutput(gather_tokens(tokens, order), positions, kept, features.new_zeros(()))
+
+
+class AttentionRanker(nn.Module):
+    """Scores (B, n) for the vision tokens at a pruning layer, from that layer's (or the previous one's) attention."""
+
+    reads_attention = True  # PrunedLlava calls forward(probe, layer, attention_mask, vision_index)
+
+    def flops(self, n_vision: int, n_text: int) -> int:
+        """0: in the papers the scores are a by-product of the layer's own attention (here they are recomputed,
+        which the measured time includes)."""
+        return 0
+
+    def forward(self, probe, layer: int, attention_mask: torch.Tensor, vision_index: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
