@@ -1,4 +1,5 @@
 import copy
+import itertools
 
 import pytest
 import torch
@@ -148,7 +149,10 @@ def test_pooling_counts_windows_and_positions():
 
 
 def test_tome_counts_and_order():
-    assert merge_steps(N, 16) == [72, 36, 18, 2] and merge_steps(N, 100) == [44]
+    assert merge_steps(N, 100) == [14, 13, 11, 6]
+    steps = merge_steps(N, 16)
+    left = [N, *(N - merged for merged in itertools.accumulate(steps))]
+    assert left[-1] == 16 and all(r <= 0.1 * n for r, n in zip(steps, left))  # at most 10% per step
     features, keys = torch.randn(2, N, 6), torch.randn(2, N, 4)
     attention = VisionAttention(features, torch.rand(2, N), keys)
     for k in (100, 72, 36, 16, 1):

@@ -28,7 +28,7 @@ from torch import nn
 from models.baselines.fastv import FastV
 from models.baselines.pyramid_drop import PyramidDrop, pyramid_budgets
 from models.baselines.random_pruning import RandomPruning
-from models.baselines.spatial_pooling import SpatialPooling
+from models.baselines.spatial_pooling import SpatialPooling, pooling_grid
 from models.baselines.tome import ToMe
 from models.baselines.visionzip import VisionZip
 from models.llava_backbone import LlavaBackbone
@@ -48,6 +48,22 @@ def kept_tokens(num_tokens: int, budget: float) -> int:
     return k
 
 
+def check_baseline(name: str, num_tokens: int, num_layers: int, num_keep: int, pruning_layers: list[int],
+                   fastv_layer: int = 2) -> None:
+    """Raise a ValueError naming the problem and the fix when ``name`` cannot keep ``num_keep`` tokens here."""
+    if name not in BASELINES:
+        raise ValueError(f"unknown baseline {name!r}; choose one of {', '.join(BASELINES)}")
+    if not 1 <= num_keep <= num_tokens:
+        raise ValueError(f"{name} cannot keep {num_keep} of {num_tokens} vision tokens; choose 1..{num_tokens}")
+    if name == "pooling":
+        pooling_grid(num_tokens, num_keep)
+    if name == "fastv" and not 1 <= fastv_layer < num_layers:
+        raise ValueError(f"FastV's layer K={fastv_layer} is outside 1..{num_layers - 1} (it ranks by layer K-1's "
+                         f"attention and prunes before layer K of {num_layers}); choose K in that range")
+    if name == "pyramiddrop" and not pruning_layers:
+        raise ValueError("PyramidDrop needs at least one pruning layer (method_settings.pruning_layers)")
+
+
 def build_baseline(name: str, backbone: LlavaBackbone, num_keep: int, pruning_layers: list[int],
                    fastv_layer: int = 2, seed: int = 0) -> PrunedLlava:
     """The baseline ``name`` keeping ``num_keep`` vision tokens, on ``backbone``, in eval mode.
@@ -55,28 +71,16 @@ def build_baseline(name: str, backbone: LlavaBackbone, num_keep: int, pruning_la
     ``pruning_layers`` are PyramidDrop's stage starts; ``fastv_layer`` is FastV's K; ``seed`` the random draw's.
     """
     n = backbone.num_vision_tokens
-    if not 1 <= num_keep <= n:
-        raise ValueError(f"{name} cannot keep {num_keep} of {n} vision tokens; choose 1..{n}")
-    if name == "random":
-        model = PrunedLlava(backbone, RandomPruning(num_keep, seed))
-    elif name == "pooling":
-        model = PrunedLlava(backbone, SpatialPooling(n, num_keep))
-    elif name == "visionzip":
-        model = PrunedLlava(backbone, VisionZip(num_keep, backbone.vision_hidden_size))
-    elif name == "tome":
-        model = PrunedLlava(backbone, ToMe(num_keep, backbone.vision_hidden_size))
+    check_baseline(name, n, backbone.num_layers, num_keep, pruning_layers, fastv_layer)
+    layers = list(pruning_layers)
+    pre_projector = {"random": lambda: RandomPruning(num_keep, seed), "pooling": lambda: SpatialPooling(n, num_keep),
+                     "visionzip": lambda: VisionZip(num_keep, backbone.vision_hidden_size),
+                     "tome": lambda: ToMe(num_keep, backbone.vision_hidden_size)}
+    if name in pre_projector:
+        model = PrunedLlava(backbone, pre_projector[name]())
     elif name == "fastv":
-        if not 1 <= fastv_layer < backbone.num_layers:
-            raise ValueError(f"FastV's layer K={fastv_layer} is outside 1..{backbone.num_layers - 1} (it ranks by "
-                             f"layer K-1's attention and prunes before layer K of {backbone.num_layers}); choose K in "
-                             "that range")
         model = PrunedLlava(backbone, None, nn.ModuleList([FastV()]), [fastv_layer], [num_keep])
-    elif name == "pyramiddrop":
-        layers = list(pruning_layers)
-        if not layers:
-            raise ValueError("PyramidDrop needs at least one pruning layer (method_settings.pruning_layers)")
+    else:
         model = PrunedLlava(backbone, None, nn.ModuleList(PyramidDrop() for _ in layers), layers,
                             pyramid_budgets(n, num_keep, len(layers)))
-    else:
-        raise ValueError(f"unknown baseline {name!r}; choose one of {', '.join(BASELINES)}")
     return model.to(backbone.device).eval()
