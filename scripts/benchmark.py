@@ -1,0 +1,436 @@
+"""Learned pruning against FastV, PyramidDrop, VisionZip, ToMe, random and pooling at equal token budgets.
+
+    python scripts/benchmark.py --train-missing           # tiny default: train what is missing, then benchmark
+    python scripts/benchmark.py                           # the same, once the learned checkpoints exist
+    python scripts/benchmark.py --budgets 0.5 0.25 --methods learned fastv tome
+
+A budget is the fraction of the N vision tokens left after the last stage (models/baselines
+explains what that means for each method). For every budget and method, in one process and
+through the same hard-pruned forward, cached greedy generation and answer scoring: accuracy on
+the config's eval split and the accuracy retained against the unpruned model, LLM prefill FLOPs
+per sample (models/flops.py, all tokens, the selection modules' own cost included), the
+measured prefill time (median of repeats on one batch), and the vision tokens entering the LLM
+and each pruning stage, counted from the tensors. Writes results.csv, results.md and
+accuracy_vs_flops.png to --out.
+
+The learned method at budget K is the run of ``main.py`` in ``<learned-root>/learned_<pct>``
+(its final step): the merger keeps min(N, 2K) tokens and the pruning stages shrink them
+geometrically to K. The command that trains it is printed when it is missing; ``--train-missing``
+runs it (about 2 minutes per budget on 2 CPU cores for the tiny default).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import math
+import os
+import platform
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from configs.schema import Config, ConfigError, check_against_backbone, config_from_dict, load_config  # noqa: E402
+from data.build import batches, build_datasets  # noqa: E402
+from data.collator import VQACollator  # noqa: E402
+from data.scoring import accuracy_by_type  # noqa: E402
+from models.baselines import BASELINES, build_baseline, check_baseline, kept_tokens  # noqa: E402
+from models.layer_pruner import stage_budgets  # noqa: E402
+from models.llava_backbone import BackboneNotFoundError, BackboneShape, LlavaBackbone, read_backbone_shape  # noqa: E402
+from models.pruned_llava import PrunedLlava  # noqa: E402
+from scripts.benchmark_pruning import timed  # noqa: E402
+from trainers.build import build_pruned_model  # noqa: E402
+from trainers.checkpoint import Checkpointer, load  # noqa: E402
+from trainers.evaluation import generate_pruned, prefill_flops  # noqa: E402
+
+METHODS = ("learned", "fastv", "pyramiddrop", "visionzip", "tome", "pooling", "random")
+FINGERPRINT = "backbone_fingerprint.txt"  # written next to a run the benchmark trained
+
+
+class BenchmarkError(ValueError):
+    """Bad input: every problem found, each with its fix."""
+
+    def __init__(self, problems: list[str]):
+        super().__init__("\n".join(f"  - {p}" for p in problems))
+        self.problems = problems
+
+
+# ---------------------------------------------------------------------------------------- the learned method's runs
+def learned_schedule(num_tokens: int, num_keep: int, stages: int) -> tuple[int, list[float]]:
+    """(merger tokens, pruner keep ratios) that end at exactly ``num_keep`` after ``stages`` stages.
+
+    The merger keeps min(N, 2K); each stage keeps the same ratio, the last one rounded so that the
+    trainer's budgets (models/layer_pruner.stage_budgets) land on K.
+    """
+    if stages == 0:
+        return num_keep, []
+    merged = min(num_tokens, 2 * num_keep)
+    ratio = round((num_keep / merged) ** (1 / stages), 6)
+    before_last = stage_budgets(merged, [ratio] * (stages - 1))[-1] if stages > 1 else merged
+    ratios = [ratio] * (stages - 1) + [round(num_keep / before_last, 6)]
+    assert stage_budgets(merged, ratios)[-1] == num_keep, (merged, ratios, num_keep)
+    return merged, ratios
+
+
+def budget_name(budget: float) -> str:
+    return f"{budget * 100:g}"
+
+
+@dataclass
+class LearnedRun:
+    budget: float
+    folder: Path
+    merged: int
+    ratios: list[float]
+
+    def overrides(self, num_tokens: int) -> list[str]:
+        return [f"manager_settings.output_dir={self.folder}",
+                f"method_settings.target_merge_tokens={self.merged}",
+                f"method_settings.merge_ratio={round(self.merged / num_tokens, 6)}",
+                f"method_settings.pruner_keep_ratios=[{', '.join(f'{r:g}' for r in self.ratios)}]"]
+
+    def command(self, config_path: str, user_overrides: list[str], num_tokens: int) -> list[str]:
+        sets = [*user_overrides, *self.overrides(num_tokens)]
+        return [sys.executable, "main.py", "--config", config_path, *(a for s in sets for a in ("--set", s))]
+
+    def latest(self) -> Path | None:
+        return Checkpointer(self.folder / "checkpoints", keep_last=1).latest()
+
+
+def planned_steps(config: Config) -> int:
+    """The steps main.py runs for ``config`` (the trainer's count: batches per epoch x epochs, capped)."""
+    trainer = config.trainer_settings
+    steps = math.ceil(len(build_datasets(config.data_settings)[0]) / trainer.dl_settings.batch_size)
+    steps *= trainer.dl_settings.epochs
+    return steps if trainer.max_steps is None else min(steps, trainer.max_steps)
+
+
+def shown(command: list[str]) -> str:
+    return shlex.join(["python", *command[1:]])
+
+
+# ---------------------------------------------------------------------------------------- checks before any weights load
+def plan(args, config: Config, shape: BackboneShape) -> tuple[dict[float, int], list[LearnedRun], list[LearnedRun]]:
+    """Kept tokens per budget, the learned runs to use and those to train; every problem in one BenchmarkError."""
+    problems, kept = [], {}
+    n, layers = shape.num_vision_tokens, list(config.method_settings.pruning_layers)
+    for budget in args.budgets:
+        try:
+            kept[budget] = kept_tokens(n, budget)
+        except ValueError as err:
+            problems.append(f"--budgets {budget:g}: {err}")
+            continue
+        for method in args.methods:
+            if method == "learned":
+                continue
+            try:
+                check_baseline(method, n, shape.num_layers, kept[budget], layers, args.fastv_layer)
+            except ValueError as err:
+                problems.append(f"{method} at budget {budget:g}: {err}")
+    runs, to_train = [], []
+    if "learned" in args.methods:
+        for budget, k in kept.items():
+            run = LearnedRun(budget, args.learned_root / f"learned_{budget_name(budget)}", *learned_schedule(n, k, len(layers)))
+            runs.append(run)
+            latest = run.latest()
+            command = shown(run.command(args.config, args.overrides, n))
+            if latest is None:
+                if args.train_missing:
+                    to_train.append(run)
+                else:
+                    problems.append(f"no learned checkpoint for the {budget_name(budget)}% budget in {run.folder}/checkpoints. "
+                                    f"Train it with:\n      {command}\n    or rerun with --train-missing, or leave the "
+                                    "learned method out (--methods without learned)")
+                continue
+            step = int(latest.stem.rsplit("_", 1)[1])
+            planned = planned_steps(config_from_dict(load(latest)["config"]))
+            if step < planned:
+                if args.train_missing:
+                    to_train.append(run)
+                else:
+                    problems.append(f"the run in {run.folder} stopped at step {step} of {planned}. Finish it with:\n"
+                                    f"      {command} --resume auto\n    or rerun with --train-missing")
+    if problems:
+        raise BenchmarkError(problems)
+    return kept, runs, to_train
+
+
+def train(runs: list[LearnedRun], args, num_tokens: int) -> None:
+    for i, run in enumerate(runs, 1):
+        command = run.command(args.config, args.overrides, num_tokens)
+        if run.latest() is not None:
+            command.append("--resume=auto")
+        print(f"\n[benchmark] training the learned method for the {budget_name(run.budget)}% budget ({i}/{len(runs)}), "
+              f"into {run.folder}:\n  {shown(command)}", flush=True)
+        result = subprocess.run(command, cwd=ROOT)
+        if result.returncode != 0:
+            raise SystemExit(f"error: training for the {budget_name(run.budget)}% budget failed (exit {result.returncode}); "
+                             f"its log is in {run.folder}/logs/training.log")
+        (run.folder / FINGERPRINT).write_text(args.fingerprint + "\n")
+
+
+# ---------------------------------------------------------------------------------------- models
+def device_of(name: str) -> torch.device:
+    """backbone_settings.device: ``auto`` is the GPU when there is one."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else torch.device(name)
+
+
+def backbone_fingerprint(backbone: LlavaBackbone) -> str:
+    """A hash of the projector's and the output layer's weights: it changes when the backbone is retrained."""
+    digest = hashlib.sha256()
+    for tensor in (*backbone.projector.state_dict().values(), backbone.lm_head.weight):
+        digest.update(tensor.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def load_learned(run: LearnedRun, backbone: LlavaBackbone, fingerprint: str) -> tuple[PrunedLlava, float, int]:
+    """The run's final modules, the temperature they were evaluated at, and the step; checked against the budget."""
+    path = run.latest()
+    state = load(path)
+    method = config_from_dict(state["config"]).method_settings
+    model = build_pruned_model(method, backbone)
+    expected = [run.merged, *stage_budgets(run.merged, run.ratios)]
+    got = [model.merger.num_keep if model.merger is not None else backbone.num_vision_tokens, *model.stage_budgets]
+    problems = []
+    if got != expected or list(method.pruning_layers) != sorted(model.stage_of_layer):
+        problems.append(f"{path} was trained for vision tokens {' → '.join(map(str, got))}, the "
+                        f"{budget_name(run.budget)}% budget needs {' → '.join(map(str, expected))}; move {run.folder} "
+                        "away and rerun with --train-missing")
+    marker = run.folder / FINGERPRINT
+    if marker.exists() and marker.read_text().strip() != fingerprint:
+        problems.append(f"{run.folder} was trained on other backbone weights than the ones loaded now (fingerprint "
+                        f"{marker.read_text().strip()} vs {fingerprint}); move it away and rerun with --train-missing")
+    if problems:
+        raise BenchmarkError(problems)
+    model.pruners.load_state_dict(state["modules"]["layer_pruners"])
+    if model.merger is not None:
+        model.merger.load_state_dict(state["modules"]["token_merger"])
+    return model.eval(), float(state["temperature"]), int(state["step"])
+
+
+# ---------------------------------------------------------------------------------------- measuring
+def evaluate(model: PrunedLlava, eval_batches: list[dict], tau: float, max_new_tokens: int, desc: str) -> dict:
+    """Hard-mode accuracy (overall and per type), mean prefill FLOPs per sample and vision tokens per layer."""
+    predictions, references, types = [], [], []
+    flops = {"flops_pruned": 0.0, "flops_baseline": 0.0}
+    per_layer = None
+    for batch in tqdm(eval_batches, desc=desc, leave=False):
+        answers, prefill = generate_pruned(model, batch, "hard", tau, max_new_tokens)
+        predictions += answers
+        references += batch["answers"]
+        types += batch["question_types"]
+        measured = prefill_flops(model, prefill, batch["attention_mask"].to(model.backbone.device))
+        for key in flops:
+            flops[key] += measured[key] * len(answers)
+        per_layer = prefill.vision_tokens_per_layer
+    accuracy = accuracy_by_type(predictions, references, types)
+    return {"accuracy": accuracy, "flops": flops["flops_pruned"] / len(predictions),
+            "flops_baseline": flops["flops_baseline"] / len(predictions), "vision_tokens_per_layer": per_layer}
+
+
+def stage_counts(model: PrunedLlava, per_layer: list[int]) -> str:
+    """Vision tokens entering the LLM, then after each pruning layer: '72 → 57 → 45 → 36 (L2, L4, L6)'."""
+    layers = sorted(model.stage_of_layer)
+    if not layers:
+        return str(per_layer[0])
+    return " → ".join(str(c) for c in [per_layer[0], *(per_layer[layer] for layer in layers)]) + \
+        f" ({', '.join(f'L{layer}' for layer in layers)})"
+
+
+def measure(name: str, budget: float | None, model: PrunedLlava, tau: float, eval_batches: list[dict],
+            timing_batch: dict, args, max_new_tokens: int) -> dict:
+    result = evaluate(model, eval_batches, tau, max_new_tokens, desc=name)
+    ids, mask = timing_batch["input_ids"].to(model.backbone.device), timing_batch["attention_mask"].to(model.backbone.device)
+    pixels = timing_batch["pixel_values"].to(model.backbone.device, model.backbone.dtype)
+    with torch.no_grad():
+        seconds = timed(lambda: model(ids, pixels, mask, mode="hard", tau=tau), args.repeats, model.backbone.device)
+    per_layer = result["vision_tokens_per_layer"]
+    return {"budget": budget, "kept": per_layer[-1], "method": name, "accuracy": result["accuracy"]["overall"],
+            "accuracy_by_type": {k: v for k, v in result["accuracy"].items() if k != "overall"},
+            "flops": result["flops"], "flops_baseline": result["flops_baseline"], "prefill_s": seconds,
+            "stages": stage_counts(model, per_layer), "mean_vision_tokens": sum(per_layer) / len(per_layer)}
+
+
+# ---------------------------------------------------------------------------------------- writing
+def finish_rows(rows: list[dict]) -> None:
+    """Accuracy retained, FLOPs and time relative to the unpruned row (the first)."""
+    base = rows[0]
+    for row in rows:
+        row["retained"] = row["accuracy"] / base["accuracy"] if base["accuracy"] else float("nan")
+        row["flops_ratio"] = row["flops"] / base["flops"]
+        row["speedup"] = base["prefill_s"] / row["prefill_s"]
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    types = sorted({t for row in rows for t in row["accuracy_by_type"]})
+    fields = ["budget", "kept", "method", "accuracy", "retained", "flops", "flops_ratio", "prefill_ms", "speedup",
+              "mean_vision_tokens", "stages", *(f"accuracy/{t}" for t in types)]
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({"budget": "" if row["budget"] is None else row["budget"], "kept": row["kept"],
+                             "method": row["method"], "accuracy": f"{row['accuracy']:.4f}",
+                             "retained": f"{row['retained']:.4f}", "flops": f"{row['flops']:.0f}",
+                             "flops_ratio": f"{row['flops_ratio']:.4f}", "prefill_ms": f"{row['prefill_s'] * 1e3:.2f}",
+                             "speedup": f"{row['speedup']:.3f}", "mean_vision_tokens": f"{row['mean_vision_tokens']:.2f}",
+                             "stages": row["stages"],
+                             **{f"accuracy/{t}": f"{row['accuracy_by_type'].get(t, float('nan')):.4f}" for t in types}})
+
+
+def markdown_table(rows: list[dict], num_tokens: int) -> str:
+    lines = ["| budget | method | vision tokens: LLM input → after each pruning layer | mean vision tokens per layer "
+             "| accuracy | retained | prefill FLOPs vs unpruned | prefill ms | prefill speed-up |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        budget = "—" if row["budget"] is None else f"{row['kept']} / {num_tokens} ({row['budget']:.0%})"
+        lines.append(f"| {budget} | {row['method']} | {row['stages']} | {row['mean_vision_tokens']:.1f} "
+                     f"| {row['accuracy']:.3f} | {row['retained']:.1%} | {row['flops_ratio']:.1%} "
+                     f"| {row['prefill_s'] * 1e3:.1f} | {row['speedup']:.2f}x |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    """Accuracy against FLOPs and against measured prefill time: one line per method, one marker per budget."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+
+    budgets = sorted({row["budget"] for row in rows[1:]}, reverse=True)
+    markers = dict(zip(budgets, "osD^v<>ph"))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), sharey=True)
+    base = rows[0]
+    for ax, key, scale, label in ((axes[0], "flops_ratio", 100, "LLM prefill FLOPs, % of unpruned"),
+                                  (axes[1], "prefill_s", 1e3, "measured prefill time, ms (median)")):
+        for method in dict.fromkeys(row["method"] for row in rows[1:]):
+            points = sorted((row[key] * scale, row["accuracy"], row["budget"]) for row in rows if row["method"] == method)
+            style = dict(linestyle="--", color="grey") if method == "random" else {}
+            line, = ax.plot([p[0] for p in points], [p[1] for p in points], label=method,
+                            linewidth=2.5 if method == "learned" else 1.2, **style)
+            for x, y, budget in points:
+                ax.plot(x, y, marker=markers[budget], color=line.get_color(), linestyle="none")
+        ax.plot([base[key] * scale], [base["accuracy"]], marker="*", markersize=14, color="black", linestyle="none",
+                label="unpruned")
+        ax.set_xlabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("accuracy (eval split)")
+    budget_keys = [Line2D([], [], marker=markers[b], color="black", linestyle="none", label=f"keep {b:.0%}")
+                   for b in budgets]
+    axes[0].legend(handles=budget_keys, loc="lower right", fontsize=8, title="budget", title_fontsize=8)
+    axes[1].legend(loc="lower right", fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+def machine() -> str:
+    return (f"{platform.machine()} CPU, {os.cpu_count()} cores, torch {torch.__version__} with "
+            f"{torch.get_num_threads()} threads" if not torch.cuda.is_available() else torch.cuda.get_device_name())
+
+
+# ---------------------------------------------------------------------------------------- main
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default="configs/tiny.yaml", help="the run's config: backbone, eval data, pruning layers")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="dotted.key=value",
+                        help="override a config key (also passed to main.py when training the learned method)")
+    parser.add_argument("--budgets", type=float, nargs="+", default=[0.5, 0.25, 0.11],
+                        help="fractions of the vision tokens left after the last stage")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--fastv-layer", type=int, default=2, help="FastV's K: prune before decoder layer K")
+    parser.add_argument("--learned-root", type=Path, default=Path("outputs/benchmark"),
+                        help="holds learned_<pct>/, one main.py run per budget")
+    parser.add_argument("--train-missing", action="store_true", help="train (or finish) missing learned runs with main.py")
+    parser.add_argument("--out", type=Path, default=Path("outputs/benchmark"))
+    parser.add_argument("--limit", type=int, help="evaluate only the first N eval questions")
+    parser.add_argument("--timing-batch", type=int, default=8, help="batch size of the timed prefill")
+    parser.add_argument("--repeats", type=int, default=5, help="timed prefills per setting (median)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--seed", type=int, default=0, help="the random baseline's draw")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        config = load_config(args.config, args.overrides)
+        shape = read_backbone_shape(config.backbone_settings.name_or_path)
+        problems = check_against_backbone(config, shape.num_layers, shape.num_vision_tokens, shape.image_size)
+        if problems:
+            raise ConfigError(problems, args.config)
+        kept, runs, to_train = plan(args, config, shape)
+    except (ConfigError, BackboneNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except BenchmarkError as err:
+        print(f"error: the benchmark cannot run as asked:\n{err}", file=sys.stderr)
+        return 2
+
+    settings = config.backbone_settings
+    backbone = LlavaBackbone.from_pretrained(settings.name_or_path, settings.dtype, settings.attn_implementation,
+                                             device_of(settings.device))
+    args.fingerprint = backbone_fingerprint(backbone)
+    if to_train:
+        train(to_train, args, shape.num_vision_tokens)
+    try:
+        learned = {run.budget: load_learned(run, backbone, args.fingerprint) for run in runs}
+    except BenchmarkError as err:
+        print(f"error: the benchmark cannot run as asked:\n{err}", file=sys.stderr)
+        return 2
+
+    eval_set = build_datasets(config.data_settings)[1]
+    size = min(len(eval_set), args.limit or len(eval_set))
+    prompts = VQACollator(backbone.processor, with_answers=False)
+    eval_batches = list(batches(torch.utils.data.Subset(eval_set, range(size)), prompts, config.data_settings.eval_batch_size))
+    timing_batch = prompts([eval_set[i] for i in range(min(args.timing_batch, len(eval_set)))])
+    max_new = config.data_settings.max_new_tokens
+    layers = list(config.method_settings.pruning_layers)
+
+    settings_list = [(budget, method) for budget in args.budgets for method in args.methods]
+    bar = tqdm(total=1 + len(settings_list), desc="benchmark")
+    rows = [measure("unpruned", None, PrunedLlava(backbone).eval(), 1.0, eval_batches, timing_batch, args, max_new)]
+    bar.update(1)
+    for budget, method in settings_list:
+        bar.set_postfix_str(f"{method} at {budget:.0%}")
+        if method == "learned":
+            model, tau, _ = learned[budget]
+        else:
+            model, tau = build_baseline(method, backbone, kept[budget], layers, args.fastv_layer, args.seed), 1.0
+        rows.append(measure(method, budget, model, tau, eval_batches, timing_batch, args, max_new))
+        bar.update(1)
+    bar.close()
+    finish_rows(rows)
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    n = shape.num_vision_tokens
+    header = (f"{settings.name_or_path}, {settings.dtype}, {size} eval questions ({config.data_settings.source}), "
+              f"pruning layers {layers}, FastV K={args.fastv_layer}; {machine()}; prefill timed on a batch of "
+              f"{timing_batch['input_ids'].shape[0]}, median of {args.repeats}")
+    steps = ", ".join(f"{budget_name(b)}%: step {step}" for b, (_, _, step) in learned.items())
+    table = markdown_table(rows, n)
+    notes = f"\nlearned: final checkpoints of {args.learned_root}/learned_<pct> ({steps})\n" if learned else "\n"
+    (args.out / "results.md").write_text(f"{header}\n\n{table}\n{notes}")
+    write_csv(rows, args.out / "results.csv")
+    plot(rows, args.out / "accuracy_vs_flops.png", f"{Path(settings.name_or_path).name}: accuracy against cost, "
+                                                     f"{size} questions, {machine()}")
+    print(f"\n{header}\n\n{table}\n{notes}\nwrote {args.out}/results.md, results.csv, accuracy_vs_flops.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

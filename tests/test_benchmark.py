@@ -1,0 +1,75 @@
+"""scripts/benchmark.py: schedules, bad input, and one end-to-end run on the random tiny backbone."""
+
+import csv
+
+import pytest
+
+from models.layer_pruner import stage_budgets
+from scripts import benchmark
+
+TINY = {
+    "method_settings.pruning_layers": "[1,2,3]", "method_settings.pruner_d_internal": 16,
+    "method_settings.merger_d_internal": 16, "method_settings.discriminator_hidden": 16,
+    "trainer_settings.dl_settings.batch_size": 4, "trainer_settings.eval_every": 2,
+    "trainer_settings.save_every": 2, "trainer_settings.max_steps": 2,
+    "data_settings.synthetic_train_size": 8, "data_settings.synthetic_eval_size": 6,
+    "data_settings.eval_batch_size": 3, "data_settings.max_new_tokens": 2,
+}
+
+
+def bench_args(tmp_path, folder, *extra):
+    args = ["--config", "configs/tiny.yaml", "--out", str(tmp_path / "bench"), "--learned-root", str(tmp_path / "bench"),
+            "--repeats", "1", "--timing-batch", "2"]
+    for key, value in {**TINY, "backbone_settings.name_or_path": folder}.items():
+        args += ["--set", f"{key}={value}"]
+    return [*args, *extra]
+
+
+@pytest.mark.parametrize("keep, stages, merged", [(36, 3, 72), (72, 3, 144), (16, 3, 32), (29, 3, 58), (36, 1, 72)])
+def test_learned_schedule_ends_at_the_budget(keep, stages, merged):
+    got_merged, ratios = benchmark.learned_schedule(144, keep, stages)
+    assert got_merged == merged and len(ratios) == stages
+    assert stage_budgets(merged, ratios)[-1] == keep
+    assert benchmark.learned_schedule(144, keep, 0) == (keep, [])
+
+
+def test_missing_checkpoints_and_bad_budgets_are_named_with_their_fix(tmp_path, tiny_folder, capsys):
+    assert benchmark.main(bench_args(tmp_path, tiny_folder, "--budgets", "0.25", "0.001", "0.2")) == 2
+    err = capsys.readouterr().err
+    assert "budget 0.001 keeps 0 of 144 vision tokens; the smallest budget that keeps one is 0.0069" in err
+    assert "pooling at budget 0.2: spatial pooling cannot keep 29 tokens" in err and "28 or 30" in err
+    assert f"no learned checkpoint for the 25% budget in {tmp_path / 'bench' / 'learned_25'}/checkpoints" in err
+    assert "--set method_settings.target_merge_tokens=72 --set method_settings.merge_ratio=0.5" in err
+    assert "--train-missing" in err
+    assert not (tmp_path / "bench" / "results.csv").exists()  # nothing ran
+
+
+def test_fastv_layer_outside_the_backbone_is_refused(tmp_path, tiny_folder, capsys):
+    assert benchmark.main(bench_args(tmp_path, tiny_folder, "--methods", "fastv", "--fastv-layer", "4")) == 2
+    assert "FastV's layer K=4 is outside 1..3" in capsys.readouterr().err
+
+
+def test_benchmark_trains_the_missing_run_and_writes_table_and_plot(tmp_path, tiny_folder, capsys):
+    args = bench_args(tmp_path, tiny_folder, "--budgets", "0.25", "--train-missing")
+    assert benchmark.main(args) == 0
+    out = tmp_path / "bench"
+    assert (out / "learned_25" / "checkpoints" / "training_state_step_2.pt").exists()
+    with (out / "results.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [r["method"] for r in rows] == ["unpruned", *benchmark.METHODS]
+    assert [int(r["kept"]) for r in rows] == [144] + [36] * len(benchmark.METHODS)
+    by_method = {r["method"]: r for r in rows}
+    assert by_method["learned"]["stages"] == "72 → 57 → 45 → 36 (L1, L2, L3)"
+    assert by_method["fastv"]["stages"] == "144 → 36 (L2)"
+    assert by_method["pyramiddrop"]["stages"] == "144 → 91 → 57 → 36 (L1, L2, L3)"
+    assert by_method["tome"]["stages"] == "36"
+    assert float(by_method["unpruned"]["flops_ratio"]) == 1.0
+    assert all(0 < float(r["flops_ratio"]) < 1 for r in rows[1:])
+    assert (out / "accuracy_vs_flops.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| 36 / 144 (25%) | learned | 72 → 57 → 45 → 36 (L1, L2, L3) |" in (out / "results.md").read_text()
+
+    # a second run uses the checkpoint; weights from another backbone are refused by the fingerprint
+    capsys.readouterr()
+    (out / "learned_25" / benchmark.FINGERPRINT).write_text("0000000000000000\n")
+    assert benchmark.main(bench_args(tmp_path, tiny_folder, "--budgets", "0.25", "--methods", "learned")) == 2
+    assert "trained on other backbone weights" in capsys.readouterr().err
