@@ -8,12 +8,18 @@ Numbers written as strings (``"2e-05"``, or a bare ``1e-4``, which YAML 1.1 read
 string) become floats. Checks that need the backbone's shape (pruning layers within its
 depth, the merge budget against its vision tokens) run on its ``config.json`` before any
 weights are loaded: :func:`check_against_backbone`.
+
+``search_settings`` declares the Optuna search: the objectives, an optional FLOPs budget, and
+the search space as a mapping from dotted config keys to ranges or choices. Every bound and
+choice is checked by building the config it would give, so a search space that would make a
+trial's config invalid fails at load, not hours into the study.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -43,6 +49,7 @@ class ManagerSettings:
     mode: Literal["train", "eval", "optuna"] = "train"
     available_gpus: list[int] = field(default_factory=list)
     gpus_per_subtask: int = num(1, ge=1)
+    cpu_workers: int = num(1, ge=1)  # optuna mode with available_gpus []: worker processes on the CPU
     output_dir: str = "outputs"
     seed: int = 42
 
@@ -110,9 +117,60 @@ class MethodSettings:
 
 
 @dataclass(frozen=True)
+class SearchParam:
+    """One searched key: a ``float`` or ``int`` range (``log`` scale, optional ``step``) or ``categorical`` choices."""
+
+    type: Literal["float", "int", "categorical"] | None = None
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    step: float | None = None
+    choices: list[Any] | None = None
+
+
+@dataclass(frozen=True)
+class Objective:
+    metric: str = "accuracy_hard"
+    direction: Literal["maximize", "minimize"] = "maximize"
+
+
+# Evaluation metrics (trainers/evaluation.py) a search may optimise.
+SEARCH_METRICS = ("accuracy_hard", "accuracy_soft", "flops_reduction", "vision_flops_reduction", "flops_pruned",
+                  "keep_ratio_merge", "avg_merged_tokens", "avg_vision_tokens_per_layer")
+
+
+def default_search_space() -> dict[str, SearchParam]:
+    """The knobs the quick-start guide's troubleshooting turns, around llava-1.5-7b's values."""
+    lr = "trainer_settings.dl_settings.optimizers"
+    return {
+        f"{lr}.token_merger.lr": SearchParam("float", 1e-5, 1e-4, log=True),
+        f"{lr}.layer_pruners.lr": SearchParam("float", 1e-5, 1e-4, log=True),
+        f"{lr}.discriminator.lr": SearchParam("float", 1e-4, 1e-3, log=True),
+        "method_settings.task_loss_weight": SearchParam("float", 10.0, 50.0, log=True),
+        "method_settings.adv_loss_weight": SearchParam("float", 0.5, 2.0, log=True),
+        "method_settings.merge_sparsity_weight": SearchParam("float", 1e-4, 1e-3, log=True),
+        "method_settings.merge_ratio": SearchParam("float", 0.4, 0.6),
+        "method_settings.disc_reinit_prob": SearchParam("float", 0.0, 0.1),
+        "method_settings.pruning_layers": SearchParam("categorical", choices=[[10, 20, 31], [5, 15, 25], [20, 25, 31]]),
+    }
+
+
+@dataclass(frozen=True)
 class SearchSettings:
     enable: bool = False
-    n_trials: int = num(50, ge=1)
+    n_trials: int = num(50, ge=1)  # trials of the whole study, over every run and machine that shares it
+    study_name: str = "vision-token-pruning"
+    storage: str | None = None  # null: a journal file in <output_dir>/optuna/; or an RDB URL (postgresql://...)
+    objectives: list[Objective] = field(default_factory=lambda: [Objective()])
+    flops_budget: float | None = num(None, gt=0, le=1)  # constraint: flops_pruned / flops_baseline <= this
+    search_space: dict[str, SearchParam] = field(default_factory=default_search_space)
+    sampler: Literal["tpe", "random", "nsga2"] = "tpe"
+    pruner: Literal["median", "none"] = "median"  # stops trials whose intermediate evaluation lags (one objective)
+    pruner_startup_trials: int = num(3, ge=0)  # trials that finish before any is pruned
+    pruner_warmup_steps: int = num(0, ge=0)  # training steps of a trial before it can be pruned
+    heartbeat_interval: int = num(60, ge=1)  # seconds between a running trial's heartbeats
+    grace_period: int = num(180, ge=1)  # seconds without a heartbeat before a trial counts as dead
+    max_retry: int = num(2, ge=0)  # re-runs of a trial whose worker died
 
 
 @dataclass(frozen=True)
@@ -153,6 +211,8 @@ class Config:
 # ----------------------------------------------------------------------------- conversion
 def _parse_value(value: Any, tp: Any, path: str, problems: list[str]) -> Any:
     """Check ``value`` against the annotation ``tp``; coerce numeric strings to floats."""
+    if tp is Any:
+        return value
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         options = typing.get_args(tp)
@@ -173,6 +233,12 @@ def _parse_value(value: Any, tp: Any, path: str, problems: list[str]) -> Any:
             problems.append(f"{path}: expected a list, got {type(value).__name__} {value!r}")
             return value
         return [_parse_value(v, inner, f"{path}[{i}]", problems) for i, v in enumerate(value)]
+    if origin is dict:
+        _, inner = typing.get_args(tp)
+        if not isinstance(value, dict):
+            problems.append(f"{path}: expected a mapping, got {type(value).__name__} {value!r}")
+            return value
+        return {str(k): _parse_value(v, inner, f"{path}[{k}]", problems) for k, v in value.items()}
     if tp is float:
         if isinstance(value, str):
             try:
@@ -228,12 +294,18 @@ def _build(cls: type, data: Any, path: str, problems: list[str]) -> Any:
             continue
         before = len(problems)
         value = _parse_value(data[name], hints[name], _join(path, name), problems)
-        if dataclasses.is_dataclass(hints[name]):
+        if _holds_sections(hints[name]):
             values[name] = value  # a section keeps its valid keys even when others are wrong
         elif len(problems) == before:
             _check_bounds(value, f.metadata, _join(path, name), problems)
             values[name] = value
     return cls(**values)
+
+
+def _holds_sections(tp: Any) -> bool:
+    """A section, or a list or mapping of sections (objectives, the search space)."""
+    args = typing.get_args(tp) if typing.get_origin(tp) in (list, dict) else ()
+    return dataclasses.is_dataclass(tp) or any(dataclasses.is_dataclass(a) for a in args)
 
 
 def _join(path: str, key: str) -> str:
@@ -275,10 +347,163 @@ def cross_check(config: Config) -> list[str]:
                         f"gpus_per_subtask ({mg.gpus_per_subtask})")
     if len(set(mg.available_gpus)) != len(mg.available_gpus):
         problems.append(f"manager_settings.available_gpus {mg.available_gpus} lists a GPU twice")
+    if mg.mode == "optuna":
+        device = config.backbone_settings.device
+        if not mg.available_gpus and device.startswith("cuda"):
+            problems.append(f"backbone_settings.device is {device!r} but manager_settings.available_gpus is []: the "
+                            "search's workers then run on the CPU; set device to 'auto' or 'cpu', or list the GPUs in "
+                            "available_gpus")
+        if mg.available_gpus and device not in ("auto", "cuda"):
+            problems.append(f"backbone_settings.device is {device!r} but the search runs on manager_settings."
+                            f"available_gpus {mg.available_gpus}, where each worker sees its own GPUs as cuda:0, "
+                            "cuda:1, ...; set device to 'auto'")
     return problems
 
 
-def check_devices(config: Config, cuda_available: bool) -> list[str]:
+# ----------------------------------------------------------------------------- the search
+def searchable_keys() -> dict[str, Any]:
+    """Dotted config keys a search may set, with their annotations: every value outside the manager and search
+    sections, and the seed."""
+    keys = {"manager_settings.seed": int}
+
+    def walk(cls: type, prefix: str) -> None:
+        for name, tp in typing.get_type_hints(cls).items():
+            if dataclasses.is_dataclass(tp):
+                walk(tp, f"{prefix}{name}.")
+            else:
+                keys[f"{prefix}{name}"] = tp
+
+    for section, tp in typing.get_type_hints(Config).items():
+        if section not in ("manager_settings", "search_settings"):
+            walk(tp, f"{section}.")
+    return keys
+
+
+def apply_search_params(config: Config, params: dict[str, Any], source: str = "trial") -> Config:
+    """The config of one trial: ``config`` with each dotted key of ``params`` set to its value.
+
+    When ``method_settings.merge_ratio`` is searched and ``target_merge_tokens`` is not, the token target
+    follows the ratio (null), since a fixed count would contradict every other ratio.
+    """
+    data = config_to_dict(config)
+    for key, value in params.items():
+        *sections, name = key.split(".")
+        node = data
+        for section in sections:
+            node = node[section]
+        node[name] = value
+    if "method_settings.merge_ratio" in params and "method_settings.target_merge_tokens" not in params:
+        data["method_settings"]["target_merge_tokens"] = None
+    problems: list[str] = []
+    trial = _build(Config, data, "", problems)
+    problems += cross_check(trial)
+    if problems:
+        raise ConfigError(problems, source)
+    return trial
+
+
+def _is_whole(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and float(value).is_integer()
+
+
+def _check_param_shape(param: SearchParam, annotation: Any, path: str) -> list[str]:
+    """The form of one search-space entry, before its values are tried."""
+    if param.type is None:
+        return [f"{path}.type is required: 'float', 'int' or 'categorical'"]
+    if param.type == "categorical":
+        problems = [] if param.choices else [f"{path}.choices: give a non-empty list of values for a categorical key"]
+        extra = [k for k in ("low", "high", "step") if getattr(param, k) is not None] + (["log"] if param.log else [])
+        if extra:
+            problems.append(f"{path}: categorical choices take no {'/'.join(extra)} (those are for float and int "
+                            "ranges); remove them")
+        if param.choices and len({yaml.safe_dump(c) for c in param.choices}) != len(param.choices):
+            problems.append(f"{path}.choices {param.choices} lists a value twice")
+        return problems
+    problems = []
+    kind = typing.get_args(annotation)[0] if typing.get_origin(annotation) in (typing.Union, types.UnionType) \
+        else annotation
+    if kind not in (int, float):
+        what = (f"one of {list(typing.get_args(kind))}" if typing.get_origin(kind) is Literal
+                else f"{getattr(kind, '__name__', kind)} values")
+        problems.append(f"{path}: the key takes {what}, which has no range; use type: categorical with choices")
+    if param.type == "float" and kind is int:
+        problems.append(f"{path}.type: the key holds integers; use type: int")
+    if param.choices is not None:
+        problems.append(f"{path}.choices apply to type categorical only; a {param.type} range takes low and high")
+    if param.low is None or param.high is None:
+        return problems + [f"{path}: a {param.type} range needs both low and high"]
+    if param.low >= param.high:
+        problems.append(f"{path}: low ({param.low:g}) must be below high ({param.high:g})")
+    if param.log and param.low <= 0:
+        problems.append(f"{path}: a log scale needs low > 0, got {param.low:g}")
+    if param.step is not None and (param.log or param.step <= 0):
+        problems.append(f"{path}.step ({param.step:g}) must be positive and cannot be combined with log: true")
+    if param.type == "int" and not all(_is_whole(v) for v in (param.low, param.high, param.step or 1)):
+        problems.append(f"{path}: an int range needs whole low, high and step")
+    return problems
+
+
+def search_probes(param: SearchParam) -> list[tuple[str, Any]]:
+    """(label, value) of the values that bound a search-space entry: its low and high, or each choice."""
+    if param.type == "categorical":
+        return [(f"choices[{i}]", choice) for i, choice in enumerate(param.choices)]
+    return [("low", param.low), ("high", param.high)]
+
+
+def check_search(config: Config, known: list[str] = ()) -> list[str]:
+    """The search settings: names, storage, objectives, and every bound and choice of the search space tried on
+    ``config``. ``known``: problems found already; entries they name are not checked again, and values are tried
+    only when the rest of the config is valid."""
+    s, where = config.search_settings, "search_settings"
+    probe = all(p.startswith(where) for p in known)
+    problems = []
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", s.study_name):
+        problems.append(f"{where}.study_name {s.study_name!r}: use letters, digits, '.', '_' and '-' only "
+                        "(it names the study's folder)")
+    if s.storage is not None and "://" in s.storage:
+        scheme = s.storage.split("://", 1)[0].split("+", 1)[0]
+        if scheme not in ("postgresql", "mysql", "sqlite"):
+            problems.append(f"{where}.storage: {scheme}:// is not a supported database; give a postgresql://, "
+                            "mysql:// or sqlite:/// URL, a journal file path, or null for the default journal file")
+    if s.grace_period <= s.heartbeat_interval:
+        problems.append(f"{where}.grace_period ({s.grace_period} s) must be longer than heartbeat_interval "
+                        f"({s.heartbeat_interval} s), or live trials would be taken for dead ones")
+    if not s.objectives:
+        problems.append(f"{where}.objectives: give at least one, e.g. [{{metric: accuracy_hard, direction: maximize}}]")
+    metrics = [o.metric for o in s.objectives]
+    for i, metric in enumerate(metrics):
+        if metric not in SEARCH_METRICS:
+            close = difflib.get_close_matches(metric, SEARCH_METRICS, n=1, cutoff=0.5)
+            hint = f"did you mean {close[0]!r}?" if close else f"choose from {list(SEARCH_METRICS)}"
+            problems.append(f"{where}.objectives[{i}].metric: {metric!r} is not an evaluation metric; {hint}")
+    if len(set(metrics)) != len(metrics):
+        problems.append(f"{where}.objectives {metrics} names a metric twice")
+    if not s.search_space:
+        problems.append(f"{where}.search_space is empty; give at least one key to search")
+    searchable = searchable_keys()
+    for key, param in s.search_space.items():
+        path = f"{where}.search_space[{key}]"
+        if any(p.startswith(path) for p in known):
+            continue
+        if key not in searchable:
+            close = difflib.get_close_matches(key, list(searchable), n=1, cutoff=0.6)
+            hint = f"did you mean {close[0]!r}?" if close else "give a dotted key such as method_settings.merge_ratio"
+            problems.append(f"{path}: not a config key a search can set; {hint}")
+            continue
+        shape = _check_param_shape(param, searchable[key], path)
+        problems += shape
+        if shape or not probe:
+            continue
+        for label, value in search_probes(param):
+            try:
+                apply_search_params(config, {key: value})
+            except ConfigError as err:
+                problems += [f"{path}.{label} ({value!r}) makes the trial's config invalid: {p}" for p in err.problems]
+    return problems
+
+
+def check_devices(config: Config, cuda_available: bool, device_count: int | None = None) -> list[str]:
+    """Devices the config asks for against the machine's (``device_count``: visible CUDA devices, if known)."""
     problems = []
     device = config.backbone_settings.device
     if device != "auto" and device != "cpu" and not device.startswith("cuda"):
@@ -289,6 +514,15 @@ def check_devices(config: Config, cuda_available: bool) -> list[str]:
         if config.manager_settings.available_gpus:
             problems.append(f"manager_settings.available_gpus is {config.manager_settings.available_gpus} but CUDA "
                             "is not available; set it to [] to run on the CPU")
+    mg = config.manager_settings
+    if cuda_available and device_count is not None:
+        missing = [gpu for gpu in mg.available_gpus if gpu >= device_count]
+        if missing:
+            problems.append(f"manager_settings.available_gpus lists GPU(s) {missing} but this machine shows "
+                            f"{device_count} (ids 0..{device_count - 1}); check CUDA_VISIBLE_DEVICES")
+        if mg.mode != "optuna" and mg.gpus_per_subtask > device_count:
+            problems.append(f"manager_settings.gpus_per_subtask is {mg.gpus_per_subtask} but {device_count} GPU(s) "
+                            "are visible; lower it or widen CUDA_VISIBLE_DEVICES")
     return problems
 
 
@@ -312,6 +546,16 @@ def check_against_backbone(config: Config, num_layers: int, num_vision_tokens: i
     if d.image_max_size is not None and image_size > d.image_max_size:
         problems.append(f"data_settings.image_max_size ({d.image_max_size}) is below the backbone's fixed input size "
                         f"{image_size} px; raise it")
+    if config.search_settings.enable:
+        seen = set(problems)
+        for key, param in config.search_settings.search_space.items():
+            for label, value in search_probes(param):
+                trial = apply_search_params(config, {key: value})
+                for problem in check_against_backbone(dataclasses.replace(trial, search_settings=SearchSettings()),
+                                                      num_layers, num_vision_tokens, image_size):
+                    if problem not in seen:
+                        problems.append(f"search_settings.search_space[{key}].{label} ({value!r}) does not fit the "
+                                        f"backbone: {problem}")
     return problems
 
 
@@ -345,6 +589,7 @@ def config_from_dict(data: dict, source: str = "config") -> Config:
     problems: list[str] = []
     config = _build(Config, data, "", problems)
     problems += cross_check(config)  # on the valid keys (an invalid one stands at its default meanwhile)
+    problems += check_search(config, problems)
     if problems:
         raise ConfigError(problems, source)
     return config

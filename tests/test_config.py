@@ -2,7 +2,8 @@ import textwrap
 
 import pytest
 
-from configs.schema import ConfigError, apply_overrides, check_against_backbone, check_devices, load_config
+from configs.schema import (ConfigError, apply_overrides, apply_search_params, check_against_backbone, check_devices,
+                            load_config)
 
 
 def write(tmp_path, text):
@@ -134,3 +135,90 @@ def test_file_errors(tmp_path):
         load_config(write(tmp_path, "a: [1, 2\n"))
     with pytest.raises(ConfigError, match="top level must be a mapping"):
         load_config(write(tmp_path, "- 1\n"))
+
+
+def search_problems(tmp_path, search_yaml, manager="{mode: optuna}"):
+    return problems_of(write(tmp_path, f"manager_settings: {manager}\nsearch_settings:\n" + textwrap.indent(
+        textwrap.dedent(search_yaml), "  ")))
+
+
+def test_search_settings_every_problem_at_once(tmp_path):
+    problems = search_problems(tmp_path, """
+        enable: true
+        study_name: "my study"
+        storage: "redis://localhost"
+        heartbeat_interval: 60
+        grace_period: 30
+        objectives: [{metric: acuracy_hard}, {metric: flops_reduction, direction: up}]
+        search_space:
+          method_settings.merge_ration: {type: float, low: 0.4, high: 0.6}
+          method_settings.merge_ratio: {type: float, low: 0.5, high: 1.5}
+          method_settings.pruner_d_internal: {type: float, low: 16, high: 64}
+          method_settings.merger_type: {type: int, low: 1, high: 2}
+          method_settings.pruning_layers: {type: categorical, choices: [[10, 20, 31]], low: 3}
+          method_settings.temperature: {low: 0.5, high: 1.0}
+          method_settings.task_loss_weight: {type: float, low: 0, high: 10, log: true}
+          method_settings.adv_loss_weight: {type: float, low: 2, high: 1}
+          method_settings.distill_weight: {type: flaot, low: 0, high: 1}
+    """)
+    expected = [
+        "search_settings.objectives[1].direction: 'up' is not one of ['maximize', 'minimize']",
+        "search_settings.search_space[method_settings.distill_weight].type: 'flaot' is not one of",
+        "search_settings.study_name 'my study': use letters, digits",
+        "search_settings.storage: redis:// is not a supported database",
+        "search_settings.grace_period (30 s) must be longer than heartbeat_interval (60 s)",
+        "search_settings.objectives[0].metric: 'acuracy_hard' is not an evaluation metric; did you mean 'accuracy_hard'?",
+        "search_settings.search_space[method_settings.merge_ration]: not a config key a search can set; "
+        "did you mean 'method_settings.merge_ratio'?",
+        "search_settings.search_space[method_settings.merge_ratio].high (1.5) makes the trial's config invalid: "
+        "method_settings.merge_ratio: 1.5 is out of range, must be <= 1",
+        "search_settings.search_space[method_settings.pruner_d_internal].type: the key holds integers; use type: int",
+        "search_settings.search_space[method_settings.merger_type]: the key takes one of ['simple', 'question_aware'], "
+        "which has no range; use type: categorical with choices",
+        "search_settings.search_space[method_settings.pruning_layers]: categorical choices take no low",
+        "search_settings.search_space[method_settings.temperature].type is required",
+        "search_settings.search_space[method_settings.task_loss_weight]: a log scale needs low > 0",
+        "search_settings.search_space[method_settings.adv_loss_weight]: low (2) must be below high (1)",
+    ]
+    for prefix in expected:
+        assert any(p.startswith(prefix) for p in problems), (prefix, problems)
+    assert len(problems) == len(expected)
+
+
+def test_search_space_values_are_tried_on_the_config_and_the_backbone(tmp_path):
+    # Choices that contradict other keys fail at load, not in a trial hours later.
+    problems = search_problems(tmp_path, """
+        enable: true
+        search_space:
+          method_settings.pruning_layers: {type: categorical, choices: [[10, 20, 31], [10, 20]]}
+    """)
+    assert problems == ["search_settings.search_space[method_settings.pruning_layers].choices[1] ([10, 20]) makes "
+                        "the trial's config invalid: method_settings.pruner_keep_ratios has 3 entries but "
+                        "pruning_layers has 2; give one keep ratio per pruning layer"]
+    config = load_config("configs/vision_token_pruning.yaml", ["search_settings.enable=true"])
+    assert check_against_backbone(config, num_layers=32, num_vision_tokens=576, image_size=336) == []
+    problems = check_against_backbone(config, num_layers=24, num_vision_tokens=576, image_size=336)
+    assert any(p.startswith("search_settings.search_space[method_settings.pruning_layers].choices[2] ([20, 25, 31]) "
+                            "does not fit the backbone") for p in problems)
+    tiny = load_config("configs/tiny.yaml", ["search_settings.enable=true", "manager_settings.mode=optuna"])
+    assert check_against_backbone(tiny, num_layers=8, num_vision_tokens=144, image_size=96) == []
+
+
+def test_searched_merge_ratio_frees_the_token_target():
+    config = load_config("configs/tiny.yaml")
+    trial = apply_search_params(config, {"method_settings.merge_ratio": 0.42, "method_settings.pruning_layers": [1, 3, 5]})
+    assert trial.method_settings.merge_ratio == 0.42 and trial.method_settings.target_merge_tokens is None
+    assert trial.method_settings.pruning_layers == [1, 3, 5] and config.method_settings.target_merge_tokens == 72
+
+
+def test_optuna_mode_devices(tmp_path):
+    problems = search_problems(tmp_path, "enable: true\n", manager="{mode: optuna, available_gpus: []}\n"
+                               "backbone_settings: {device: cuda}")
+    assert len(problems) == 1 and "the search's workers then run on the CPU" in problems[0]
+    problems = search_problems(tmp_path, "enable: true\n", manager="{mode: optuna, available_gpus: [0, 1, 2], "
+                               "gpus_per_subtask: 2}\nbackbone_settings: {device: 'cuda:1'}")
+    assert len(problems) == 2 and "has 3 GPUs, not a multiple of gpus_per_subtask (2)" in problems[0]
+    assert "each worker sees its own GPUs as cuda:0, cuda:1, ...; set device to 'auto'" in problems[1]
+    path = write(tmp_path, "manager_settings: {available_gpus: [0, 4], gpus_per_subtask: 2}\n")
+    problems = check_devices(load_config(path), cuda_available=True, device_count=2)
+    assert len(problems) == 1 and "lists GPU(s) [4] but this machine shows 2" in problems[0]
