@@ -4,6 +4,7 @@
     python main.py --config configs/tiny.yaml       # the embedded CPU default, no download
     python main.py --config configs/tiny.yaml --set trainer_settings.dl_settings.batch_size=8
     python main.py --config configs/tiny.yaml --resume auto    # continue the run in output_dir
+    torchrun --standalone --nproc_per_node 2 main.py --config configs/tiny.yaml   # data parallel (or accelerate launch)
 
 CLI -> config (validated, every problem at once) -> checks against the backbone's shape
 (before any weight loads) -> run mode.
@@ -22,11 +23,12 @@ import torch  # noqa: E402
 
 from configs.schema import (ConfigError, Config, check_against_backbone, check_devices, load_config,  # noqa: E402
                             save_config)
-from data.build import build_datasets  # noqa: E402
-from models.llava_backbone import BackboneNotFoundError, LlavaBackbone, read_backbone_shape  # noqa: E402
+from models.llava_backbone import BackboneNotFoundError, read_backbone_shape  # noqa: E402
 from trainers.checkpoint import Checkpointer  # noqa: E402
+from trainers.distributed import DataParallel  # noqa: E402
 from trainers.run_log import RunLog  # noqa: E402
-from trainers.trainer import NonFiniteLossError, Trainer  # noqa: E402
+from trainers.trainer import NonFiniteLossError  # noqa: E402
+from trainers.world import load_world, make_trainer  # noqa: E402
 
 DEFAULT_CONFIG = "configs/vision_token_pruning.yaml"
 
@@ -45,38 +47,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def prepare(config: Config, config_path: str) -> None:
     """Every check that needs no weights: the backbone's shape and the devices."""
     shape = read_backbone_shape(config.backbone_settings.name_or_path)
     problems = check_against_backbone(config, shape.num_layers, shape.num_vision_tokens, shape.image_size)
-    problems += check_devices(config, torch.cuda.is_available())
+    cuda = torch.cuda.is_available()
+    problems += check_devices(config, cuda, torch.cuda.device_count() if cuda else None)
     if problems:
         raise ConfigError(problems, config_path)
 
 
-def load_world(config: Config, log: RunLog):
-    """The frozen backbone and the train / eval data sets, with what the seed guide prints."""
-    settings = config.backbone_settings
-    log.info("Preloading backbone and dataset...")
-    backbone = LlavaBackbone.from_pretrained(settings.name_or_path, settings.dtype, settings.attn_implementation,
-                                             resolve_device(settings.device))
-    train_set, eval_set = build_datasets(config.data_settings)
-    for name, dataset in (("train", train_set), ("eval", eval_set)):
-        skipped = getattr(dataset, "skipped", [])
-        log.info(f"{name} set: {len(dataset)} samples" + (f", {len(skipped)} bad samples skipped" if skipped else ""))
-        for reason in skipped[:5]:
-            log.info(f"  skipped: {reason}")
-    log.info("Freezing backbone parameters...")
-    frozen = sum(p.numel() for p in backbone.parameters() if not p.requires_grad)
-    log.info(f"Backbone: {settings.name_or_path}, {frozen:,} frozen parameters, {backbone.num_layers} decoder layers, "
-             f"{backbone.num_vision_tokens} vision tokens per image, device {backbone.device}")
-    return backbone, train_set, eval_set
+def launched_in_parallel() -> bool:
+    """Started by accelerate launch / torchrun with more than one process."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
 def resume_path(resume: str | None, out: Path) -> Path | None:
@@ -98,9 +81,10 @@ def resume_path(resume: str | None, out: Path) -> Path | None:
     return path
 
 
-def run(config: Config, log: RunLog, resume: Path | None, out: Path) -> dict[str, float]:
-    backbone, train_set, eval_set = load_world(config, log)
-    trainer = Trainer(config, backbone, train_set, eval_set, log, out)
+def run(config: Config, log: RunLog, resume: Path | None, out: Path,
+        data_parallel: DataParallel = DataParallel()) -> dict[str, float]:
+    world = load_world(config, log, data_parallel)
+    trainer = make_trainer(config, world, log, out, data_parallel)
     if resume is not None:
         trainer.load_training_state(resume)
     if config.manager_settings.mode == "eval":
@@ -117,6 +101,10 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(args.config, args.overrides)
         prepare(config, args.config)
         out = Path(config.manager_settings.output_dir)
+        mode = config.manager_settings.mode
+        if launched_in_parallel() and mode != "train":
+            raise ValueError(f"manager_settings.mode {mode!r} runs as one process; start it with python main.py, "
+                             "not accelerate launch or torchrun")
         resume = resume_path(args.resume, out)
     except (ConfigError, BackboneNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
@@ -125,11 +113,13 @@ def main(argv: list[str] | None = None) -> int:
         print("error: manager_settings.mode 'optuna' is not available yet in this version; use 'train' or 'eval'",
               file=sys.stderr)
         return 2
+    data_parallel = DataParallel.from_environment()
     torch.manual_seed(config.manager_settings.seed)
-    save_config(config, out / "resolved_config.yaml")
-    log = RunLog(out / "logs" / "training.log")
+    if data_parallel.is_main:
+        save_config(config, out / "resolved_config.yaml")
+    log = RunLog(out / "logs" / "training.log" if data_parallel.is_main else None, echo=data_parallel.is_main)
     try:
-        run(config, log, resume, out)
+        run(config, log, resume, out, data_parallel)
     except NonFiniteLossError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

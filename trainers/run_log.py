@@ -8,13 +8,14 @@ from pathlib import Path
 
 
 class RunLog:
-    """``info("x")`` prints ``[INFO] x``; ``block(text)`` prints text as is. Both go to stdout and the log file."""
+    """``info("x")`` prints ``[INFO] x``; ``block(text)`` prints text as is. Both go to stdout (unless ``echo`` is
+    False: search trials, data-parallel ranks other than 0) and the log file."""
 
-    def __init__(self, log_file: str | Path | None = None, name: str = "vtp"):
+    def __init__(self, log_file: str | Path | None = None, name: str = "vtp", echo: bool = True):
         self.logger = logging.getLogger(f"{name}.{id(self)}")
         self.logger.setLevel(logging.INFO)
         self.logger.propagate = False
-        handlers: list[logging.Handler] = [logging.StreamHandler(sys.stdout)]
+        handlers: list[logging.Handler] = [logging.StreamHandler(sys.stdout)] if echo else []
         if log_file is not None:
             Path(log_file).parent.mkdir(parents=True, exist_ok=True)
             handlers.append(logging.FileHandler(log_file, mode="a", encoding="utf-8"))

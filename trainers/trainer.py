@@ -10,14 +10,16 @@ Each step:
    ``token_merger`` and ``layer_pruners`` optimizers.
 Three AdamW optimizers own disjoint parameter sets; every update is checked for non-finite
 losses before its optimizer step. Logs follow the quick-start guide's formats; checkpoints
-and exact resume are in trainers/checkpoint.py.
+and exact resume are in trainers/checkpoint.py. Under data parallelism (trainers/distributed.py)
+each rank trains on its shard of every global batch with averaged gradients, and rank 0 alone
+logs, evaluates and writes checkpoints.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch.utils.data import DataLoader
@@ -30,7 +32,8 @@ from models.discriminator import adversarial_loss, discriminator_losses
 from models.llava_backbone import LlavaBackbone
 from models.pruned_llava import PrunedLlava
 from trainers.build import build_discriminator, build_pruned_model
-from trainers.checkpoint import Checkpointer, load, restore_rng_state, rng_state
+from trainers.checkpoint import STATE, Checkpointer, load, restore_rng_state, rng_state
+from trainers.distributed import DataParallel
 from trainers.evaluation import evaluate_accuracy, evaluate_pruned, generate_baseline_answers
 from trainers.run_log import RunLog
 from trainers.losses import distillation_loss, next_token_positions, task_loss
@@ -45,8 +48,9 @@ class NonFiniteLossError(RuntimeError):
 
 class Trainer:
     def __init__(self, config: Config, backbone: LlavaBackbone, train_set, eval_set, log: RunLog,
-                 output_dir: str | Path):
+                 output_dir: str | Path, data_parallel: DataParallel = DataParallel()):
         self.config, self.backbone, self.log = config, backbone, log
+        self.dp = data_parallel
         self.train_set, self.eval_set = train_set, eval_set
         method, trainer = config.method_settings, config.trainer_settings
         self.out = Path(output_dir)
@@ -58,6 +62,7 @@ class Trainer:
         log.info("Creating Discriminator...")
         self.discriminator = build_discriminator(method, backbone)
         self.teacher = PrunedLlava(backbone)  # the unpruned forward, through the same code path
+        self.dp.broadcast_parameters([self.model.merger, self.model.pruners, self.discriminator])
         params = {
             "token_merger": list(self.model.merger.parameters()) if self.model.merger is not None else [],
             "layer_pruners": list(self.model.pruners.parameters()),
@@ -69,7 +74,12 @@ class Trainer:
             for name, group in params.items() if group
         }
         self.collate = VQACollator(backbone.processor)
-        self.steps_per_epoch = math.ceil(len(train_set) / trainer.dl_settings.batch_size)
+        if trainer.dl_settings.batch_size < self.dp.world_size:
+            raise ValueError(f"trainer_settings.dl_settings.batch_size ({trainer.dl_settings.batch_size}) is the global "
+                             f"batch, split over {self.dp.world_size} processes; raise it to at least {self.dp.world_size}")
+        full, rest = divmod(len(train_set), trainer.dl_settings.batch_size)
+        self.steps_per_epoch = full + (rest >= self.dp.world_size)  # a last batch too small to split is left out
+        self.local_samples = 0  # samples of the current batch on this rank
         self.total_steps = self.steps_per_epoch * trainer.dl_settings.epochs
         if trainer.max_steps is not None:
             self.total_steps = min(self.total_steps, trainer.max_steps)
@@ -117,6 +127,8 @@ class Trainer:
         self.log.info(f"Resumed from {path} at step {self.step}")
 
     def save(self, tag: str | None = None) -> Path:
+        if not self.dp.is_main:  # rank 0 writes; every rank reports the same path
+            return self.checkpointer.folder / f"{STATE}_{tag or f'step_{self.step}'}.pt"
         return self.checkpointer.save(self.step, self.module_states(), self.training_state(), tag)
 
     # ------------------------------------------------------------------ data
@@ -127,7 +139,8 @@ class Trainer:
         while True:
             order = torch.randperm(len(self.train_set),
                                    generator=torch.Generator().manual_seed(self.config.manager_settings.seed + epoch))
-            index_batches = [order[i:i + bs].tolist() for i in range(0, len(order), bs)][start:]
+            index_batches = [self.dp.shard(order[i:i + bs].tolist())
+                             for i in range(0, len(order), bs)][start:self.steps_per_epoch]
             # Its own generator: a DataLoader draws a seed when iterated, which must not move the global RNG
             # (the Gumbel noise's) differently in a resumed run.
             loader = DataLoader(self.train_set, batch_sampler=index_batches, collate_fn=self.collate,
@@ -200,8 +213,9 @@ class Trainer:
 
     def _finite(self, terms: dict[str, torch.Tensor]) -> bool:
         bad = [name for name, value in terms.items() if not torch.isfinite(value).all()]
-        if not bad:
+        if not self.dp.any(bool(bad)):  # every rank skips the update together
             return True
+        bad = bad or ["a loss on another process"]
         self.nonfinite_in_a_row += 1
         limit = self.config.trainer_settings.max_nonfinite_steps
         self.log.info(f"[Step {self.step}] non-finite {', '.join(bad)}: update skipped "
@@ -219,6 +233,8 @@ class Trainer:
         for g in groups:
             self.optimizers[g].zero_grad(set_to_none=True)
         loss.backward()
+        self.dp.average_gradients([p for g in groups for group in self.optimizers[g].param_groups
+                                   for p in group["params"]], self.local_samples)
         for g in groups:
             params = [p for group in self.optimizers[g].param_groups for p in group["params"]]
             torch.nn.utils.clip_grad_norm_(params, self.config.trainer_settings.max_grad_norm)
@@ -280,7 +296,9 @@ class Trainer:
         self.writer.flush()
 
     # ------------------------------------------------------------------ the loop
-    def train(self) -> dict[str, float]:
+    def train(self, on_eval: Callable[[int, dict[str, float]], None] | None = None) -> dict[str, float]:
+        """Train to the last step; ``on_eval(step, metrics)`` after each evaluation (an Optuna trial reports there
+        and may stop the run by raising ``optuna.TrialPruned``)."""
         method, trainer = self.config.method_settings, self.config.trainer_settings
         self.log.info("Starting training...")
         self.log.info(f"Token Merger type: {method.merger_type}")
@@ -291,22 +309,28 @@ class Trainer:
                       f"mode: {self.backbone.num_vision_tokens} → "
                       + " → ".join(str(k) for k in self._budget_trajectory()))
         metrics: dict[str, float] = {}
-        bar = tqdm(total=self.total_steps, initial=self.step, desc="training")
+        bar = tqdm(total=self.total_steps, initial=self.step, desc="training", disable=not self.dp.is_main)
         data = self.train_batches()
         try:
             while self.step < self.total_steps:
-                values = self.training_step(next(data))
+                batch = next(data)
+                self.local_samples = batch["input_ids"].shape[0]
+                values = self.training_step(batch)
                 self.step += 1
                 bar.update(1)
                 if values is not None:
                     bar.set_postfix(task=f"{values['task_loss']:.3f}", tau=f"{values['temperature']:.2f}")
                     if self.step % trainer.log_every == 0:
-                        self.log_step(values)
+                        values = self.dp.mean(values, self.local_samples)
+                        if self.dp.is_main:
+                            self.log_step(values)
                 last = self.step == self.total_steps
-                if self.step % trainer.eval_every == 0 or last:
+                if (self.step % trainer.eval_every == 0 or last) and self.dp.is_main:
                     metrics = self.evaluate()
                     self.log_eval(metrics)
                     self._keep_best(metrics)
+                    if on_eval is not None:
+                        on_eval(self.step, metrics)
                 if self.step % trainer.save_every == 0 or last:
                     self.save()
         finally:

@@ -1,0 +1,83 @@
+"""What a run trains on: the frozen backbone on its device(s) and the train / eval data sets.
+
+Devices: one data-parallel rank uses its own device (cuda:LOCAL_RANK on GPUs); otherwise
+``backbone_settings.device``, and with ``manager_settings.gpus_per_subtask`` > 1 on CUDA the
+decoder layers are spread over that many GPUs (trainers/placement.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from configs.schema import Config
+from data.build import build_datasets
+from models.llava_backbone import LlavaBackbone
+from trainers.distributed import DataParallel
+from trainers.placement import place_pruners, spread_backbone
+from trainers.run_log import RunLog
+from trainers.trainer import Trainer
+
+
+@dataclass
+class World:
+    backbone: LlavaBackbone
+    train_set: object
+    eval_set: object
+    layer_devices: list[torch.device] | None = None  # set when the decoder layers are spread over several GPUs
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def subtask_devices(config: Config, data_parallel: DataParallel) -> list[torch.device]:
+    """The devices of this process: its rank's, or the config's device, or ``gpus_per_subtask`` GPUs from it on."""
+    if data_parallel.enabled:
+        if config.manager_settings.gpus_per_subtask > 1:
+            raise ValueError("data-parallel launches put one process on each GPU; set manager_settings."
+                             "gpus_per_subtask to 1, or start one process without accelerate to spread the backbone")
+        return [data_parallel.device]
+    device = resolve_device(config.backbone_settings.device)
+    count = config.manager_settings.gpus_per_subtask
+    if device.type != "cuda" or count == 1:
+        return [device]
+    first = device.index or 0
+    if first + count > torch.cuda.device_count():
+        raise ValueError(f"manager_settings.gpus_per_subtask is {count} from {device} on, but "
+                         f"{torch.cuda.device_count()} GPU(s) are visible; lower it or widen CUDA_VISIBLE_DEVICES")
+    return [torch.device("cuda", first + i) for i in range(count)]
+
+
+def load_world(config: Config, log: RunLog, data_parallel: DataParallel = DataParallel()) -> World:
+    """The frozen backbone and the train / eval data sets, with what the seed guide prints."""
+    settings = config.backbone_settings
+    devices = subtask_devices(config, data_parallel)
+    log.info("Preloading backbone and dataset...")
+    backbone = LlavaBackbone.from_pretrained(settings.name_or_path, settings.dtype, settings.attn_implementation,
+                                             devices[0])
+    layer_devices = spread_backbone(backbone, devices) if len(devices) > 1 else None
+    train_set, eval_set = build_datasets(config.data_settings)
+    for name, dataset in (("train", train_set), ("eval", eval_set)):
+        skipped = getattr(dataset, "skipped", [])
+        log.info(f"{name} set: {len(dataset)} samples" + (f", {len(skipped)} bad samples skipped" if skipped else ""))
+        for reason in skipped[:5]:
+            log.info(f"  skipped: {reason}")
+    log.info("Freezing backbone parameters...")
+    frozen = sum(p.numel() for p in backbone.parameters() if not p.requires_grad)
+    where = (f"decoder layers over {', '.join(str(d) for d in devices)}" if layer_devices else f"device {devices[0]}")
+    log.info(f"Backbone: {settings.name_or_path}, {frozen:,} frozen parameters, {backbone.num_layers} decoder layers, "
+             f"{backbone.num_vision_tokens} vision tokens per image, {where}")
+    return World(backbone, train_set, eval_set, layer_devices)
+
+
+def make_trainer(config: Config, world: World, log: RunLog, output_dir: str | Path,
+                 data_parallel: DataParallel = DataParallel()) -> Trainer:
+    trainer = Trainer(config, world.backbone, world.train_set, world.eval_set, log, output_dir, data_parallel)
+    if world.layer_devices is not None:
+        place_pruners(trainer.model, world.layer_devices)
+    return trainer
