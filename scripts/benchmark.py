@@ -337,8 +337,11 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 
 
 def machine() -> str:
-    return (f"{platform.machine()} CPU, {os.cpu_count()} cores, torch {torch.__version__} with "
-            f"{torch.get_num_threads()} threads" if not torch.cuda.is_available() else torch.cuda.get_device_name())
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    threads = torch.get_num_threads()
+    return (f"{platform.machine()} CPU, {os.cpu_count()} cores, torch {torch.__version__} with {threads} "
+            f"thread{'s' if threads > 1 else ''}")
 
 
 # ---------------------------------------------------------------------------------------- main
@@ -357,7 +360,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=Path("outputs/benchmark"))
     parser.add_argument("--limit", type=int, help="evaluate only the first N eval questions")
     parser.add_argument("--timing-batch", type=int, default=8, help="batch size of the timed prefill")
-    parser.add_argument("--repeats", type=int, default=5, help="timed prefills per setting (median)")
+    parser.add_argument("--repeats", type=int, default=20, help="timed prefills per setting (median)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--seed", type=int, default=0, help="the random baseline's draw")
     return parser.parse_args(argv)
