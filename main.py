@@ -4,10 +4,11 @@
     python main.py --config configs/tiny.yaml       # the embedded CPU default, no download
     python main.py --config configs/tiny.yaml --set trainer_settings.dl_settings.batch_size=8
     python main.py --config configs/tiny.yaml --resume auto    # continue the run in output_dir
+    python main.py --config configs/tiny.yaml --set manager_settings.mode=optuna --set search_settings.enable=true
     torchrun --standalone --nproc_per_node 2 main.py --config configs/tiny.yaml   # data parallel (or accelerate launch)
 
 CLI -> config (validated, every problem at once) -> checks against the backbone's shape
-(before any weight loads) -> run mode.
+(before any weight loads) -> run mode: train, eval, or optuna (trainers/manager.py).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from configs.schema import (ConfigError, Config, check_against_backbone, check_d
 from models.llava_backbone import BackboneNotFoundError, read_backbone_shape  # noqa: E402
 from trainers.checkpoint import Checkpointer  # noqa: E402
 from trainers.distributed import DataParallel  # noqa: E402
+from trainers.manager import run_search  # noqa: E402
 from trainers.run_log import RunLog  # noqa: E402
 from trainers.trainer import NonFiniteLossError  # noqa: E402
 from trainers.world import load_world, make_trainer  # noqa: E402
@@ -103,15 +105,16 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(config.manager_settings.output_dir)
         mode = config.manager_settings.mode
         if launched_in_parallel() and mode != "train":
-            raise ValueError(f"manager_settings.mode {mode!r} runs as one process; start it with python main.py, "
-                             "not accelerate launch or torchrun")
+            raise ValueError(f"manager_settings.mode {mode!r} runs as one process (the optuna manager starts its own "
+                             "workers); start it with python main.py, not accelerate launch or torchrun")
+        if mode == "optuna":
+            if args.resume is not None:
+                raise ValueError("--resume does not apply to optuna mode: running the same search_settings.study_name "
+                                 "again resumes the study")
+            return run_search(config)
         resume = resume_path(args.resume, out)
     except (ConfigError, BackboneNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
-    if config.manager_settings.mode == "optuna":
-        print("error: manager_settings.mode 'optuna' is not available yet in this version; use 'train' or 'eval'",
-              file=sys.stderr)
         return 2
     data_parallel = DataParallel.from_environment()
     torch.manual_seed(config.manager_settings.seed)

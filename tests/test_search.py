@@ -1,0 +1,230 @@
+"""The Optuna search: storage and heartbeats, results, and whole studies run by the manager's worker processes."""
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import optuna
+import pytest
+import yaml
+from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.trial import TrialState
+
+import main as entry
+from configs.schema import SearchSettings, apply_overrides, config_from_dict, config_to_dict, load_config
+from tests.conftest import tiny_run_config
+from trainers import search
+from trainers.manager import PROJECT_ROOT, gpu_subsets, run_search, worker_environments
+
+SPACE = ("{method_settings.task_loss_weight: {type: float, low: 10, high: 50, log: true},"
+         " method_settings.merge_ratio: {type: float, low: 0.4, high: 0.6}}")
+
+
+def search_config(tmp_path, folder, **overrides):
+    """A study of tiny trials (4 steps, 6 eval questions) that runs on the CPU."""
+    settings = {"manager_settings.mode": "optuna", "search_settings.enable": "true", "backbone_settings.device": "auto",
+                "search_settings.study_name": "test", "search_settings.n_trials": 3, "search_settings.pruner": "none",
+                "search_settings.flops_budget": "null", "search_settings.search_space": SPACE,
+                "search_settings.heartbeat_interval": 1, "search_settings.grace_period": 3, **overrides}
+    return tiny_run_config(tmp_path, folder, **settings)
+
+
+def with_overrides(config, **overrides):
+    return config_from_dict(apply_overrides(config_to_dict(config), [f"{k}={v}" for k, v in overrides.items()]))
+
+
+def study_of(config):
+    return search.open_study(config, search.open_storage(config.search_settings, config.manager_settings.output_dir))
+
+
+# ----------------------------------------------------------------------------- GPU subsets
+def test_each_worker_gets_its_own_block_of_gpus(tmp_path, tiny_folder):
+    assert gpu_subsets([0, 1, 2, 3], 2) == [[0, 1], [2, 3]]
+    assert gpu_subsets([4, 5, 6, 7, 0, 1], 3) == [[4, 5, 6], [7, 0, 1]]
+    config = search_config(tmp_path, tiny_folder, **{"manager_settings.available_gpus": [0, 1, 2, 3],
+                                                     "manager_settings.gpus_per_subtask": 2})
+    envs = worker_environments(config, {"PATH": "/bin", "CUDA_VISIBLE_DEVICES": "0,1,2,3,4,5,6,7"})
+    assert [env["CUDA_VISIBLE_DEVICES"] for env in envs] == ["0,1", "2,3"]
+    assert all(env["PATH"] == "/bin" for env in envs)
+    cpu = search_config(tmp_path, tiny_folder, **{"manager_settings.cpu_workers": 3})
+    assert [env["CUDA_VISIBLE_DEVICES"] for env in worker_environments(cpu, {})] == ["", "", ""]  # no GPU visible
+
+
+# ----------------------------------------------------------------------------- storage and heartbeats
+def test_a_trial_whose_heartbeat_stopped_is_failed_and_queued_again(tmp_path):
+    storage = search.HeartbeatJournalStorage(tmp_path / "journal.log", heartbeat_interval=1, grace_period=1,
+                                             stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1))
+    study = optuna.create_study(storage=storage, study_name="s")
+    trial = study.ask()
+    x = trial.suggest_float("x", 0, 1)
+    storage.record_heartbeat(trial._trial_id)
+    optuna.storages.fail_stale_trials(study)
+    assert study.trials[0].state == TrialState.RUNNING  # beating: alive
+    time.sleep(1.3)
+    optuna.storages.fail_stale_trials(study)
+    first, retry = study.trials
+    assert first.state == TrialState.FAIL and retry.state == TrialState.WAITING
+    assert retry.params == {"x": x} and retry.system_attrs["failed_trial"] == 0
+
+    study.ask()  # the retry starts; it carries its predecessor's old heartbeat but is alive from its start
+    optuna.storages.fail_stale_trials(study)
+    assert study.trials[1].state == TrialState.RUNNING
+    time.sleep(1.3)
+    optuna.storages.fail_stale_trials(study)
+    assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.FAIL]  # max_retry 1: not queued again
+    assert search.progress_of(study.trials).failed == 1 and search.progress_of(study.trials).retried == 1
+
+
+def test_database_urls(tmp_path):
+    sqlite = search.open_storage(SearchSettings(storage=f"sqlite:///{tmp_path / 'study.db'}"), tmp_path)
+    assert isinstance(sqlite, RDBStorage) and sqlite.get_heartbeat_interval() == 60
+    postgres = SearchSettings(storage="postgresql://user:secret@127.0.0.1:1/studies")
+    with pytest.raises(search.SearchError) as err:
+        search.open_storage(postgres, tmp_path)
+    assert "search_settings.storage postgresql://user:***@127.0.0.1:1/studies" in str(err.value)
+    assert "secret" not in str(err.value)
+
+
+# ----------------------------------------------------------------------------- results
+def completed(study, number, values, config, feasible=True):
+    attrs = {"constraints:flops_budget": -0.1 if feasible else 0.2}
+    study.add_trial(optuna.create_trial(
+        values=values, params={"method_settings.merge_ratio": 0.4 + number / 100},
+        distributions={"method_settings.merge_ratio": optuna.distributions.FloatDistribution(0.4, 0.6)},
+        user_attrs={search.CONFIG_ATTR: config_to_dict(search.trial_config(config, {}, f"t{number}"))},
+        system_attrs=attrs))
+
+
+def test_best_config_respects_the_flops_budget(tmp_path, tiny_folder):
+    config = search_config(tmp_path, tiny_folder, **{"search_settings.flops_budget": 0.5})
+    study = study_of(config)
+    completed(study, 0, [0.6], config)
+    completed(study, 1, [0.9], config, feasible=False)  # better but over the budget
+    completed(study, 2, [0.7], config)
+    (path,) = search.write_results(study, config)
+    assert "Best trial #2" in path.read_text()
+    best = load_config(path)
+    assert best.manager_settings.mode == "train" and not best.search_settings.enable
+    assert best.manager_settings.output_dir == str(search.study_folder(config) / "best_run")
+
+
+def test_two_objectives_write_the_pareto_front(tmp_path, tiny_folder):
+    config = search_config(tmp_path, tiny_folder, **{"search_settings.objectives":
+                                                     "[{metric: accuracy_hard}, {metric: flops_reduction}]"})
+    study = study_of(config)
+    for number, values in enumerate([[0.7, 0.5], [0.6, 0.4], [0.5, 0.7], [0.7, 0.6]]):
+        completed(study, number, values, config)
+    front, *configs = search.write_results(study, config)
+    entries = yaml.safe_load(front.read_text())
+    assert [e["trial"] for e in entries] == [2, 3]  # 0 and 1 are dominated by 3
+    assert entries[1]["values"] == {"accuracy_hard": 0.7, "flops_reduction": 0.6}
+    assert [load_config(p).manager_settings.mode for p in configs] == ["train", "train"]
+
+
+def test_a_study_with_other_objectives_is_not_resumed(tmp_path, tiny_folder):
+    study_of(search_config(tmp_path, tiny_folder))
+    other = search_config(tmp_path, tiny_folder, **{"search_settings.objectives": "[{metric: accuracy_soft}]"})
+    with pytest.raises(search.SearchError, match="choose another search_settings.study_name"):
+        study_of(other)
+
+
+# ----------------------------------------------------------------------------- whole studies
+def test_two_workers_on_gpu_subsets_finish_resume_and_write_a_best_config_that_runs(tmp_path, tiny_folder, capsys):
+    # Four fake GPUs, two per subtask: two workers, told apart by CUDA_VISIBLE_DEVICES (they train on the CPU).
+    config = search_config(tmp_path, tiny_folder, **{"manager_settings.available_gpus": [0, 1, 2, 3],
+                                                     "manager_settings.gpus_per_subtask": 2})
+    study = study_of(config)
+    study.enqueue_trial({"method_settings.merge_ratio": 1.5})  # its config is invalid: the trial raises
+    assert run_search(config) == 0
+    trials = study.get_trials()
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE]
+    assert "merge_ratio: 1.5 is out of range" in trials[0].user_attrs["error"]
+    assert (search.trial_folder(config, 0) / "error.txt").exists()
+    folder = search.study_folder(config)
+    worker_logs = sorted((folder / "workers").glob("worker_*.log"))
+    assert ["CUDA_VISIBLE_DEVICES=0,1" in p.read_text() for p in worker_logs] == [True, False]
+    assert ["CUDA_VISIBLE_DEVICES=2,3" in p.read_text() for p in worker_logs] == [False, True]
+    assert {t.user_attrs["worker"]["cuda_visible_devices"] for t in trials} <= {"0,1", "2,3"}
+    for trial in trials[1:]:
+        out = search.trial_folder(config, trial.number)
+        assert load_config(out / "resolved_config.yaml").method_settings.task_loss_weight == pytest.approx(
+            trial.params["method_settings.task_loss_weight"])
+        assert (out / "checkpoints" / "token_merger_step_4.pt").exists()
+        assert any((out / "logs" / "tensorboard").iterdir()) and "[Eval Step 4]" in (out / "logs" / "training.log").read_text()
+        assert trial.values == [trial.user_attrs["metrics"]["accuracy_hard"]]
+    printed = capsys.readouterr().out
+    assert "[Search] 3/3 trials finished (2 complete, 0 pruned, 1 failed), 0 running; best: trial" in printed
+
+    # The same study name again, with a larger budget (and one worker): only the missing trial runs.
+    assert run_search(with_overrides(config, **{"search_settings.n_trials": 4, "manager_settings.available_gpus": [0, 1]})) == 0
+    trials = study.get_trials()
+    assert [t.number for t in trials] == [0, 1, 2, 3] and trials[3].state == TrialState.COMPLETE
+
+    best_path = folder / "best_config.yaml"
+    top = max(t.values[0] for t in trials[1:])
+    assert any(f"Best trial #{t.number} " in best_path.read_text() for t in trials[1:] if t.values[0] == top)
+    assert entry.main(["--config", str(best_path)]) == 0
+    assert (folder / "best_run" / "checkpoints" / "training_state_step_4.pt").exists()
+
+
+def wait_for_running_trial(study, timeout=90):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        running = [t for t in study.get_trials() if t.state == TrialState.RUNNING and "worker" in t.user_attrs]
+        if running:
+            return running[0]
+        time.sleep(0.05)
+    raise AssertionError("no trial started")
+
+
+def test_a_killed_worker_s_trial_is_failed_and_run_again(tmp_path, tiny_folder):
+    config = search_config(tmp_path, tiny_folder, **{"search_settings.n_trials": 2, "trainer_settings.max_steps": 8,
+                                                     "trainer_settings.eval_every": 8})
+    study = study_of(config)
+    result = {}
+    manager = threading.Thread(target=lambda: result.update(code=run_search(config)))
+    manager.start()
+    victim = wait_for_running_trial(study)
+    os.kill(victim.user_attrs["worker"]["pid"], signal.SIGKILL)
+    manager.join(timeout=120)
+    assert result["code"] == 0  # the manager restarted the worker and the study finished
+    trials = study.get_trials()
+    assert not [t for t in trials if t.state == TrialState.RUNNING]
+    assert trials[victim.number].state == TrialState.FAIL
+    (retry,) = [t for t in trials if t.system_attrs.get("failed_trial") == victim.number]
+    assert retry.state == TrialState.COMPLETE and retry.params == victim.params
+    assert search.progress_of(trials).finished == 2
+
+
+def test_ctrl_c_stops_cleanly_and_queues_the_running_trial(tmp_path, tiny_folder):
+    config = search_config(tmp_path, tiny_folder, **{"trainer_settings.max_steps": 8, "trainer_settings.eval_every": 8})
+    path = tmp_path / "search.yaml"
+    path.write_text(yaml.safe_dump(config_to_dict(config)))
+    study = study_of(config)
+    # Its own process group, like a terminal's foreground job: Ctrl-C reaches the manager and its workers.
+    process = subprocess.Popen([sys.executable, "main.py", "--config", str(path)], cwd=PROJECT_ROOT,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True, text=True)
+    victim = wait_for_running_trial(study)
+    os.killpg(process.pid, signal.SIGINT)
+    out, _ = process.communicate(timeout=60)
+    assert process.returncode == 130, out
+    trials = study.get_trials()
+    assert trials[victim.number].state == TrialState.FAIL
+    assert "interrupted" in trials[victim.number].user_attrs["error"]
+    queued = [t for t in trials if t.state == TrialState.WAITING]
+    assert [t.system_attrs["failed_trial"] for t in queued] == [victim.number]
+    assert not [t for t in trials if t.state == TrialState.RUNNING]
+
+
+def test_main_refuses_what_optuna_mode_does_not_take(tmp_path, tiny_folder, capsys, monkeypatch):
+    config = search_config(tmp_path, tiny_folder)
+    path = tmp_path / "search.yaml"
+    path.write_text(yaml.safe_dump(config_to_dict(config)))
+    assert entry.main(["--config", str(path), "--resume", "auto"]) == 2
+    assert "running the same search_settings.study_name again resumes the study" in capsys.readouterr().err
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert entry.main(["--config", str(path)]) == 2
+    assert "not accelerate launch or torchrun" in capsys.readouterr().err

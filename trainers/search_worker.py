@@ -1,0 +1,170 @@
+"""A search worker: one process on one GPU subset (or the CPU) that runs trials until the study is done.
+
+    python -m trainers.search_worker --config outputs/optuna/<study>/search_config.yaml --worker 0
+
+The manager (trainers/manager.py) starts one per GPU subset with ``CUDA_VISIBLE_DEVICES`` set,
+so the worker's GPUs are cuda:0, cuda:1, ... Each worker loads the backbone and the data once
+and then, in a loop: under this machine's claim lock it fails trials whose heartbeat stopped
+(queuing them again), counts the study, and claims a trial (a queued retry first); it trains
+that trial in its own folder, reporting every evaluation for pruning, and tells the study the
+result. A trial that raises is recorded FAIL with its error and the worker goes on; Ctrl-C
+records the running trial FAIL, queues it again for the next run, and stops the worker.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import sys
+import time
+import traceback
+
+import optuna
+import torch
+from optuna.trial import TrialState
+
+from configs.schema import Config, config_to_dict, load_config, save_config
+from trainers import search
+from trainers.run_log import RunLog
+from trainers.world import World, load_world, make_trainer
+
+IDLE_POLL_S = 2.0  # how often an idle worker looks for retries while the last trials run elsewhere
+
+
+class Worker:
+    def __init__(self, config: Config, index: int):
+        self.config, self.index = config, index
+        self.settings = config.search_settings
+        self.folder = search.study_folder(config)
+        self.storage = search.open_storage(self.settings, config.manager_settings.output_dir)
+        self.study = search.open_study(config, self.storage)
+        self.world: World | None = None
+        self.world_key = None
+
+    def say(self, message: str) -> None:
+        print(f"[worker {self.index}] {message}", flush=True)
+
+    # ------------------------------------------------------------------ claiming
+    def claim(self) -> optuna.Trial | None | bool:
+        """A trial to run, None to wait (the last trials run elsewhere), False when the study is done."""
+        with search.claim_lock(self.folder):
+            optuna.storages.fail_stale_trials(self.study)
+            progress = search.progress_of(self.study.get_trials(deepcopy=False))
+            if progress.finished >= self.settings.n_trials:
+                return False
+            if progress.waiting == 0 and progress.finished + progress.running >= self.settings.n_trials:
+                return None
+            self.study.sampler = search.make_sampler(
+                self.settings, search.claim_seed(self.config.manager_settings.seed, progress.total))
+            trial = self.study.ask()
+            self.storage.record_heartbeat(trial._trial_id)  # alive from the claim on
+            return trial
+
+    def run(self) -> int:
+        self.say(f"pid {os.getpid()}, CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '(unset)')}")
+        while True:
+            trial = self.claim()
+            if trial is False:
+                self.say("study complete")
+                return 0
+            if trial is None:
+                time.sleep(IDLE_POLL_S)
+                continue
+            self.run_trial(trial)
+
+    # ------------------------------------------------------------------ one trial
+    def world_for(self, config: Config, log: RunLog) -> World:
+        """The backbone and data, loaded once and kept while the trials' backbone and data settings agree."""
+        key = (config.backbone_settings, repr(config.data_settings), config.manager_settings.gpus_per_subtask)
+        if self.world is None or key != self.world_key:
+            self.world, self.world_key = load_world(config, log), key
+        return self.world
+
+    def report(self, trial: optuna.Trial, step: int, last_step: int, metrics: dict[str, float]) -> None:
+        """Intermediate results: every evaluation's metrics, and the objective for pruning (one objective).
+
+        The last evaluation is the trial's result, so a trial that got there completes."""
+        trial.set_user_attr(f"eval_step_{step}", {k: float(v) for k, v in metrics.items()})
+        if len(self.settings.objectives) == 1:
+            trial.report(float(metrics[self.settings.objectives[0].metric]), step)
+            if step < last_step and trial.should_prune():
+                raise optuna.TrialPruned(f"pruned at step {step}")
+
+    def run_trial(self, trial: optuna.Trial) -> None:
+        folder = search.trial_folder(self.config, trial.number)
+        retry_of = self.storage.get_trial(trial._trial_id).system_attrs.get("failed_trial")
+        self.say(f"trial {trial.number} starts" + (f" (retry of trial {retry_of})" if retry_of is not None else ""))
+        trial.set_user_attr("worker", {"index": self.index, "host": socket.gethostname(), "pid": os.getpid(),
+                                       "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")})
+        trial.set_user_attr("folder", str(folder))
+        started = time.time()
+        log = None
+        with search.Heartbeat(self.storage, trial._trial_id, self.settings.heartbeat_interval):
+            try:
+                config = search.trial_config(self.config, search.suggest(trial, self.settings.search_space), folder)
+                trial.set_user_attr(search.CONFIG_ATTR, config_to_dict(config))
+                save_config(config, folder / "resolved_config.yaml")
+                log = RunLog(folder / "logs" / "training.log", echo=False)
+                world = self.world_for(config, log)
+                torch.manual_seed(config.manager_settings.seed)
+                trainer = make_trainer(config, world, log, folder)
+                metrics = trainer.train(on_eval=lambda step, m: self.report(trial, step, trainer.total_steps, m))
+                trial.set_user_attr("metrics", {k: float(v) for k, v in metrics.items()})
+                if self.settings.flops_budget is not None:
+                    trial.set_constraint("flops_budget", search.flops_ratio(metrics) - self.settings.flops_budget)
+                self.finish(trial, TrialState.COMPLETE, search.objective_values(self.settings, metrics))
+            except optuna.TrialPruned as err:
+                self.finish(trial, TrialState.PRUNED, message=str(err))
+            except KeyboardInterrupt:
+                trial.set_user_attr("error", "interrupted (Ctrl-C); queued to run again on the next run of the study")
+                self.finish(trial, TrialState.FAIL, message="interrupted")
+                search.RetryHeartbeatStaleTrialCallback(self.settings.max_retry)(
+                    self.study, self.storage.get_trial(trial._trial_id))
+                raise
+            except Exception as err:
+                text = traceback.format_exc()
+                folder.mkdir(parents=True, exist_ok=True)
+                (folder / "error.txt").write_text(text)
+                if log is not None:
+                    log.block(text)
+                trial.set_user_attr("error", f"{err.__class__.__name__}: {err}")
+                self.finish(trial, TrialState.FAIL, message=f"{err.__class__.__name__}: {err} (see {folder / 'error.txt'})")
+            finally:
+                if log is not None:
+                    log.close()
+        self.say(f"trial {trial.number} took {time.time() - started:.1f} s")
+
+    def finish(self, trial: optuna.Trial, state: TrialState, values: list[float] | None = None,
+               message: str = "") -> None:
+        try:
+            self.study.tell(trial, values, state=state)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            self.say(f"trial {trial.number} was taken for dead (no heartbeat for {self.settings.grace_period} s) "
+                     "and queued again; this result is dropped")
+            return
+        self.say(f"trial {trial.number} {state.name}" + (f": {values}" if values else "") + (f" {message}" if message else ""))
+
+
+def interrupt_once(signum, frame) -> None:
+    """The first Ctrl-C stops the trial; later ones (the manager forwards its own) must not cut the clean-up short."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="One worker of an Optuna search (started by main.py's optuna mode).")
+    parser.add_argument("--config", required=True, help="the study's search_config.yaml")
+    parser.add_argument("--worker", type=int, default=0, help="this worker's index (for logs)")
+    args = parser.parse_args(argv)
+    signal.signal(signal.SIGINT, interrupt_once)
+    try:
+        return Worker(load_config(args.config), args.worker).run()
+    except KeyboardInterrupt:
+        print(f"[worker {args.worker}] stopped by Ctrl-C", flush=True)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
