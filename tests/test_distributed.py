@@ -4,12 +4,18 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 import main as entry
+from data.build import build_datasets
 from models import gumbel
+from models.llava_backbone import LlavaBackbone
+from tests.conftest import tiny_run_config
 from tests.test_main import args_for
 from trainers.distributed import DataParallel
+from trainers.run_log import RunLog
+from trainers.trainer import Trainer
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -47,3 +53,12 @@ def test_two_processes_match_one_process_on_the_same_global_batch(tmp_path, tiny
     assert first(log_two) == first(log_one)  # losses averaged over the two shards = the whole batch's
     assert log_two.count("[Step 1] Losses:") == 1 and log_two.count(f"[Eval Step {STEPS}]") == 1  # rank 0 only
     assert run.stdout.count("[INFO] Starting training...") == 1
+
+
+def test_a_global_batch_that_does_not_split_evenly_is_refused(tmp_path, tiny_folder):
+    config = tiny_run_config(tmp_path, tiny_folder, **{"trainer_settings.dl_settings.batch_size": 4})
+    backbone = LlavaBackbone.from_pretrained(str(tiny_folder))
+    train_set, eval_set = build_datasets(config.data_settings)
+    with pytest.raises(ValueError, match=r"batch_size \(4\) is the global batch and must split evenly over the 3 "
+                                         r"processes; make it a multiple of 3"):
+        Trainer(config, backbone, train_set, eval_set, RunLog(), tmp_path, DataParallel(rank=0, world_size=3))

@@ -4,8 +4,8 @@
 :meth:`DataParallel.from_environment` joins them through accelerate's ``PartialState``
 (NCCL on GPUs, gloo on the CPU). The trainer then
 
-- splits every global batch (``trainer_settings.dl_settings.batch_size``) into contiguous
-  shards, one per rank;
+- splits every global batch (``trainer_settings.dl_settings.batch_size``, a multiple of the
+  number of processes) into equal contiguous shards, one per rank;
 - averages the trainable modules' gradients over the ranks, weighted by shard size, before
   clipping and the optimizer steps: every rank takes the step one process would take on the
   whole batch, for losses that are means over samples;
@@ -14,8 +14,10 @@
   next collective call).
 
 The frozen backbone needs no synchronisation; the trainable modules start equal on every rank
-(broadcast from rank 0). Every rank draws from the same seeded RNG, so a discriminator
-re-initialisation happens on all ranks at once and gives the same weights.
+(broadcast from rank 0). Every rank seeds the same RNG and, with equal shards, draws the same
+amount from it, so the RNGs stay in step: a discriminator re-initialisation
+(``disc_reinit_prob``) happens on all ranks at once and gives the same weights. (The Gumbel
+noise of sample i is therefore the same on every rank, for different samples.)
 """
 
 from __future__ import annotations

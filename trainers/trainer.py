@@ -51,6 +51,10 @@ class Trainer:
                  output_dir: str | Path, data_parallel: DataParallel = DataParallel()):
         self.config, self.backbone, self.log = config, backbone, log
         self.dp = data_parallel
+        bs = config.trainer_settings.dl_settings.batch_size
+        if bs % self.dp.world_size:
+            raise ValueError(f"trainer_settings.dl_settings.batch_size ({bs}) is the global batch and must split evenly "
+                             f"over the {self.dp.world_size} processes; make it a multiple of {self.dp.world_size}")
         self.train_set, self.eval_set = train_set, eval_set
         method, trainer = config.method_settings, config.trainer_settings
         self.out = Path(output_dir)
@@ -74,11 +78,10 @@ class Trainer:
             for name, group in params.items() if group
         }
         self.collate = VQACollator(backbone.processor)
-        if trainer.dl_settings.batch_size < self.dp.world_size:
-            raise ValueError(f"trainer_settings.dl_settings.batch_size ({trainer.dl_settings.batch_size}) is the global "
-                             f"batch, split over {self.dp.world_size} processes; raise it to at least {self.dp.world_size}")
         full, rest = divmod(len(train_set), trainer.dl_settings.batch_size)
-        self.steps_per_epoch = full + (rest >= self.dp.world_size)  # a last batch too small to split is left out
+        # Equal shards: every rank draws the same amount of noise, so the ranks' RNGs stay in step. A last batch
+        # that does not split evenly is left out.
+        self.steps_per_epoch = full + (rest > 0 and rest % self.dp.world_size == 0)
         self.local_samples = 0  # samples of the current batch on this rank
         self.total_steps = self.steps_per_epoch * trainer.dl_settings.epochs
         if trainer.max_steps is not None:
