@@ -48,10 +48,11 @@ from models.baselines import BASELINES, build_baseline, check_baseline, kept_tok
 from models.layer_pruner import stage_budgets  # noqa: E402
 from models.llava_backbone import BackboneNotFoundError, BackboneShape, LlavaBackbone, read_backbone_shape  # noqa: E402
 from models.pruned_llava import PrunedLlava  # noqa: E402
-from scripts.benchmark_pruning import timed  # noqa: E402
+from scripts.benchmark_pruning import timed_interleaved  # noqa: E402
 from trainers.build import build_pruned_model  # noqa: E402
 from trainers.checkpoint import Checkpointer, load  # noqa: E402
 from trainers.evaluation import generate_pruned, prefill_flops  # noqa: E402
+from trainers.world import resolve_device  # noqa: E402
 
 METHODS = ("learned", "fastv", "pyramiddrop", "visionzip", "tome", "pooling", "random")
 FINGERPRINT = "backbone_fingerprint.txt"  # written next to a run the benchmark trained
@@ -180,11 +181,6 @@ def train(runs: list[LearnedRun], args, num_tokens: int) -> None:
 
 
 # ---------------------------------------------------------------------------------------- models
-def device_of(name: str) -> torch.device:
-    """backbone_settings.device: ``auto`` is the GPU when there is one."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else torch.device(name)
-
-
 def backbone_fingerprint(backbone: LlavaBackbone) -> str:
     """A hash of the projector's and the output layer's weights: it changes when the backbone is retrained."""
     digest = hashlib.sha256()
@@ -248,17 +244,24 @@ def stage_counts(model: PrunedLlava, per_layer: list[int]) -> str:
 
 
 def measure(name: str, budget: float | None, model: PrunedLlava, tau: float, eval_batches: list[dict],
-            timing_batch: dict, args, max_new_tokens: int) -> dict:
+            max_new_tokens: int) -> dict:
+    """One row of the table, all but the time (measured afterwards for every setting at once)."""
     result = evaluate(model, eval_batches, tau, max_new_tokens, desc=name)
-    ids, mask = timing_batch["input_ids"].to(model.backbone.device), timing_batch["attention_mask"].to(model.backbone.device)
-    pixels = timing_batch["pixel_values"].to(model.backbone.device, model.backbone.dtype)
-    with torch.no_grad():
-        seconds = timed(lambda: model(ids, pixels, mask, mode="hard", tau=tau), args.repeats, model.backbone.device)
     per_layer = result["vision_tokens_per_layer"]
     return {"budget": budget, "kept": per_layer[-1], "method": name, "accuracy": result["accuracy"]["overall"],
             "accuracy_by_type": {k: v for k, v in result["accuracy"].items() if k != "overall"},
-            "flops": result["flops"], "flops_baseline": result["flops_baseline"], "prefill_s": seconds,
+            "flops": result["flops"], "flops_baseline": result["flops_baseline"],
             "stages": stage_counts(model, per_layer), "mean_vision_tokens": sum(per_layer) / len(per_layer)}
+
+
+def time_prefills(settings: list[tuple[PrunedLlava, float]], batch: dict, repeats: int) -> list[float]:
+    """Median hard-mode prefill seconds of every (model, tau) on ``batch``, the settings interleaved round by round."""
+    device = settings[0][0].backbone.device
+    ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+    pixels = batch["pixel_values"].to(device, settings[0][0].backbone.dtype)
+    prefills = [lambda model=model, tau=tau: model(ids, pixels, mask, mode="hard", tau=tau) for model, tau in settings]
+    with torch.no_grad():
+        return timed_interleaved(prefills, repeats, device)
 
 
 # ---------------------------------------------------------------------------------------- writing
@@ -386,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
 
     settings = config.backbone_settings
     backbone = LlavaBackbone.from_pretrained(settings.name_or_path, settings.dtype, settings.attn_implementation,
-                                             device_of(settings.device))
+                                             resolve_device(settings.device))
     args.fingerprint = backbone_fingerprint(backbone)
     if to_train:
         train(to_train, args, shape.num_vision_tokens)
@@ -404,19 +407,19 @@ def main(argv: list[str] | None = None) -> int:
     max_new = config.data_settings.max_new_tokens
     layers = list(config.method_settings.pruning_layers)
 
-    settings_list = [(budget, method) for budget in args.budgets for method in args.methods]
-    bar = tqdm(total=1 + len(settings_list), desc="benchmark")
-    rows = [measure("unpruned", None, PrunedLlava(backbone).eval(), 1.0, eval_batches, timing_batch, args, max_new)]
-    bar.update(1)
-    for budget, method in settings_list:
-        bar.set_postfix_str(f"{method} at {budget:.0%}")
-        if method == "learned":
-            model, tau, _ = learned[budget]
-        else:
-            model, tau = build_baseline(method, backbone, kept[budget], layers, args.fastv_layer, args.seed), 1.0
-        rows.append(measure(method, budget, model, tau, eval_batches, timing_batch, args, max_new))
-        bar.update(1)
-    bar.close()
+    setups = [("unpruned", None, PrunedLlava(backbone).eval(), 1.0)]
+    for budget in args.budgets:
+        for method in args.methods:
+            model, tau = (learned[budget][:2] if method == "learned" else
+                          (build_baseline(method, backbone, kept[budget], layers, args.fastv_layer, args.seed), 1.0))
+            setups.append((method, budget, model, tau))
+    rows = []
+    for name, budget, model, tau in tqdm(setups, desc="benchmark: accuracy"):
+        rows.append(measure(name, budget, model, tau, eval_batches, max_new))
+    print(f"timing the prefill of {len(setups)} setups, {args.repeats} interleaved rounds...", flush=True)
+    for row, seconds in zip(rows, time_prefills([(model, tau) for _, _, model, tau in setups], timing_batch,
+                                                args.repeats)):
+        row["prefill_s"] = seconds
     finish_rows(rows)
 
     args.out.mkdir(parents=True, exist_ok=True)

@@ -70,17 +70,27 @@ def build_setting(backbone: LlavaBackbone, keep: float, layers: list[int]) -> Pr
 
 def timed(fn, repeats: int, device: torch.device) -> float:
     """Median seconds of ``fn()`` over ``repeats`` runs after one warm-up."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
+    return timed_interleaved([fn], repeats, device)[0]
+
+
+def timed_interleaved(fns: list, repeats: int, device: torch.device) -> list[float]:
+    """Median seconds of each of ``fns`` over ``repeats`` rounds that run every fn once, after one warm-up each.
+
+    On a shared machine a slow spell then lands on every setting alike instead of on one.
+    """
+    for fn in fns:
         fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    times = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, samples in zip(fns, times):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            samples.append(time.perf_counter() - start)
+    return [statistics.median(samples) for samples in times]
 
 
 def main(argv: list[str] | None = None) -> None:
