@@ -120,8 +120,11 @@ def soft_assignment_merge(features: torch.Tensor, centres: torch.Tensor, selecti
     a_jk = softmax_k(cos(x_j, c_k) / tau) assigns token j over the K centres; token j takes part
     with weight (1 - selection_j), so a centre is not merged into another centre. Output k is
     (selection_{c_k} * c_k + sum_j (1 - selection_j) a_jk x_j) / (selection_{c_k} + sum_j (1 - selection_j) a_jk).
-    ``selection`` is 0/1 in value; its straight-through gradient reaches the scorer.
+    ``selection`` is 0/1 in value; its straight-through gradient reaches the scorer. Computed in
+    float32 (a softmax of cos / tau at small tau loses too much in bf16), returned in the features' dtype.
     """
+    dtype = features.dtype
+    features, selection = features.float(), selection.float()
     B, N, D = features.shape
     idx = centres.unsqueeze(-1).expand(-1, -1, D)  # (B, K, D)
     centre_feats = features.gather(1, idx)  # (B, K, D)
@@ -130,4 +133,4 @@ def soft_assignment_merge(features: torch.Tensor, centres: torch.Tensor, selecti
     centre_weight = selection.gather(1, centres)  # (B, K), 1 in value
     numerator = centre_weight.unsqueeze(-1) * centre_feats + assign.transpose(1, 2) @ features  # (B, K, D)
     denominator = centre_weight + assign.sum(dim=1)  # (B, K)
-    return numerator / denominator.unsqueeze(-1)
+    return (numerator / denominator.unsqueeze(-1)).to(dtype)

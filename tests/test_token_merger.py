@@ -67,3 +67,13 @@ def test_starts_without_preference_and_sparsity_loss():
         TokenMerger(8, 12, 20, 0.5, hidden=16)(torch.randn(1, 16, 8), tau=1.0)
     with pytest.raises(ValueError, match="merger_type"):
         TokenMerger(8, 12, 4, 0.25, "clever")
+
+
+def test_bf16_features_with_float32_selection_merge_in_float32():
+    # A bf16 backbone with float32 Gumbel maths (the GPU setting) once failed in the matmul.
+    x = torch.randn(2, 5, 4)
+    centre = torch.tensor([[2], [0]])
+    selection = torch.zeros(2, 5).scatter(1, centre, 1.0)
+    out = soft_assignment_merge(x.bfloat16(), centre, selection, tau=0.5)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), x.bfloat16().float().mean(dim=1, keepdim=True), atol=1e-2, rtol=1e-2)
