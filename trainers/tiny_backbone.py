@@ -12,7 +12,7 @@ into one, with three things that make a small model learn in minutes instead of 
   under every patch (two linear heads, dropped after pretraining);
 - an alignment loss (LLaVA's stage-1 idea): each object's projected token, read through
   the word-embedding table, must name its colour word and its shape word (and, with
-  ``--position-words``, its region's row and column words), so that a question word can
+  ``--position-words``, its region's row word), so that a question word can
   find its object by attention from the first steps;
 - a background curriculum: at first the language model's attention cannot see the
   background vision tokens (they are masked as keys), so it learns to find objects among a
@@ -42,7 +42,7 @@ from transformers import CLIPImageProcessorPil, LlavaForConditionalGeneration, L
 
 from data.collator import IGNORE_INDEX, VQACollator
 from data.collator import build_prompt
-from data.synthetic_vqa import (COL_NAMES, COLORS, GRID, REGION_PATCHES, ROW_NAMES, SHAPES, SyntheticVQADataset,
+from data.synthetic_vqa import (COLORS, GRID, REGION_PATCHES, ROW_NAMES, SHAPES, SyntheticVQADataset,
                                 patch_labels, scene_questions, vocabulary)
 from data.word_tokenizer import build_word_tokenizer
 from models.llava_backbone import LlavaBackbone
@@ -87,14 +87,13 @@ class PatchHeads(nn.Module):
 
 def patch_word_targets(colors: torch.Tensor, shapes: torch.Tensor, tokenizer, position_words: bool) -> list[torch.Tensor]:
     """Per patch (B, N), the word ids an object token must name (its colour, its shape and, with
-    ``position_words``, its region's row and column words); IGNORE_INDEX on background patches."""
+    ``position_words``, its region's row word); IGNORE_INDEX on background patches."""
     ids = lambda words: torch.tensor(tokenizer.convert_tokens_to_ids(list(words)))
     background = colors == 0
     targets = [ids(COLORS)[(colors - 1).clamp_min(0)], ids(SHAPES)[(shapes - 1).clamp_min(0)]]
     if position_words:
         patch = torch.arange(colors.shape[1]).expand_as(colors)
         targets.append(ids(ROW_NAMES)[patch // GRID // REGION_PATCHES])
-        targets.append(ids(COL_NAMES)[patch % GRID // REGION_PATCHES])
     return [t.masked_fill(background, IGNORE_INDEX) for t in targets]
 
 
@@ -130,6 +129,26 @@ def multi_turn_batch(samples, processor, seed: int, offset: int, turns: int) -> 
     return batch
 
 
+class PretrainBatches(torch.utils.data.Dataset):
+    """Batch ``step`` of pretraining (multi-turn texts, images, patch labels): a pure function of the step,
+    so that DataLoader workers can build batches ahead of the model without changing the result."""
+
+    def __init__(self, processor, train: SyntheticVQADataset, args: argparse.Namespace):
+        self.processor, self.train, self.args = processor, train, args
+
+    def __len__(self) -> int:
+        return self.args.steps
+
+    def __getitem__(self, step: int) -> dict:
+        first = self.args.sample_offset + step * self.args.batch_size
+        samples = [self.train[first + i] for i in range(self.args.batch_size)]
+        batch = multi_turn_batch(samples, self.processor, self.args.seed, first, self.args.turns)
+        labels = [patch_labels(s.objects) for s in samples]
+        batch["colors"] = torch.from_numpy(np.stack([c for c, _ in labels]))  # (B, N)
+        batch["shapes"] = torch.from_numpy(np.stack([s for _, s in labels]))  # (B, N)
+        return batch
+
+
 def background_visibility(step: int, total: int, start: float, end: float) -> float:
     """Probability that a background vision token is visible to the LM: 0 until ``start``, 1 from ``end``."""
     progress = step / total
@@ -162,7 +181,9 @@ def first_token_accuracy(backbone: LlavaBackbone, batches: list[dict]) -> dict[s
     """Teacher-forced accuracy of the answer's first token per question type (a cheap progress signal)."""
     predicted, expected, types = [], [], []
     for batch in batches:
-        logits = backbone(batch["input_ids"], batch["pixel_values"], batch["attention_mask"])
+        device = backbone.device
+        logits = backbone(batch["input_ids"].to(device), batch["pixel_values"].to(device),
+                          batch["attention_mask"].to(device)).cpu()
         labels = batch["labels"]
         first = (labels != IGNORE_INDEX).float().argmax(dim=1)  # first answer position per sample
         rows = torch.arange(len(first))
@@ -240,11 +261,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--init-from", type=Path, help="continue from a saved backbone folder instead of a new model")
     parser.add_argument("--position-words", action="store_true",
-                        help="the alignment loss also asks each object token to name its region's row and column words")
+                        help="the alignment loss also asks each object token to name its region's row word")
     parser.add_argument("--sample-offset", type=int, default=0,
                         help="index of the first training sample (a further phase uses samples the first did not)")
     parser.add_argument("--eval-size", type=int, default=1000)
     parser.add_argument("--stop-after", type=int, help="end the phase after this many steps (the schedule still spans --steps)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (results are not bit-identical across devices)")
+    parser.add_argument("--workers", type=int, default=0, help="DataLoader processes that build batches ahead")
     parser.add_argument("--probe-every", type=int, default=250, help="steps between progress probes and saves")
     args = parser.parse_args(argv)
     if args.steps < 1 or args.batch_size < 1 or args.eval_size < 1:
@@ -258,8 +281,9 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         processor = build_processor()
         model = build_model(processor, args.text_layers)
-    backbone = LlavaBackbone(model, processor, freeze=False)
-    heads = PatchHeads(backbone.vision_hidden_size)
+    device = torch.device(args.device)
+    backbone = LlavaBackbone(model.to(device), processor, freeze=False)
+    heads = PatchHeads(backbone.vision_hidden_size).to(device)
     params = [*model.parameters(), *heads.parameters()]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
 
@@ -272,29 +296,25 @@ def main(argv: list[str] | None = None) -> dict:
 
     curriculum_rng = torch.Generator().manual_seed(args.seed)
     start = time.time()
-    bar = tqdm(range(args.steps), desc="pretraining tiny-llava")
-    for step in bar:
-        if args.stop_after is not None and step == args.stop_after:
-            break
-        first = args.sample_offset + step * args.batch_size
-        samples = [train[first + i] for i in range(args.batch_size)]
-        batch = multi_turn_batch(samples, processor, args.seed, first, args.turns)
-        labels = [patch_labels(s.objects) for s in samples]
-        colors = torch.from_numpy(np.stack([c for c, _ in labels]))
-        shapes = torch.from_numpy(np.stack([s for _, s in labels]))
+    n_steps = min(args.steps, args.stop_after or args.steps)
+    loader = torch.utils.data.DataLoader(PretrainBatches(processor, train, args), batch_size=None,
+                                         sampler=range(n_steps), num_workers=args.workers)
+    bar = tqdm(loader, total=n_steps, desc="pretraining tiny-llava")
+    for step, batch in enumerate(bar):
+        colors, shapes, ids = batch["colors"], batch["shapes"], batch["input_ids"]
+        visible = background_visibility(step, args.steps, args.curriculum_start, args.curriculum_end)
+        mask = hide_background(batch["attention_mask"], backbone.image_token_mask(ids), colors, visible, curriculum_rng)
+        words = patch_word_targets(colors, shapes, processor.tokenizer, args.position_words)
+        ids, mask, colors, shapes = ids.to(device), mask.to(device), colors.to(device), shapes.to(device)
 
         model.train()
-        features = backbone.vision_features(batch["pixel_values"])  # (B, N, Dv)
+        features = backbone.vision_features(batch["pixel_values"].to(device))  # (B, N, Dv)
         projected = backbone.project(features)  # (B, N, D)
-        embeds = backbone.merge_image_embeddings(batch["input_ids"], projected)
-        visible = background_visibility(step, args.steps, args.curriculum_start, args.curriculum_end)
-        mask = hide_background(batch["attention_mask"], backbone.image_token_mask(batch["input_ids"]), colors,
-                               visible, curriculum_rng)
+        embeds = backbone.merge_image_embeddings(ids, projected)
         logits = backbone.lm_head(backbone.decode(embeds, mask))
-        task = task_loss(logits, batch["labels"])
+        task = task_loss(logits, batch["labels"].to(device))
         aux = heads.loss(features, colors, shapes) + alignment_loss(
-            projected, backbone.language_model.embed_tokens.weight,
-            patch_word_targets(colors, shapes, processor.tokenizer, args.position_words))
+            projected, backbone.language_model.embed_tokens.weight, [w.to(device) for w in words])
         loss = task + args.aux_weight * aux
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite loss at step {step}: task {task.item()}, aux {aux.item()}")
@@ -306,7 +326,7 @@ def main(argv: list[str] | None = None) -> dict:
         optimizer.step()
         bar.set_postfix(task=f"{task.item():.3f}", aux=f"{aux.item():.3f}", gnorm=f"{grad_norm:.2f}", bg=f"{visible:.2f}")
 
-        if (step + 1) % args.probe_every == 0 or step + 1 in (args.steps, args.stop_after):
+        if (step + 1) % args.probe_every == 0 or step + 1 == n_steps:
             model.eval()
             acc = first_token_accuracy(backbone, probe)
             tqdm.write(f"[step {step + 1}] {(time.time() - start) / 60:.1f} min, probe accuracy "
@@ -321,10 +341,11 @@ def main(argv: list[str] | None = None) -> dict:
                for i in range(0, len(eval_set), 64))
     accuracy = evaluate_accuracy(lambda b: generate_baseline_answers(backbone, b), batches, desc="final eval")
     report = {
-        "steps": min(args.steps, args.stop_after or args.steps), "wall_time_s": round(wall, 1), "eval_size": args.eval_size,
+        "steps": n_steps, "wall_time_s": round(wall, 1), "eval_size": args.eval_size,
         "accuracy": {k: round(v, 4) for k, v in sorted(accuracy.items())},
         "majority_baseline": round(majority_baseline(eval_set), 4),
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
+        "machine": (torch.cuda.get_device_name(device) if device.type == "cuda"
+                    else f"{platform.machine()}, {torch.get_num_threads()} torch threads"),
         "command": "python -m trainers.tiny_backbone " + " ".join(sys.argv[1:] if argv is None else argv),
     }
     report["phases"] = earlier_phases(args.init_from)
