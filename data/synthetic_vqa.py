@@ -6,27 +6,36 @@ The image is a ``GRID x GRID`` board of ``PATCH``-pixel cells, exactly the visio
 patch grid (96 px, 8 px patches: 12 x 12 = 144 vision tokens). Every object is drawn inside
 one patch, so one vision token carries one whole object (its colour *and* its shape) and all
 other tokens are noisy background. The board is divided into 3 x 3 regions of 4 x 4 patches;
-each region holds at most one object, placed on a random patch of that region, and
-"top left" ... "bottom right" names a region. Typical images hold 2-6 objects, so about 3%
-of the vision tokens carry the answer: a good pruner can drop most tokens and keep the
-answer, a random pruner cannot. A tiny vision tower learns to read one-patch objects
-quickly, which is what lets a small backbone pretrained on 2 CPU cores reach high accuracy.
+each region holds at most one object, placed on a random patch of that region. Typical
+images hold 2-6 objects, so about 3% of the vision tokens carry the answer: a good pruner
+can drop most tokens and keep the answer, a random pruner cannot. A tiny vision tower learns
+to read one-patch objects quickly, which is what lets a small backbone pretrained on 2 CPU
+cores reach high accuracy.
+
+Positions are rows ("top", "middle", "bottom": the region rows). An earlier design also
+named columns ("top left", "is the red object left or right of the blue one?"); the tiny
+language model never learned to use columns (colour-at-position answers mostly came from
+an object in the right row but the wrong column, and left/right stayed at chance), while it
+reads rows, which are contiguous runs of the image tokens in LLaVA's row-major order. The
+relation is symmetric ("same row?") so that the answer does not hinge on which colour was
+named first.
 
 Question types (single-word answers)
 ------------------------------------
 ==============  ===============================================  ==================
 type            question                                          answers
 ==============  ===============================================  ==================
-color_at        what color is the object in the top left?         6 colours
+color_at        what color is the object in the top row?          6 colours
 shape_of        what shape is the red object?                     4 shapes
 count           how many red objects are there?                   zero .. three
 exists          is there a red circle?                            yes / no
-relation        is the red object left or right of the blue one?  left / right
+relation        are the red and blue objects in the same row?     yes / no
 ==============  ===============================================  ==================
 
-Each sample draws its answer first (uniformly), then builds a scene that makes it true, so
-answers are balanced within each type; the types rotate with the sample index. Everything
-is a pure function of ``(seed, split, index)``.
+In a color_at scene the asked row holds only the target. Each sample draws its answer
+first (uniformly), then builds a scene that makes it true, so answers are balanced within
+each type; the types rotate with the sample index. Everything is a pure function of
+``(seed, split, index)``.
 """
 
 from __future__ import annotations
@@ -53,7 +62,6 @@ COLORS = {
 SHAPES = ("square", "circle", "triangle", "cross")
 COUNT_WORDS = ("zero", "one", "two", "three")
 ROW_NAMES = ("top", "middle", "bottom")
-COL_NAMES = ("left", "center", "right")
 QUESTION_TYPES = ("color_at", "shape_of", "count", "exists", "relation")
 SPLITS = {"train": 0, "eval": 1}
 BACKGROUND = (40, 40, 40)
@@ -78,15 +86,19 @@ class VQASample:
     objects: tuple[SceneObject, ...]
 
 
-def region_name(region: tuple[int, int]) -> str:
-    return f"{ROW_NAMES[region[0]]} {COL_NAMES[region[1]]}"
+def color_at_question(row: int) -> str:
+    return f"what color is the object in the {ROW_NAMES[row]} row ?"
+
+
+def relation_question(first: str, second: str) -> str:
+    return f"are the {first} and {second} objects in the same row ?"
 
 
 def vocabulary() -> list[str]:
     """Every word a prompt, question or answer of this data set can contain."""
     words = {"USER", "ASSISTANT", ":", "?", "what", "color", "is", "the", "object", "in", "shape",
-             "how", "many", "objects", "are", "there", "a", "or", "of", "one", "left", "right"}
-    words.update(COLORS, SHAPES, COUNT_WORDS, ROW_NAMES, COL_NAMES, ("yes", "no"))
+             "how", "many", "objects", "are", "there", "a", "and", "same", "row"}
+    words.update(COLORS, SHAPES, COUNT_WORDS, ROW_NAMES, ("yes", "no"))
     return sorted(words)
 
 
@@ -142,6 +154,9 @@ class _SceneBuilder:
     def add(self, color: str, shape: str, region: tuple[int, int] | None = None) -> SceneObject:
         if region is None:
             region = self.free[self.rng.integers(len(self.free))]
+        elif isinstance(region, int):  # a row: any free region of it
+            in_row = [r for r in self.free if r[0] == region]
+            region = in_row[self.rng.integers(len(in_row))]
         self.free.remove(region)
         patch = (region[0] * REGION_PATCHES + int(self.rng.integers(REGION_PATCHES)),
                  region[1] * REGION_PATCHES + int(self.rng.integers(REGION_PATCHES)))
@@ -177,8 +192,9 @@ def make_sample(seed: int, split: str, index: int) -> VQASample:
 
     if qtype == "color_at":
         target = b.add(b.pick(colors), b.pick(SHAPES))
+        b.free = [r for r in b.free if r[0] != target.region[0]]  # the asked row holds only the target
         b.add_distractors(n_extra, colors)
-        question, answer = f"what color is the object in the {region_name(target.region)} ?", target.color
+        question, answer = color_at_question(target.region[0]), target.color
     elif qtype == "shape_of":
         target = b.add(b.pick(colors), b.pick(SHAPES))
         b.add_distractors(n_extra, [c for c in colors if c != target.color])
@@ -206,12 +222,11 @@ def make_sample(seed: int, split: str, index: int) -> VQASample:
     else:  # relation
         first, second = rng.choice(len(colors), size=2, replace=False)
         first, second = colors[first], colors[second]
-        col_a, col_b = rng.choice(REGIONS, size=2, replace=False)
-        a = b.add(first, b.pick(SHAPES), (int(rng.integers(REGIONS)), int(col_a)))
-        b.add(second, b.pick(SHAPES), (int(rng.integers(REGIONS)), int(col_b)))
+        same = bool(rng.integers(2))
+        a = b.add(first, b.pick(SHAPES))
+        b.add(second, b.pick(SHAPES), a.region[0] if same else b.pick([r for r in range(REGIONS) if r != a.region[0]]))
         b.add_distractors(n_extra, [c for c in colors if c not in (first, second)])
-        question = f"is the {first} object left or right of the {second} one ?"
-        answer = "left" if a.region[1] < col_b else "right"
+        question, answer = relation_question(first, second), "yes" if same else "no"
 
     objects = tuple(b.objects)
     return VQASample(
@@ -232,8 +247,10 @@ def scene_questions(objects: tuple[SceneObject, ...], rng: np.random.Generator) 
     """
     out = []
     color_counts = {c: sum(o.color == c for o in objects) for c in COLORS}
-    target = objects[rng.integers(len(objects))]
-    out.append(("color_at", f"what color is the object in the {region_name(target.region)} ?", target.color))
+    alone = [o for o in objects if sum(p.region[0] == o.region[0] for p in objects) == 1]
+    if alone:
+        target = alone[rng.integers(len(alone))]
+        out.append(("color_at", color_at_question(target.region[0]), target.color))
     unique = [o for o in objects if color_counts[o.color] == 1]
     if unique:
         obj = unique[rng.integers(len(unique))]
@@ -246,11 +263,10 @@ def scene_questions(objects: tuple[SceneObject, ...], rng: np.random.Generator) 
                                                                     SHAPES[rng.integers(len(SHAPES))])
     present = any(o.color == color and o.shape == shape for o in objects)
     out.append(("exists", f"is there a {color} {shape} ?", "yes" if present else "no"))
-    pairs = [(a, b) for a in unique for b in unique if a.region[1] != b.region[1]]
+    pairs = [(a, b) for a in unique for b in unique if a is not b]
     if pairs:
         a, b = pairs[rng.integers(len(pairs))]
-        out.append(("relation", f"is the {a.color} object left or right of the {b.color} one ?",
-                    "left" if a.region[1] < b.region[1] else "right"))
+        out.append(("relation", relation_question(a.color, b.color), "yes" if a.region[0] == b.region[0] else "no"))
     return out
 
 

@@ -7,7 +7,7 @@ from data.instruction_json import BadSampleError, LlavaInstructionDataset
 from data.synthetic_vqa import make_sample
 
 
-def record(sample_id, image, question="what color is the object in the top left ?", answer="red"):
+def record(sample_id, image, question="what color is the object in the top row ?", answer="red"):
     return {"id": sample_id, "image": image,
             "conversations": [{"from": "human", "value": f"<image>\n{question}"}, {"from": "gpt", "value": answer}]}
 
@@ -31,7 +31,7 @@ def test_loads_and_collates_like_synthetic_data(folder, processor):
     data = LlavaInstructionDataset(path, folder)
     assert len(data) == 2 and data.skipped == []
     sample = data[1]
-    assert (sample.id, sample.question, sample.answer) == ("b", "what color is the object in the top left ?", "two")
+    assert (sample.id, sample.question, sample.answer) == ("b", "what color is the object in the top row ?", "two")
     batch = VQACollator(processor)([data[0], data[1]])
     labelled = [processor.tokenizer.decode(row[row != IGNORE_INDEX]) for row in batch["labels"]]
     assert labelled == ["red </s>", "two </s>"]

@@ -8,7 +8,7 @@ from data.collator import VQACollator
 from data.synthetic_vqa import SyntheticVQADataset
 from models.llava_backbone import LlavaBackbone
 from trainers.evaluation import evaluate_accuracy, generate_baseline_answers
-from data.synthetic_vqa import make_sample, patch_labels, region_name
+from data.synthetic_vqa import ROW_NAMES, make_sample, patch_labels
 from trainers.tiny_backbone import (background_visibility, hide_background, lr_at, main as build_tiny,
                                     patch_word_targets)
 
@@ -63,7 +63,7 @@ def test_background_curriculum_hides_only_background_image_tokens():
     assert hide_background(mask, image, colors, 1.0, torch.Generator()) is mask
 
 
-def test_alignment_targets_name_colour_shape_and_region(processor):
+def test_alignment_targets_name_colour_shape_and_row(processor):
     sample = make_sample(0, "eval", 3)
     colors, shapes = (torch.from_numpy(a)[None] for a in patch_labels(sample.objects))
     targets = patch_word_targets(colors, shapes, processor.tokenizer, position_words=True)
@@ -71,5 +71,5 @@ def test_alignment_targets_name_colour_shape_and_region(processor):
     for obj in sample.objects:
         k = obj.patch[0] * 12 + obj.patch[1]
         words = [tok.convert_ids_to_tokens(int(t[0, k])) for t in targets]
-        assert words == [obj.color, obj.shape, *region_name(obj.region).split()]
+        assert words == [obj.color, obj.shape, ROW_NAMES[obj.region[0]]]
     assert all((t[colors == 0] == -100).all() for t in targets)
