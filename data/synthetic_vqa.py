@@ -12,13 +12,14 @@ can drop most tokens and keep the answer, a random pruner cannot. A tiny vision 
 to read one-patch objects quickly, which is what lets a small backbone pretrained on 2 CPU
 cores reach high accuracy.
 
-Positions are rows ("top", "middle", "bottom": the region rows). An earlier design also
-named columns ("top left", "is the red object left or right of the blue one?"); the tiny
-language model never learned to use columns (colour-at-position answers mostly came from
-an object in the right row but the wrong column, and left/right stayed at chance), while it
-reads rows, which are contiguous runs of the image tokens in LLaVA's row-major order. The
-relation is symmetric ("same row?") so that the answer does not hinge on which colour was
-named first.
+Positions are rows ("top", "middle", "bottom": the region rows), asked both ways: the
+colour of the object in a row, and the row of an object of a colour. Earlier designs also
+named columns ("top left", "is the red object left or right of the blue one?") and asked a
+relation between two objects ("are the red and blue objects in the same row?"). The tiny
+language model never learned either in the pretraining budget: colour-at-position answers
+mostly named an object in the right row but the wrong column, and both relations stayed at
+chance, while it reads rows (contiguous runs of the image tokens in LLaVA's row-major order)
+and copies a looked-up object's attribute word.
 
 Question types (single-word answers)
 ------------------------------------
@@ -29,7 +30,7 @@ color_at        what color is the object in the top row?          6 colours
 shape_of        what shape is the red object?                     4 shapes
 count           how many red objects are there?                   zero .. three
 exists          is there a red circle?                            yes / no
-relation        are the red and blue objects in the same row?     yes / no
+row_of          what row is the red object in?                    top / middle / bottom
 ==============  ===============================================  ==================
 
 In a color_at scene the asked row holds only the target. Each sample draws its answer
@@ -62,7 +63,7 @@ COLORS = {
 SHAPES = ("square", "circle", "triangle", "cross")
 COUNT_WORDS = ("zero", "one", "two", "three")
 ROW_NAMES = ("top", "middle", "bottom")
-QUESTION_TYPES = ("color_at", "shape_of", "count", "exists", "relation")
+QUESTION_TYPES = ("color_at", "shape_of", "count", "exists", "row_of")
 SPLITS = {"train": 0, "eval": 1}
 BACKGROUND = (40, 40, 40)
 NOISE_STD = 6.0
@@ -90,14 +91,14 @@ def color_at_question(row: int) -> str:
     return f"what color is the object in the {ROW_NAMES[row]} row ?"
 
 
-def relation_question(first: str, second: str) -> str:
-    return f"are the {first} and {second} objects in the same row ?"
+def row_of_question(color: str) -> str:
+    return f"what row is the {color} object in ?"
 
 
 def vocabulary() -> list[str]:
     """Every word a prompt, question or answer of this data set can contain."""
     words = {"USER", "ASSISTANT", ":", "?", "what", "color", "is", "the", "object", "in", "shape",
-             "how", "many", "objects", "are", "there", "a", "and", "same", "row"}
+             "how", "many", "objects", "are", "there", "a", "row"}
     words.update(COLORS, SHAPES, COUNT_WORDS, ROW_NAMES, ("yes", "no"))
     return sorted(words)
 
@@ -219,14 +220,10 @@ def make_sample(seed: int, split: str, index: int) -> VQASample:
                 b.add(b.pick([c for c in colors if c != color]), shape)
         b.add_distractors(n_extra, colors, forbid=lambda c, s: c == color and s == shape)
         question, answer = f"is there a {color} {shape} ?", "yes" if present else "no"
-    else:  # relation
-        first, second = rng.choice(len(colors), size=2, replace=False)
-        first, second = colors[first], colors[second]
-        same = bool(rng.integers(2))
-        a = b.add(first, b.pick(SHAPES))
-        b.add(second, b.pick(SHAPES), a.region[0] if same else b.pick([r for r in range(REGIONS) if r != a.region[0]]))
-        b.add_distractors(n_extra, [c for c in colors if c not in (first, second)])
-        question, answer = relation_question(first, second), "yes" if same else "no"
+    else:  # row_of
+        target = b.add(b.pick(colors), b.pick(SHAPES), int(rng.integers(REGIONS)))
+        b.add_distractors(n_extra, [c for c in colors if c != target.color])
+        question, answer = row_of_question(target.color), ROW_NAMES[target.region[0]]
 
     objects = tuple(b.objects)
     return VQASample(
@@ -263,10 +260,9 @@ def scene_questions(objects: tuple[SceneObject, ...], rng: np.random.Generator) 
                                                                     SHAPES[rng.integers(len(SHAPES))])
     present = any(o.color == color and o.shape == shape for o in objects)
     out.append(("exists", f"is there a {color} {shape} ?", "yes" if present else "no"))
-    pairs = [(a, b) for a in unique for b in unique if a is not b]
-    if pairs:
-        a, b = pairs[rng.integers(len(pairs))]
-        out.append(("relation", relation_question(a.color, b.color), "yes" if a.region[0] == b.region[0] else "no"))
+    if unique:
+        obj = unique[rng.integers(len(unique))]
+        out.append(("row_of", row_of_question(obj.color), ROW_NAMES[obj.region[0]]))
     return out
 
 

@@ -29,6 +29,7 @@ import argparse
 import json
 import math
 import platform
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -220,9 +221,10 @@ A small `LlavaForConditionalGeneration` pretrained on the project's synthetic VQ
 |---|---|
 {per_type}
 
-Rebuilt with (phase by phase):
+Rebuilt with (phase by phase; the data code of the named commit, the machine it ran on):
 
-""" + "\n".join(f"    {p['command']}" for p in report["phases"]) + "\n"
+""" + "\n".join(f"    {p['command']}\n        # {p.get('commit', 'commit unknown')}, {p.get('machine', 'machine unknown')}"
+                 for p in report["phases"]) + "\n"
     (out / "README.md").write_text(card)
     (out / "pretraining.json").write_text(json.dumps(report, indent=2) + "\n")
 
@@ -234,6 +236,18 @@ def earlier_phases(init_from: Path | None) -> list[dict]:
         return []
     report = json.loads(path.read_text())
     return report.get("phases") or [{key: report[key] for key in ("command", "steps", "wall_time_s")}]
+
+
+def source_commit() -> str:
+    """The project's git commit (the data and model code this phase ran), or 'commit unknown'."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).resolve().parent,
+                             capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, cwd=Path(__file__).resolve().parent).stdout.strip()
+        return f"commit {out.stdout.strip()}" + (" with local changes" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "commit unknown"
 
 
 def majority_baseline(dataset: SyntheticVQADataset) -> float:
@@ -349,7 +363,8 @@ def main(argv: list[str] | None = None) -> dict:
         "command": "python -m trainers.tiny_backbone " + " ".join(sys.argv[1:] if argv is None else argv),
     }
     report["phases"] = earlier_phases(args.init_from)
-    report["phases"].append({key: report[key] for key in ("command", "steps", "wall_time_s")})
+    report["commit"] = source_commit()
+    report["phases"].append({key: report[key] for key in ("command", "steps", "wall_time_s", "machine", "commit")})
     model.save_pretrained(args.out)
     processor.save_pretrained(args.out)
     write_model_card(args.out, args, model, report)
