@@ -171,9 +171,11 @@ def test_two_workers_on_gpu_subsets_finish_resume_and_write_a_best_config_that_r
 
 
 def wait_for_running_trial(study, timeout=90):
+    """A trial that has started training: its worker is recorded and its parameters are drawn."""
     deadline = time.time() + timeout
     while time.time() < deadline:
-        running = [t for t in study.get_trials() if t.state == TrialState.RUNNING and "worker" in t.user_attrs]
+        running = [t for t in study.get_trials() if t.state == TrialState.RUNNING and "worker" in t.user_attrs
+                   and t.params]
         if running:
             return running[0]
         time.sleep(0.05)
@@ -197,6 +199,8 @@ def test_a_killed_worker_s_trial_is_failed_and_run_again(tmp_path, tiny_folder):
     (retry,) = [t for t in trials if t.system_attrs.get("failed_trial") == victim.number]
     assert retry.state == TrialState.COMPLETE and retry.params == victim.params
     assert search.progress_of(trials).finished == 2
+    others = [t.params for t in trials if t.number not in (victim.number, retry.number)]
+    assert others and victim.params not in others  # fresh trials draw fresh parameters
 
 
 def test_ctrl_c_stops_cleanly_and_queues_the_running_trial(tmp_path, tiny_folder):

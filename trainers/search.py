@@ -140,13 +140,14 @@ def make_pruner(settings: SearchSettings) -> optuna.pruners.BasePruner:
                                        n_warmup_steps=settings.pruner_warmup_steps)
 
 
-def claim_seed(seed: int, claimed: int) -> int:
-    """The sampler's seed for the trial claimed when the study held ``claimed`` trials.
+def claim_seed(seed: int, started: int) -> int:
+    """The sampler's seed for the claim made when ``started`` trials of the study had started (run or finished).
 
-    Each claim gets its own seed: workers that shared one seed would propose the same parameters,
-    and a resumed study would repeat its first trials.
+    Every claim starts one more trial (a queued one or a new one), so under the claim lock each
+    gets its own seed: workers that shared one seed would propose the same parameters, and a
+    resumed study would repeat its first trials.
     """
-    return (seed * 1_000_003 + claimed) % 2**32
+    return (seed * 1_000_003 + started) % 2**32
 
 
 def open_study(config: Config, storage) -> optuna.Study:

@@ -57,7 +57,7 @@ class Worker:
             if progress.waiting == 0 and progress.finished + progress.running >= self.settings.n_trials:
                 return None
             self.study.sampler = search.make_sampler(
-                self.settings, search.claim_seed(self.config.manager_settings.seed, progress.total))
+                self.settings, search.claim_seed(self.config.manager_settings.seed, progress.total - progress.waiting))
             trial = self.study.ask()
             self.storage.record_heartbeat(trial._trial_id)  # alive from the claim on
             return trial
