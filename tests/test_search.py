@@ -162,6 +162,7 @@ def test_two_workers_on_gpu_subsets_finish_resume_and_write_a_best_config_that_r
     assert run_search(with_overrides(config, **{"search_settings.n_trials": 4, "manager_settings.available_gpus": [0, 1]})) == 0
     trials = study.get_trials()
     assert [t.number for t in trials] == [0, 1, 2, 3] and trials[3].state == TrialState.COMPLETE
+    assert len({t.user_attrs["metrics"]["accuracy_baseline"] for t in trials[1:]}) == 1  # one backbone, one eval set
 
     best_path = folder / "best_config.yaml"
     top = max(t.values[0] for t in trials[1:])

@@ -3,8 +3,8 @@
     python -m trainers.search_worker --config outputs/optuna/<study>/search_config.yaml --worker 0
 
 The manager (trainers/manager.py) starts one per GPU subset with ``CUDA_VISIBLE_DEVICES`` set,
-so the worker's GPUs are cuda:0, cuda:1, ... Each worker loads the backbone and the data once
-and then, in a loop: under this machine's claim lock it fails trials whose heartbeat stopped
+so the worker's GPUs are cuda:0, cuda:1, ... Each worker loads the backbone and the data (and
+evaluates the unpruned baseline) once and then, in a loop: under this machine's claim lock it fails trials whose heartbeat stopped
 (queuing them again), counts the study, and claims a trial (a queued retry first); it trains
 that trial in its own folder, reporting every evaluation for pruning, and tells the study the
 result. A trial that raises is recorded FAIL with its error and the worker goes on; Ctrl-C
@@ -42,6 +42,7 @@ class Worker:
         self.study = search.open_study(config, self.storage)
         self.world: World | None = None
         self.world_key = None
+        self.accuracy_baseline: float | None = None  # the frozen backbone's, on the world's eval set
 
     def say(self, message: str) -> None:
         print(f"[worker {self.index}] {message}", flush=True)
@@ -80,6 +81,7 @@ class Worker:
         key = (config.backbone_settings, repr(config.data_settings), config.manager_settings.gpus_per_subtask)
         if self.world is None or key != self.world_key:
             self.world, self.world_key = load_world(config, log), key
+            self.accuracy_baseline = None
         return self.world
 
     def report(self, trial: optuna.Trial, step: int, last_step: int, metrics: dict[str, float]) -> None:
@@ -110,7 +112,9 @@ class Worker:
                 world = self.world_for(config, log)
                 torch.manual_seed(config.manager_settings.seed)
                 trainer = make_trainer(config, world, log, folder)
+                trainer.accuracy_baseline = self.accuracy_baseline  # evaluated once per worker, not once per trial
                 metrics = trainer.train(on_eval=lambda step, m: self.report(trial, step, trainer.total_steps, m))
+                self.accuracy_baseline = trainer.accuracy_baseline
                 trial.set_user_attr("metrics", {k: float(v) for k, v in metrics.items()})
                 if self.settings.flops_budget is not None:
                     trial.set_constraint("flops_budget", search.flops_ratio(metrics) - self.settings.flops_budget)
