@@ -42,11 +42,16 @@ def test_two_processes_match_one_process_on_the_same_global_batch(tmp_path, tiny
                          timeout=300)
     assert run.returncode == 0, run.stdout + run.stderr
 
+    differences = []
     for name in ("token_merger", "layer_pruners", "discriminator"):
         a = torch.load(one / "checkpoints" / f"{name}_step_{STEPS}.pt")
         b = torch.load(two / "checkpoints" / f"{name}_step_{STEPS}.pt")
-        # Measured: 2e-5 at most; without the gradient all-reduce the modules differ by 2e-2.
-        assert max((a[k] - b[k]).abs().max().item() for k in a) < 2e-4, name
+        differences += [(a[k] - b[k]).abs().flatten() for k in a]
+    differences = torch.cat(differences)
+    # Adam turns a gradient that is zero up to rounding (the merger scorer's output bias: shifting every score
+    # changes no choice) into a full step of either sign, so a few elements may differ. Measured: 1 of 8885
+    # elements beyond 1e-4 (the rest within 3e-7); without the gradient all-reduce, 2501 of them, by up to 1.6e-2.
+    assert (differences > 1e-4).sum().item() <= differences.numel() // 1000
     log_one = (one / "logs" / "training.log").read_text()
     log_two = (two / "logs" / "training.log").read_text()
     first = lambda log: log[log.index("[Step 1] Losses:"):log.index("[Step 1] Temperature")]
