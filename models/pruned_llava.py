@@ -52,6 +52,7 @@ class PrunedOutput:
     seq_len_per_layer: list[int] = field(default_factory=list)
     pruner_sparsity_losses: list[torch.Tensor] = field(default_factory=list)
     layer_attention_masks: list[torch.Tensor] = field(default_factory=list)  # (B, T_l) keys each layer saw
+    vision_attention: torch.Tensor | None = None  # (B, n) with record_attention: see PrunedLlava.forward
 
 
 @dataclass
@@ -178,8 +179,14 @@ class PrunedLlava(nn.Module):
     # ------------------------------------------------------------------ forward
     def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor, attention_mask: torch.Tensor,
                 labels: torch.Tensor | None = None, mode: str = "soft", tau: float = 1.0,
-                generator: torch.Generator | None = None, cache=None) -> PrunedOutput:
-        """Soft (``mode="soft"``) or hard (``"hard"``) pruned forward. Noise only in training mode."""
+                generator: torch.Generator | None = None, cache=None, record_attention: bool = False) -> PrunedOutput:
+        """Soft (``mode="soft"``) or hard (``"hard"``) pruned forward. Noise only in training mode.
+
+        ``record_attention``: also return ``vision_attention`` (B, n), the attention the last
+        instruction token (the one that predicts the answer) pays to each vision token, averaged
+        over heads and decoder layers and normalised over the vision tokens: the teacher's
+        importance of each token, the token merger's training target.
+        """
         if mode not in ("soft", "hard"):
             raise ValueError(f"mode must be 'soft' or 'hard', got {mode!r}")
         if mode == "soft" and any(getattr(p, "reads_attention", False) for p in self.pruners):
@@ -192,6 +199,10 @@ class PrunedLlava(nn.Module):
         stats = PrunedOutput(hidden=None, logits=None, attention_mask=None, labels=None, merge=merge)  # filled below
         n_start = int(seq.is_vision.sum(dim=1)[0])
         previous_input = None  # the hidden states that entered the previous layer (same tokens as seq)
+        attention_sum = 0.0
+        if record_attention:
+            last_instruction = (seq.question_mask.long() * torch.arange(seq.hidden.shape[1], device=mask.device)).argmax(
+                dim=1, keepdim=True)  # (B, 1)
 
         for layer in range(bb.num_layers):
             if layer in self.stage_of_layer:
@@ -219,6 +230,9 @@ class PrunedLlava(nn.Module):
             stats.seq_len_per_layer.append(seq.hidden.shape[1])
             stats.layer_attention_masks.append(seq.attention_mask)
             previous_input = seq.hidden
+            if record_attention:
+                probs = bb.attention_probs(layer, seq.hidden, seq.attention_mask, cos_sin, last_instruction)  # (B, H, 1, T)
+                attention_sum = attention_sum + probs.mean(dim=1)[:, 0].gather(1, seq.vision_index)  # (B, n)
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 seq.hidden = checkpoint(bb.run_layer, layer, seq.hidden, mask, seq.position_ids, cos_sin,
                                         use_reentrant=False)
@@ -228,6 +242,8 @@ class PrunedLlava(nn.Module):
         stats.hidden = bb.norm(seq.hidden)
         stats.logits = bb.lm_head(stats.hidden)
         stats.attention_mask, stats.labels = seq.attention_mask, seq.labels
+        if record_attention:
+            stats.vision_attention = attention_sum / attention_sum.sum(dim=1, keepdim=True)
         return stats
 
     def _keep_logits(self, stage: int, layer: int, seq: _Sequence, vision_index: torch.Tensor,

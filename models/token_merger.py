@@ -37,6 +37,7 @@ class MergeOutput:
     positions: torch.Tensor  # (B, K) patch index of each centre in 0..N-1, ascending
     keep_prob: torch.Tensor  # (B, N) p_i = sigmoid(s_i / tau)
     sparsity_loss: torch.Tensor  # scalar
+    scores: torch.Tensor | None = None  # (B, N) the scorer's s_i (None for training-free mergers)
 
 
 class SimpleScorer(nn.Module):
@@ -110,7 +111,7 @@ class TokenMerger(nn.Module):
         selection = straight_through(top_k_mask(centres, N), relaxed_top_k(noisy, K, tau))  # (B, N), 1 at centres
         merged = soft_assignment_merge(features, centres, selection, tau)
         sparsity = (keep_prob.mean() - self.merge_ratio) ** 2
-        return MergeOutput(merged, centres, keep_prob, sparsity)
+        return MergeOutput(merged, centres, keep_prob, sparsity, scores)
 
 
 def soft_assignment_merge(features: torch.Tensor, centres: torch.Tensor, selection: torch.Tensor,

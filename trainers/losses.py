@@ -1,4 +1,5 @@
-"""Losses on the answer tokens, shared by the trainer and the tiny backbone's builder."""
+"""Losses on the answer tokens, shared by the trainer and the tiny backbone's builder, and the merger's
+importance loss."""
 
 from __future__ import annotations
 
@@ -24,3 +25,14 @@ def distillation_loss(student_logits, student_labels, teacher_logits, teacher_la
     s = student_logits[next_token_positions(student_labels)].float().log_softmax(-1)
     t = teacher_logits[next_token_positions(teacher_labels)].float().log_softmax(-1)
     return F.kl_div(s, t, log_target=True, reduction="batchmean")
+
+
+def merge_importance_loss(scores: torch.Tensor, teacher_attention: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy H(a, softmax(s)) of the merger's scores s (B, N) against the teacher's attention a (B, N).
+
+    The centre choice is a discrete top-K, so the task loss reaches the scores only through a
+    straight-through estimate; this dense target ranks every token by how much the unpruned
+    model's answer-predicting token attends to it (the ranking FastV and PyramidDrop use at
+    inference, distilled into the merger's scorer, which sees the vision features only).
+    """
+    return -(teacher_attention.float() * scores.float().log_softmax(dim=-1)).sum(dim=-1).mean()

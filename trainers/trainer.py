@@ -6,7 +6,8 @@ Each step:
 3. discriminator update on detached real (teacher) / fake (student) answer states;
 4. generator update: task_loss_weight * task + adv_loss_weight * adv
    + merge_sparsity_weight * merge_sparsity + pruner_sparsity_weight * pruner sparsity
-   (+ distill_weight * KL(teacher || student) on the answer tokens), stepping the
+   (+ distill_weight * KL(teacher || student) on the answer tokens)
+   (+ merge_importance_weight * H(teacher attention, softmax(merger scores))), stepping the
    ``token_merger`` and ``layer_pruners`` optimizers.
 Three AdamW optimizers own disjoint parameter sets; every update is checked for non-finite
 losses before its optimizer step. Logs follow the quick-start guide's formats; checkpoints
@@ -36,7 +37,7 @@ from trainers.checkpoint import STATE, Checkpointer, load, restore_rng_state, rn
 from trainers.distributed import DataParallel
 from trainers.evaluation import evaluate_accuracy, evaluate_pruned, generate_baseline_answers
 from trainers.run_log import RunLog
-from trainers.losses import distillation_loss, next_token_positions, task_loss
+from trainers.losses import distillation_loss, merge_importance_loss, next_token_positions, task_loss
 from trainers.schedules import TemperatureSchedule
 
 GROUPS = ("token_merger", "layer_pruners", "discriminator")
@@ -173,7 +174,8 @@ class Trainer:
 
         with self.autocast():
             with torch.no_grad():
-                teacher = self.teacher(ids, pixels, mask, labels=labels)  # (1) unpruned
+                teacher = self.teacher(ids, pixels, mask, labels=labels,  # (1) unpruned
+                                       record_attention=method.merge_importance_weight > 0)
             student = self.model(ids, pixels, mask, labels=labels, mode="soft", tau=tau)  # (2)
             real = self.discriminator.features(teacher.hidden, teacher.logits, next_token_positions(teacher.labels))
             fake = self.discriminator.features(student.hidden, student.logits, next_token_positions(student.labels))
@@ -196,6 +198,9 @@ class Trainer:
                 }
                 if student.merge is not None:
                     terms["merge_sparsity_loss"] = student.merge.sparsity_loss
+                    if method.merge_importance_weight > 0:
+                        terms["merge_importance_loss"] = merge_importance_loss(student.merge.scores,
+                                                                               teacher.vision_attention)
                 if method.distill_weight > 0:
                     terms["distill_loss"] = distillation_loss(student.logits, student.labels,
                                                               teacher.logits, teacher.labels)
@@ -205,7 +210,8 @@ class Trainer:
             return None
         weights = {"task_loss": method.task_loss_weight, "adv_loss": method.adv_loss_weight,
                    "pruner_sparsity_loss": method.pruner_sparsity_weight,
-                   "merge_sparsity_loss": method.merge_sparsity_weight, "distill_loss": method.distill_weight}
+                   "merge_sparsity_loss": method.merge_sparsity_weight, "distill_loss": method.distill_weight,
+                   "merge_importance_loss": method.merge_importance_weight}
         total = sum(weights[name] * value for name, value in terms.items())
         self._update(["token_merger", "layer_pruners"], total)
         self.nonfinite_in_a_row = 0
@@ -266,7 +272,7 @@ class Trainer:
         return self._writer
 
     def log_step(self, values: dict[str, float]) -> None:
-        groups = {"token_merger": ["merge_sparsity_loss"],
+        groups = {"token_merger": ["merge_sparsity_loss", "merge_importance_loss"],
                   "layer_pruners": ["adv_loss", "task_loss", "pruner_sparsity_loss", "distill_loss"],
                   "discriminator": ["real_loss", "fake_loss"]}
         lines = [f"[Step {self.step}] Losses:"]

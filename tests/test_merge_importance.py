@@ -1,0 +1,55 @@
+"""The merger's importance target: the teacher's attention from the answer-predicting token."""
+
+import copy
+
+import pytest
+import torch
+
+from data.collator import IGNORE_INDEX, VQACollator
+from data.synthetic_vqa import SyntheticVQADataset
+from models.llava_backbone import LlavaBackbone
+from models.pruned_llava import PrunedLlava
+from tests.conftest import llava_like
+from trainers.losses import merge_importance_loss
+
+
+@pytest.fixture(scope="module")
+def models():
+    model, processor = llava_like(96, 8, text_layers=3, seed=7)
+    with torch.no_grad():  # peaked attention, so that a wrong query row or layer would show
+        for layer in model.model.language_model.layers:
+            layer.self_attn.q_proj.weight.normal_(std=0.5)
+            layer.self_attn.k_proj.weight.normal_(std=0.5)
+    eager = copy.deepcopy(model)
+    eager.set_attn_implementation("eager")
+    return LlavaBackbone(model, processor), eager
+
+
+@pytest.mark.parametrize("with_answers", [False, True])
+def test_recorded_attention_is_the_answer_predicting_tokens_attention_averaged_over_heads_and_layers(models, with_answers):
+    backbone, eager = models
+    data = SyntheticVQADataset(3, "train", seed=2)
+    batch = VQACollator(backbone.processor, with_answers=with_answers)([data[i] for i in range(3)])
+    ids, pixels, mask = batch["input_ids"], batch["pixel_values"], batch["attention_mask"]
+    labels = batch.get("labels")
+    with torch.no_grad():
+        out = PrunedLlava(backbone)(ids, pixels, mask, labels=labels, record_attention=True)
+        ref = eager(input_ids=ids, pixel_values=pixels, attention_mask=mask, output_attentions=True, use_cache=False)
+    is_image = ids == backbone.image_token_id
+    for b in range(ids.shape[0]):
+        # the prompt's last token predicts the answer: with answers, the token before the first label
+        query = int((labels[b] != IGNORE_INDEX).nonzero()[0]) - 1 if with_answers else ids.shape[1] - 1
+        row = torch.stack([a[b, :, query] for a in ref.attentions]).mean(dim=(0, 1))[is_image[b]]  # (N,)
+        torch.testing.assert_close(out.vision_attention[b], row / row.sum(), rtol=1e-4, atol=1e-6)
+
+
+def test_importance_loss_is_smallest_when_the_scores_match_the_attention():
+    torch.manual_seed(0)
+    attention = torch.softmax(torch.randn(2, 10) * 2, dim=-1)
+    scores = attention.log().requires_grad_()
+    loss = merge_importance_loss(scores, attention)
+    loss.backward()
+    torch.testing.assert_close(scores.grad, torch.zeros_like(scores), atol=1e-6, rtol=0)
+    entropy = -(attention * attention.log()).sum(-1).mean()
+    torch.testing.assert_close(loss.detach(), entropy)
+    assert merge_importance_loss(attention.log().flip(-1), attention) > loss + 0.1
