@@ -55,7 +55,7 @@ from trainers.evaluation import generate_pruned, prefill_flops  # noqa: E402
 from trainers.world import resolve_device  # noqa: E402
 
 METHODS = ("learned", "fastv", "pyramiddrop", "visionzip", "tome", "pooling", "random")
-FINGERPRINT = "backbone_fingerprint.txt"  # written next to a run the benchmark trained
+FINGERPRINT = "fingerprint.txt"  # backbone weights and training data of a run the benchmark trained
 
 
 class BenchmarkError(ValueError):
@@ -181,15 +181,18 @@ def train(runs: list[LearnedRun], args, num_tokens: int) -> None:
 
 
 # ---------------------------------------------------------------------------------------- models
-def backbone_fingerprint(backbone: LlavaBackbone) -> str:
-    """A hash of the projector's and the output layer's weights: it changes when the backbone is retrained."""
+def fingerprint(backbone: LlavaBackbone, train_set, samples: int = 64) -> str:
+    """A hash of the projector's and output layer's weights and of the first training questions and answers:
+    it changes when the backbone is retrained or the data generator changes."""
     digest = hashlib.sha256()
     for tensor in (*backbone.projector.state_dict().values(), backbone.lm_head.weight):
         digest.update(tensor.detach().float().cpu().numpy().tobytes())
+    for i in range(min(samples, len(train_set))):
+        digest.update(f"{train_set[i].question}\t{train_set[i].answer}\n".encode())
     return digest.hexdigest()[:16]
 
 
-def load_learned(run: LearnedRun, backbone: LlavaBackbone, fingerprint: str) -> tuple[PrunedLlava, float, int]:
+def load_learned(run: LearnedRun, backbone: LlavaBackbone, expected_fingerprint: str) -> tuple[PrunedLlava, float, int]:
     """The run's final modules, the temperature they were evaluated at, and the step; checked against the budget."""
     path = run.latest()
     state = load(path)
@@ -203,9 +206,10 @@ def load_learned(run: LearnedRun, backbone: LlavaBackbone, fingerprint: str) -> 
                         f"{budget_name(run.budget)}% budget needs {' → '.join(map(str, expected))}; move {run.folder} "
                         "away and rerun with --train-missing")
     marker = run.folder / FINGERPRINT
-    if marker.exists() and marker.read_text().strip() != fingerprint:
-        problems.append(f"{run.folder} was trained on other backbone weights than the ones loaded now (fingerprint "
-                        f"{marker.read_text().strip()} vs {fingerprint}); move it away and rerun with --train-missing")
+    if marker.exists() and marker.read_text().strip() != expected_fingerprint:
+        problems.append(f"{run.folder} was trained on other backbone weights or other training data than this run's "
+                        f"(fingerprint {marker.read_text().strip()} vs {expected_fingerprint}); move it away and rerun with "
+                        "--train-missing")
     if problems:
         raise BenchmarkError(problems)
     model.pruners.load_state_dict(state["modules"]["layer_pruners"])
@@ -390,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = config.backbone_settings
     backbone = LlavaBackbone.from_pretrained(settings.name_or_path, settings.dtype, settings.attn_implementation,
                                              resolve_device(settings.device))
-    args.fingerprint = backbone_fingerprint(backbone)
+    args.fingerprint = fingerprint(backbone, build_datasets(config.data_settings)[0])
     if to_train:
         train(to_train, args, shape.num_vision_tokens)
     try:
