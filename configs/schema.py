@@ -97,6 +97,7 @@ class MethodSettings:
     target_merge_tokens: int | None = num(288, ge=1)
     merge_sparsity_weight: float = num(1e-4, ge=0)
     merge_importance_weight: float = num(0.0, ge=0)  # merger scores vs the teacher's attention (trainers/losses.py)
+    pruner_importance_weight: float = num(0.0, ge=0)  # each pruner's logits vs the teacher's attention
     merger_d_internal: int = num(256, ge=1)
     pruning_layers: list[int] = field(default_factory=lambda: [10, 20, 31])
     # Vision tokens kept by each pruning stage, as a fraction of those entering it (hard mode's budget,

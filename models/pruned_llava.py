@@ -48,6 +48,8 @@ class PrunedOutput:
     labels: torch.Tensor | None  # (B, T') labels gathered like the sequence
     merge: MergeOutput | None
     stage_keep_probs: list[torch.Tensor] = field(default_factory=list)  # soft: (B, n) cumulative m per stage
+    stage_logits: list[torch.Tensor] = field(default_factory=list)  # soft: (B, n) each stage's keep logits
+    stage_positions: list[torch.Tensor] = field(default_factory=list)  # soft: (B, n) their original sequence positions
     vision_tokens_per_layer: list[int] = field(default_factory=list)  # counted from the tensors, per decoder layer
     seq_len_per_layer: list[int] = field(default_factory=list)
     pruner_sparsity_losses: list[torch.Tensor] = field(default_factory=list)
@@ -221,6 +223,8 @@ class PrunedLlava(nn.Module):
                     keep = keep.scatter(1, vision_index, keep.gather(1, vision_index) * q)
                     cumulative = keep.gather(1, vision_index)  # (B, n)
                     stats.stage_keep_probs.append(cumulative)
+                    stats.stage_logits.append(logits)
+                    stats.stage_positions.append(seq.position_ids.gather(1, vision_index))
                     target = self.stage_budgets[stage] / n_start
                     stats.pruner_sparsity_losses.append((cumulative.mean() - target) ** 2)
                     bias = keep.clamp_min(KEEP_PROB_FLOOR).log()  # (B, T), 0 for text tokens

@@ -10,7 +10,7 @@ from data.synthetic_vqa import SyntheticVQADataset
 from models.llava_backbone import LlavaBackbone
 from models.pruned_llava import PrunedLlava
 from tests.conftest import llava_like
-from trainers.losses import merge_importance_loss
+from trainers.losses import merge_importance_loss, pruner_importance_loss
 
 
 @pytest.fixture(scope="module")
@@ -53,3 +53,35 @@ def test_importance_loss_is_smallest_when_the_scores_match_the_attention():
     entropy = -(attention * attention.log()).sum(-1).mean()
     torch.testing.assert_close(loss.detach(), entropy)
     assert merge_importance_loss(attention.log().flip(-1), attention) > loss + 0.1
+
+
+def test_pruner_importance_target_is_the_teachers_attention_at_each_stages_tokens():
+    image_positions = torch.tensor([[3, 4, 5, 6, 7], [1, 2, 3, 4, 5]])  # (B, N): left padding shifts the image
+    attention = torch.tensor([[0.1, 0.4, 0.2, 0.2, 0.1], [0.5, 0.1, 0.1, 0.1, 0.2]])
+    logits = [torch.randn(2, 3), torch.randn(2, 2)]
+    positions = [torch.tensor([[3, 5, 6], [2, 3, 5]]), torch.tensor([[5, 6], [1, 5]])]
+    expected = []
+    for lg, patches in zip(logits, [torch.tensor([[0, 2, 3], [1, 2, 4]]), torch.tensor([[2, 3], [0, 4]])]):
+        target = attention.gather(1, patches)
+        expected.append(merge_importance_loss(lg, target / target.sum(1, keepdim=True)))
+    torch.testing.assert_close(pruner_importance_loss(logits, positions, attention, image_positions),
+                               torch.stack(expected).mean())
+
+
+def test_soft_forward_records_each_stages_logits_at_the_merged_tokens_positions(models):
+    from models.layer_pruner import build_pruner
+    from models.token_merger import TokenMerger
+    from torch import nn
+
+    backbone, _ = models
+    data = SyntheticVQADataset(2, "train", seed=2)
+    batch = VQACollator(backbone.processor)([data[i] for i in range(2)])
+    merger = TokenMerger(backbone.vision_hidden_size, backbone.hidden_size, 40, 40 / 144, "simple", hidden=16)
+    pruners = nn.ModuleList(build_pruner("cross_attention", backbone.hidden_size, 16, 2) for _ in range(2))
+    model = PrunedLlava(backbone, merger, pruners, [1, 2], [30, 20]).eval()
+    with torch.no_grad():
+        out = model(batch["input_ids"], batch["pixel_values"], batch["attention_mask"], labels=batch["labels"])
+    image_positions = (batch["input_ids"] == backbone.image_token_id).nonzero()[:, 1].view(2, -1)
+    assert [lg.shape[1] for lg in out.stage_logits] == [40, 40]  # soft mode keeps every token, masked
+    for positions in out.stage_positions:
+        assert torch.equal(positions, image_positions.gather(1, out.merge.positions))

@@ -149,21 +149,25 @@ def test_a_crash_during_a_save_leaves_the_previous_checkpoint_loadable(tmp_path,
     assert not (folder / "layer_pruners_step_6.pt").exists()  # the half-written file never got its final name
 
 
-def test_merge_importance_loss_is_logged_and_trains_the_merger_towards_the_teacher(tmp_path, tiny_folder):
+def test_importance_losses_are_logged_and_train_merger_and_pruners_towards_the_teacher(tmp_path, tiny_folder):
     only_importance = {f"method_settings.{k}": 0.0 for k in
                        ("task_loss_weight", "adv_loss_weight", "merge_sparsity_weight", "pruner_sparsity_weight",
                         "distill_weight")}
-    trainer = make_trainer(tmp_path, tiny_folder, **only_importance, **{"method_settings.merge_importance_weight": 1.0})
+    trainer = make_trainer(tmp_path, tiny_folder, **only_importance, **{"method_settings.merge_importance_weight": 1.0,
+                                                                        "method_settings.pruner_importance_weight": 1.0})
     with torch.no_grad():  # a random model attends almost uniformly: nothing to learn from; make it peaked
         for layer in trainer.backbone.layers:
             layer.self_attn.q_proj.weight.normal_(std=0.5)
             layer.self_attn.k_proj.weight.normal_(std=0.5)
     batch = first_batch(trainer)
-    losses = []
+    names = ("merge_importance_loss", "pruner_importance_loss")
+    history = []
     for _ in range(6):
         values = trainer.training_step(batch)
-        losses.append(values["merge_importance_loss"])
+        history.append([values[n] for n in names])
         trainer.step += 1
-    assert losses[-1] < losses[0] - 1e-3, losses
+    for name, first, last in zip(names, history[0], history[-1]):
+        assert last < first - 1e-3, (name, history)
     trainer.log_step(values)
-    assert "merge_importance_loss" in (tmp_path / "out" / "logs" / "training.log").read_text()
+    text = (tmp_path / "out" / "logs" / "training.log").read_text()
+    assert all(name in text for name in names)

@@ -36,3 +36,20 @@ def merge_importance_loss(scores: torch.Tensor, teacher_attention: torch.Tensor)
     inference, distilled into the merger's scorer, which sees the vision features only).
     """
     return -(teacher_attention.float() * scores.float().log_softmax(dim=-1)).sum(dim=-1).mean()
+
+
+def pruner_importance_loss(stage_logits: list[torch.Tensor], stage_positions: list[torch.Tensor],
+                           teacher_attention: torch.Tensor, image_positions: torch.Tensor) -> torch.Tensor:
+    """:func:`merge_importance_loss` for each pruning stage, averaged over the stages.
+
+    Stage s scores n_s vision tokens (B, n_s) at original sequence positions (B, n_s); the
+    teacher's attention (B, N) is over the N image placeholders at ``image_positions`` (B, N,
+    ascending). The target of a stage is the teacher's attention at its tokens, renormalised
+    (a merged token stands at its centre's position).
+    """
+    losses = []
+    for logits, positions in zip(stage_logits, stage_positions):
+        patch = torch.searchsorted(image_positions, positions)  # (B, n_s)
+        target = teacher_attention.gather(1, patch)
+        losses.append(merge_importance_loss(logits, target / target.sum(dim=1, keepdim=True)))
+    return torch.stack(losses).mean()

@@ -7,7 +7,8 @@ Each step:
 4. generator update: task_loss_weight * task + adv_loss_weight * adv
    + merge_sparsity_weight * merge_sparsity + pruner_sparsity_weight * pruner sparsity
    (+ distill_weight * KL(teacher || student) on the answer tokens)
-   (+ merge_importance_weight * H(teacher attention, softmax(merger scores))), stepping the
+   (+ merge_importance_weight * H(teacher attention, softmax(merger scores)), and the same for
+   each pruner's logits with pruner_importance_weight), stepping the
    ``token_merger`` and ``layer_pruners`` optimizers.
 Three AdamW optimizers own disjoint parameter sets; every update is checked for non-finite
 losses before its optimizer step. Logs follow the quick-start guide's formats; checkpoints
@@ -31,13 +32,14 @@ from data.build import batches
 from data.collator import VQACollator
 from models.discriminator import adversarial_loss, discriminator_losses
 from models.llava_backbone import LlavaBackbone
-from models.pruned_llava import PrunedLlava
+from models.pruned_llava import PrunedLlava, rows_nonzero
 from trainers.build import build_discriminator, build_pruned_model
 from trainers.checkpoint import STATE, Checkpointer, load, restore_rng_state, rng_state
 from trainers.distributed import DataParallel
 from trainers.evaluation import evaluate_accuracy, evaluate_pruned, generate_baseline_answers
 from trainers.run_log import RunLog
-from trainers.losses import distillation_loss, merge_importance_loss, next_token_positions, task_loss
+from trainers.losses import (distillation_loss, merge_importance_loss, next_token_positions, pruner_importance_loss,
+                             task_loss)
 from trainers.schedules import TemperatureSchedule
 
 GROUPS = ("token_merger", "layer_pruners", "discriminator")
@@ -175,7 +177,7 @@ class Trainer:
         with self.autocast():
             with torch.no_grad():
                 teacher = self.teacher(ids, pixels, mask, labels=labels,  # (1) unpruned
-                                       record_attention=method.merge_importance_weight > 0)
+                                       record_attention=method.merge_importance_weight + method.pruner_importance_weight > 0)
             student = self.model(ids, pixels, mask, labels=labels, mode="soft", tau=tau)  # (2)
             real = self.discriminator.features(teacher.hidden, teacher.logits, next_token_positions(teacher.labels))
             fake = self.discriminator.features(student.hidden, student.logits, next_token_positions(student.labels))
@@ -201,6 +203,10 @@ class Trainer:
                     if method.merge_importance_weight > 0:
                         terms["merge_importance_loss"] = merge_importance_loss(student.merge.scores,
                                                                                teacher.vision_attention)
+                if method.pruner_importance_weight > 0 and student.stage_logits:
+                    image_positions = rows_nonzero(self.backbone.image_token_mask(ids))  # (B, N)
+                    terms["pruner_importance_loss"] = pruner_importance_loss(
+                        student.stage_logits, student.stage_positions, teacher.vision_attention, image_positions)
                 if method.distill_weight > 0:
                     terms["distill_loss"] = distillation_loss(student.logits, student.labels,
                                                               teacher.logits, teacher.labels)
@@ -211,7 +217,8 @@ class Trainer:
         weights = {"task_loss": method.task_loss_weight, "adv_loss": method.adv_loss_weight,
                    "pruner_sparsity_loss": method.pruner_sparsity_weight,
                    "merge_sparsity_loss": method.merge_sparsity_weight, "distill_loss": method.distill_weight,
-                   "merge_importance_loss": method.merge_importance_weight}
+                   "merge_importance_loss": method.merge_importance_weight,
+                   "pruner_importance_loss": method.pruner_importance_weight}
         total = sum(weights[name] * value for name, value in terms.items())
         self._update(["token_merger", "layer_pruners"], total)
         self.nonfinite_in_a_row = 0
@@ -273,7 +280,7 @@ class Trainer:
 
     def log_step(self, values: dict[str, float]) -> None:
         groups = {"token_merger": ["merge_sparsity_loss", "merge_importance_loss"],
-                  "layer_pruners": ["adv_loss", "task_loss", "pruner_sparsity_loss", "distill_loss"],
+                  "layer_pruners": ["adv_loss", "task_loss", "pruner_sparsity_loss", "distill_loss", "pruner_importance_loss"],
                   "discriminator": ["real_loss", "fake_loss"]}
         lines = [f"[Step {self.step}] Losses:"]
         for group, names in groups.items():
