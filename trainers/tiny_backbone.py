@@ -287,6 +287,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.steps < 1 or args.batch_size < 1 or args.eval_size < 1:
         parser.error("--steps, --batch-size and --eval-size must be positive")
 
+    commit = source_commit()  # at the start: the code this phase runs, even if the checkout moves on meanwhile
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
     if args.init_from is not None:  # a further phase of pretraining, from a saved backbone
@@ -363,7 +364,7 @@ def main(argv: list[str] | None = None) -> dict:
         "command": "python -m trainers.tiny_backbone " + " ".join(sys.argv[1:] if argv is None else argv),
     }
     report["phases"] = earlier_phases(args.init_from)
-    report["commit"] = source_commit()
+    report["commit"] = commit
     report["phases"].append({key: report[key] for key in ("command", "steps", "wall_time_s", "machine", "commit")})
     model.save_pretrained(args.out)
     processor.save_pretrained(args.out)
