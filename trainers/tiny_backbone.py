@@ -210,7 +210,7 @@ A small `LlavaForConditionalGeneration` pretrained on the project's synthetic VQ
   {text.num_attention_heads} heads, word-level vocabulary of {text.vocab_size} tokens.
 - Parameters: {n_params:,} ({n_params * 4 / 2**20:.1f} MiB in fp32).
 - Pretraining: {len(report['phases'])} phase(s), {sum(p['steps'] for p in report['phases'])} steps and
-  {sum(p['wall_time_s'] for p in report['phases']) / 60:.1f} min in all on {report['machine']}. Last phase:
+  {sum(p['wall_time_s'] for p in report['phases']) / 60:.1f} min in all (machines below). Last phase:
   {report['steps']} steps, batch {args.batch_size}, {args.turns} questions per image, background curriculum
   {args.curriculum_start}-{args.curriculum_end}, position words {'on' if args.position_words else 'off'}, AdamW
   peak lr {args.lr} with warm-up and cosine decay, auxiliary loss weight {args.aux_weight}, data seed {args.seed}.
