@@ -27,6 +27,8 @@ def args_for(tmp_path, folder, *extra):
         "manager_settings.output_dir": out, "backbone_settings.name_or_path": folder,
         "method_settings.pruning_layers": "[1,2,3]", "method_settings.pruner_d_internal": 16,
         "method_settings.merger_d_internal": 16, "method_settings.discriminator_hidden": 16,
+        "method_settings.merge_ratio": 0.5, "method_settings.target_merge_tokens": 72,
+        "method_settings.pruner_keep_ratios": "[0.7,0.75,0.67]",  # 72 -> 50 -> 38 -> 25
         "trainer_settings.dl_settings.batch_size": 4, "trainer_settings.log_every": 2,
         "trainer_settings.eval_every": 4, "trainer_settings.save_every": 2, "trainer_settings.max_steps": 4,
         "data_settings.synthetic_train_size": 16, "data_settings.synthetic_eval_size": 6,
