@@ -41,6 +41,15 @@ def llava_like(image_size: int, patch_size: int, text_layers: int = 2, seed: int
     return LlavaForConditionalGeneration(config).eval(), processor
 
 
+def sharpen_attention(layers, std: float = 0.5) -> None:
+    """Peaked, content-dependent attention in these decoder layers: a random init attends almost
+    uniformly, so attention rankings would be positional and an attention target flat."""
+    with torch.no_grad():
+        for layer in layers:
+            layer.self_attn.q_proj.weight.normal_(std=std)
+            layer.self_attn.k_proj.weight.normal_(std=std)
+
+
 @pytest.fixture(scope="session")
 def llava15_folder(tmp_path_factory):
     """llava-1.5's layout (336 px, 14 px patches: 576 vision tokens) at toy widths, saved with save_pretrained."""

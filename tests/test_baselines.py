@@ -14,7 +14,7 @@ from models.baselines.spatial_pooling import SpatialPooling, pooling_grid
 from models.baselines.tome import ToMe, bipartite_soft_matching, merge_steps
 from models.baselines.visionzip import VisionZip
 from models.llava_backbone import LlavaBackbone, VisionAttention
-from tests.conftest import llava_like
+from tests.conftest import llava_like, sharpen_attention
 from trainers.evaluation import module_flops
 
 N = 144  # 96 px images, 8 px patches
@@ -24,10 +24,7 @@ N = 144  # 96 px images, 8 px patches
 def models():
     """The tiny backbone (SDPA) and an eager copy of the same weights, for reference attention maps."""
     model, processor = llava_like(96, 8, text_layers=4, seed=5)
-    with torch.no_grad():  # peaked, content-dependent attention: at init it is near uniform, so rankings would be positional
-        for layer in model.model.language_model.layers:
-            layer.self_attn.q_proj.weight.normal_(std=0.5)
-            layer.self_attn.k_proj.weight.normal_(std=0.5)
+    sharpen_attention(model.model.language_model.layers)
     eager = copy.deepcopy(model)
     eager.set_attn_implementation("eager")
     return LlavaBackbone(model, processor), eager

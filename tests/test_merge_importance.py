@@ -9,17 +9,14 @@ from data.collator import IGNORE_INDEX, VQACollator
 from data.synthetic_vqa import SyntheticVQADataset
 from models.llava_backbone import LlavaBackbone
 from models.pruned_llava import PrunedLlava
-from tests.conftest import llava_like
+from tests.conftest import llava_like, sharpen_attention
 from trainers.losses import merge_importance_loss, pruner_importance_loss
 
 
 @pytest.fixture(scope="module")
 def models():
     model, processor = llava_like(96, 8, text_layers=3, seed=7)
-    with torch.no_grad():  # peaked attention, so that a wrong query row or layer would show
-        for layer in model.model.language_model.layers:
-            layer.self_attn.q_proj.weight.normal_(std=0.5)
-            layer.self_attn.k_proj.weight.normal_(std=0.5)
+    sharpen_attention(model.model.language_model.layers)  # so that a wrong query row or layer would show
     eager = copy.deepcopy(model)
     eager.set_attn_implementation("eager")
     return LlavaBackbone(model, processor), eager

@@ -5,7 +5,7 @@ import torch
 
 from data.build import build_datasets
 from models.llava_backbone import LlavaBackbone
-from tests.conftest import tiny_run_config
+from tests.conftest import sharpen_attention, tiny_run_config
 from trainers import checkpoint as checkpoint_module
 from trainers import trainer as trainer_module
 from trainers.run_log import RunLog
@@ -155,10 +155,7 @@ def test_importance_losses_are_logged_and_train_merger_and_pruners_towards_the_t
                         "distill_weight")}
     trainer = make_trainer(tmp_path, tiny_folder, **only_importance, **{"method_settings.merge_importance_weight": 1.0,
                                                                         "method_settings.pruner_importance_weight": 1.0})
-    with torch.no_grad():  # a random model attends almost uniformly: nothing to learn from; make it peaked
-        for layer in trainer.backbone.layers:
-            layer.self_attn.q_proj.weight.normal_(std=0.5)
-            layer.self_attn.k_proj.weight.normal_(std=0.5)
+    sharpen_attention(trainer.backbone.layers)  # else the teacher's attention is flat: nothing to learn
     batch = first_batch(trainer)
     names = ("merge_importance_loss", "pruner_importance_loss")
     history = []
