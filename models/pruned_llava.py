@@ -191,6 +191,9 @@ class PrunedLlava(nn.Module):
         """
         if mode not in ("soft", "hard"):
             raise ValueError(f"mode must be 'soft' or 'hard', got {mode!r}")
+        if record_attention and (self.merger is not None or len(self.pruners)):
+            raise ValueError("record_attention reads the unpruned model's attention: call it on a PrunedLlava "
+                             "without merger and pruners (the trainer's teacher)")
         if mode == "soft" and any(getattr(p, "reads_attention", False) for p in self.pruners):
             raise ValueError("attention-ranking pruners (FastV, PyramidDrop) are training-free: run them with mode='hard'")
         bb = self.backbone

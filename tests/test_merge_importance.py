@@ -80,5 +80,7 @@ def test_soft_forward_records_each_stages_logits_at_the_merged_tokens_positions(
         out = model(batch["input_ids"], batch["pixel_values"], batch["attention_mask"], labels=batch["labels"])
     image_positions = (batch["input_ids"] == backbone.image_token_id).nonzero()[:, 1].view(2, -1)
     assert [lg.shape[1] for lg in out.stage_logits] == [40, 40]  # soft mode keeps every token, masked
+    with pytest.raises(ValueError, match="without merger and pruners"):
+        model(batch["input_ids"], batch["pixel_values"], batch["attention_mask"], record_attention=True)
     for positions in out.stage_positions:
         assert torch.equal(positions, image_positions.gather(1, out.merge.positions))

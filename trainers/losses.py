@@ -1,5 +1,5 @@
-"""Losses on the answer tokens, shared by the trainer and the tiny backbone's builder, and the merger's
-importance loss."""
+"""Losses on the answer tokens, shared by the trainer and the tiny backbone's builder, and the importance
+losses that teach the merger and the pruners the unpruned model's attention."""
 
 from __future__ import annotations
 
