@@ -73,3 +73,13 @@ def test_alignment_targets_name_colour_shape_and_row(processor):
         words = [tok.convert_ids_to_tokens(int(t[0, k])) for t in targets]
         assert words == [obj.color, obj.shape, ROW_NAMES[obj.region[0]]]
     assert all((t[colors == 0] == -100).all() for t in targets)
+
+
+def test_dataloader_workers_do_not_change_the_result(tmp_path):
+    args = ["--steps", "2", "--batch-size", "4", "--eval-size", "4", "--probe-every", "2", "--text-layers", "2",
+            "--curriculum-start", "0.0", "--curriculum-end", "1.0"]  # the curriculum draws random masks each step
+    build_tiny(["--out", str(tmp_path / "w0"), *args])
+    build_tiny(["--out", str(tmp_path / "w2"), "--workers", "2", *args])
+    a = LlavaBackbone.from_pretrained(str(tmp_path / "w0")).model.state_dict()
+    b = LlavaBackbone.from_pretrained(str(tmp_path / "w2")).model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
