@@ -47,6 +47,13 @@ def test_unknown_key_names_the_closest_valid_key(tmp_path):
     assert problems == ["method_settings.merge_ration: unknown key; did you mean 'method_settings.merge_ratio'?"]
 
 
+def assert_exactly_these_problems(problems: list[str], expected: list[str]) -> None:
+    """Every expected message prefix is reported, and nothing else."""
+    for prefix in expected:
+        assert any(p.startswith(prefix) for p in problems), (prefix, problems)
+    assert len(problems) == len(expected)
+
+
 def test_every_problem_reported_at_once_with_dotted_paths(tmp_path):
     path = write(tmp_path, """
         trainer_settings:
@@ -70,9 +77,7 @@ def test_every_problem_reported_at_once_with_dotted_paths(tmp_path):
         "search_settings.enable: expected true/false",
         "method_settings.temperature_min (0.1) is above method_settings.temperature (0.05)",
     ]
-    for prefix in expected:
-        assert any(p.startswith(prefix) for p in problems), (prefix, problems)
-    assert len(problems) == len(expected)
+    assert_exactly_these_problems(problems, expected)
 
 
 @pytest.mark.parametrize("layers, message", [([10, 10, 31], "strictly increasing"), ([20, 10], "strictly increasing"),
@@ -180,9 +185,7 @@ def test_search_settings_every_problem_at_once(tmp_path):
         "search_settings.search_space[method_settings.task_loss_weight]: a log scale needs low > 0",
         "search_settings.search_space[method_settings.adv_loss_weight]: low (2) must be below high (1)",
     ]
-    for prefix in expected:
-        assert any(p.startswith(prefix) for p in problems), (prefix, problems)
-    assert len(problems) == len(expected)
+    assert_exactly_these_problems(problems, expected)
 
 
 def test_search_space_values_are_tried_on_the_config_and_the_backbone(tmp_path):
