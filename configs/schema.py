@@ -96,6 +96,10 @@ class MethodSettings:
     merge_ratio: float = num(0.5, gt=0, le=1)
     target_merge_tokens: int | None = num(288, ge=1)
     merge_sparsity_weight: float = num(1e-4, ge=0)
+    # fixed: K = target_merge_tokens per image; adaptive: K per image from the scores, mean pulled to merge_ratio
+    merge_budget: Literal["fixed", "adaptive"] = "fixed"
+    # a token merges into the centres at least this cosine-similar to it, and is dropped when none is (-1: all merge)
+    merge_similarity_threshold: float = num(0.9, ge=-1, le=1.01)
     merge_importance_weight: float = num(0.0, ge=0)  # merger scores vs the teacher's attention (trainers/losses.py)
     pruner_importance_weight: float = num(0.0, ge=0)  # each pruner's logits vs the teacher's attention
     merger_d_internal: int = num(256, ge=1)

@@ -12,7 +12,7 @@ from typing import Any, Protocol
 
 import torch
 
-IGNORE_INDEX = -100
+from models.pruned_llava import IGNORE_INDEX
 PROMPT_TEMPLATE = "USER: <image>\n{question} ASSISTANT:"
 
 

@@ -2,7 +2,8 @@
 
 Pure tensor functions shared by the pruning modules: hard sampling of k tokens to keep
 (`gumbel_top_k`, `top_k_mask`), a differentiable soft top-k (`relaxed_top_k`), the
-straight-through estimator that joins the two, and a relaxed Bernoulli gate (`gumbel_sigmoid`).
+straight-through estimator that joins the two, and a relaxed Bernoulli gate (`gumbel_sigmoid`, and its
+log `gumbel_log_sigmoid`, which soft masks accumulate).
 Every random function takes an optional `torch.Generator` so tests and runs can fix the noise.
 """
 
@@ -57,7 +58,7 @@ def top_k_mask(indices: torch.Tensor, n: int) -> torch.Tensor:
     return mask.scatter(1, indices, 1.0)  # (B, n)
 
 
-def relaxed_top_k(scores: torch.Tensor, k: int, tau: float) -> torch.Tensor:
+def relaxed_top_k(scores: torch.Tensor, k: int | torch.Tensor, tau: float) -> torch.Tensor:
     """Differentiable soft top-k mask (B, N) whose rows sum to k, at temperature tau > 0.
 
     Successive-softmax relaxation (Plötz & Roth 2018, "Neural Nearest Neighbors Networks";
@@ -68,17 +69,20 @@ def relaxed_top_k(scores: torch.Tensor, k: int, tau: float) -> torch.Tensor:
     As tau -> 0 the result tends to the hard top-k mask of `scores`. Entries are >= 0, but an
     entry can exceed 1 when two leading scores are close relative to tau (e.g. scores
     log([0.6, 0.4]), k = 2, tau = 1 gives [1.1, 0.9]). Adds no noise: add Gumbel noise to
-    `scores` first to relax Gumbel-Top-k sampling.
+    `scores` first to relax Gumbel-Top-k sampling. ``k`` may be a (B,) tensor of per-row counts
+    (an adaptive budget): row b then sums the first k[b] relaxed arg-maxes.
     """
-    _check_k(k, scores.shape[-1])
+    per_row = torch.as_tensor(k, device=scores.device).expand(scores.shape[:-1])  # (B,)
+    _check_k(int(per_row.min()), scores.shape[-1])
+    _check_k(int(per_row.max()), scores.shape[-1])
     _check_tau(tau)
     # tiny rather than eps: once an item is taken (a == 1) its logit must drop far below any other
     eps = torch.finfo(scores.dtype).tiny
     khot = torch.zeros_like(scores)  # (B, N)
     w = scores  # (B, N)
-    for _ in range(k):
+    for j in range(int(per_row.max())):
         onehot = torch.softmax(w / tau, dim=-1)  # (B, N)
-        khot = khot + onehot  # (B, N)
+        khot = khot + onehot * (j < per_row).unsqueeze(-1)  # (B, N)
         w = w + torch.log(torch.clamp(1.0 - onehot, min=eps))  # (B, N)
     return khot
 
@@ -96,6 +100,14 @@ def straight_through(hard: torch.Tensor, soft: torch.Tensor) -> torch.Tensor:
     return hard + (soft - soft.detach())
 
 
+def _logistic_perturbed(logits: torch.Tensor, noise: bool, generator: torch.Generator | None) -> torch.Tensor:
+    """logits + L, L = log(U) - log(1 - U) ~ Logistic(0, 1) (the difference of two Gumbel(0, 1) draws); L = 0 without noise."""
+    if not noise:
+        return logits
+    u = _uniform_open(logits, generator)  # same shape as logits
+    return logits + torch.log(u) - torch.log1p(-u)
+
+
 def gumbel_sigmoid(logits: torch.Tensor, tau: float, noise: bool, generator: torch.Generator | None = None) -> torch.Tensor:
     """Relaxed Bernoulli sample sigmoid((logits + L) / tau), L = log(U) - log(1 - U) ~ Logistic(0, 1).
 
@@ -104,7 +116,16 @@ def gumbel_sigmoid(logits: torch.Tensor, tau: float, noise: bool, generator: tor
     P(logits + L > 0) = sigmoid(logits). With `noise=False`, L = 0 (deterministic, for eval).
     """
     _check_tau(tau)
-    if noise:
-        u = _uniform_open(logits, generator)  # same shape as logits
-        logits = logits + torch.log(u) - torch.log1p(-u)
-    return torch.sigmoid(logits / tau)
+    return torch.sigmoid(_logistic_perturbed(logits, noise, generator) / tau)
+
+
+def gumbel_log_sigmoid(logits: torch.Tensor, tau: float, noise: bool,
+                       generator: torch.Generator | None = None) -> torch.Tensor:
+    """log of :func:`gumbel_sigmoid`, in float32: logsigmoid((logits + L) / tau) = -softplus(-(logits + L) / tau).
+
+    Exact far into the tail, where log(sigmoid(x)) underflows to -inf and a clamp such as
+    log(1e-6) would cap how much a dropped token is suppressed; its gradient, sigmoid(-x) / tau,
+    stays bounded by 1 / tau. The same noise as gumbel_sigmoid for the same generator state.
+    """
+    _check_tau(tau)
+    return torch.nn.functional.logsigmoid(_logistic_perturbed(logits.float(), noise, generator) / tau)

@@ -6,12 +6,16 @@ models/llava_backbone.py) so that a pruner can act before any chosen decoder lay
 - Merging: the N vision features become K merged tokens (models/token_merger.py); each sits
   in its centre's placeholder slot, the other placeholders leave the sequence.
 - Soft mode (training): each vision token j carries a cumulative keep probability m_j (the
-  product over the stages it passed); every later layer adds log(m_j) to the attention
-  logits towards key j, so a token with m_j -> 0 stops being seen. The sequence length stays
-  fixed and gradients reach every m_j.
+  product over the stages it passed), accumulated in float32 log space as a sum of
+  log-sigmoids (models/gumbel.gumbel_log_sigmoid); every later layer adds log(m_j) to the
+  attention logits towards key j, unclamped, so a token with m_j -> 0 stops being seen even by
+  a trained model's sharp attention: in the limit soft mode equals hard mode
+  (tests/test_pruned_llava.py checks it on the shipped trained backbone). The sequence length
+  stays fixed and gradients reach every m_j.
 - Hard mode (inference): at each pruning layer the top-k vision tokens by keep logit stay;
   hidden states, position ids and masks are gathered, so later layers run on shorter
-  sequences. Every sample keeps the same k, so the batch stays a batch.
+  sequences. Every sample keeps the same number of vision slots, so the batch stays a batch;
+  an adaptive merger's unused slots are masked out like padding and ranked last.
 - Text tokens are never pruned; every token keeps its original position id (RoPE positions
   do not shift), in both modes.
 - Token counts are read off the tensors as they pass each layer.
@@ -31,13 +35,13 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from data.collator import IGNORE_INDEX
-from models.gumbel import gumbel_sigmoid
+from models.gumbel import gumbel_log_sigmoid
 from models.layer_pruner import hard_keep
 from models.llava_backbone import LlavaBackbone, causal_padding_mask, key_padding_mask
 from models.token_merger import MergeOutput, TokenMerger
 
-KEEP_PROB_FLOOR = 1e-6  # log(m) is clamped here: a dropped key keeps a weight of 1e-6, not -inf
+IGNORE_INDEX = -100  # labels of tokens that are not supervised (and, for the pruners, part of the prompt)
+DEAD_LOGIT = -1e4  # keep logit of an unused vision slot: ranked last in hard mode, log-keep ~ -1e4 / tau in soft mode
 
 
 @dataclass
@@ -50,11 +54,16 @@ class PrunedOutput:
     stage_keep_probs: list[torch.Tensor] = field(default_factory=list)  # soft: (B, n) cumulative m per stage
     stage_logits: list[torch.Tensor] = field(default_factory=list)  # soft: (B, n) each stage's keep logits
     stage_positions: list[torch.Tensor] = field(default_factory=list)  # soft: (B, n) their original sequence positions
-    vision_tokens_per_layer: list[int] = field(default_factory=list)  # counted from the tensors, per decoder layer
+    vision_counts: list[torch.Tensor] = field(default_factory=list)  # per decoder layer: (B,) real vision tokens entering it
     seq_len_per_layer: list[int] = field(default_factory=list)
     pruner_sparsity_losses: list[torch.Tensor] = field(default_factory=list)
     layer_attention_masks: list[torch.Tensor] = field(default_factory=list)  # (B, T_l) keys each layer saw
     vision_attention: torch.Tensor | None = None  # (B, n) with record_attention: see PrunedLlava.forward
+
+    @property
+    def vision_tokens_per_layer(self) -> list[float]:
+        """Vision tokens entering each decoder layer, the batch mean of the counts read off the tensors."""
+        return [counts.float().mean().item() for counts in self.vision_counts]
 
 
 @dataclass
@@ -78,8 +87,13 @@ class _Sequence:
 
     @property
     def vision_index(self) -> torch.Tensor:
-        """(B, n) sequence positions of the vision tokens; every sample holds the same n."""
+        """(B, n) sequence positions of the vision slots; every sample holds the same n (unused ones masked)."""
         return rows_nonzero(self.is_vision)
+
+    @property
+    def vision_counts(self) -> torch.Tensor:
+        """(B,) real vision tokens per sample (slots that are not masked out)."""
+        return (self.is_vision & self.attention_mask.bool()).sum(dim=1)
 
 
 @dataclass
@@ -102,6 +116,36 @@ class AttentionProbe:
                              "(the pruning layer and the one before it)")
         return self.backbone.attention_probs(layer, self.layer_inputs[layer], self.attention_mask,
                                              self.position_embeddings, query_index)
+
+
+class _AnswerAttention:
+    """The teacher's importance of each vision token: attention from the last instruction token, summed over layers."""
+
+    def __init__(self, backbone: LlavaBackbone, seq: _Sequence):
+        self.backbone = backbone
+        positions = torch.arange(seq.hidden.shape[1], device=seq.hidden.device)
+        self.query = (seq.question_mask.long() * positions).argmax(dim=1, keepdim=True)  # (B, 1) last question token
+        self.total = 0.0
+
+    def add(self, layer: int, seq: _Sequence, cos_sin: tuple[torch.Tensor, torch.Tensor]) -> None:
+        probs = self.backbone.attention_probs(layer, seq.hidden, seq.attention_mask, cos_sin, self.query)  # (B, H, 1, T)
+        self.total = self.total + probs.mean(dim=1)[:, 0].gather(1, seq.vision_index)  # (B, n)
+
+    def result(self) -> torch.Tensor:
+        """(B, n) averaged over heads and layers, normalised over the vision tokens."""
+        return self.total / self.total.sum(dim=1, keepdim=True)
+
+
+def soft_keep_mask(attention_mask: torch.Tensor, log_keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(B, 1, T, T) additive mask: causal and padding, plus log m_j on every query's logit towards key j.
+
+    Built in float32 and clamped to ``dtype``'s range: a dropped token's log m_j (about -logit / tau,
+    thousands for a confident pruner) stays far below the 60-140 by which a trained model's attention
+    logits differ, so soft mode with m_j -> 0 equals hard mode's removal (a floor such as log(1e-6)
+    would not).
+    """
+    mask = causal_padding_mask(attention_mask, torch.float32) + log_keep[:, None, None, :]
+    return mask.clamp_min(torch.finfo(dtype).min).to(dtype)
 
 
 def rows_nonzero(mask: torch.Tensor) -> torch.Tensor:
@@ -144,6 +188,11 @@ class PrunedLlava(nn.Module):
         self.stage_budgets = list(stage_budgets)
         self.gradient_checkpointing = False  # recompute each decoder layer in backward (GPU memory)
 
+    @property
+    def merged_tokens(self) -> int:
+        """Vision tokens the merger aims for (all N without a merger): the reference of the stages' soft targets."""
+        return self.merger.num_keep if self.merger is not None else self.backbone.num_vision_tokens
+
     # ------------------------------------------------------------------ building the sequence
     def _initial_sequence(self, input_ids, pixel_values, attention_mask, labels, tau, generator):
         bb = self.backbone
@@ -157,10 +206,11 @@ class PrunedLlava(nn.Module):
         question_mask = question_token_mask(input_ids, attention_mask, bb.image_token_id, labels)
         embeds = bb.embed_tokens(input_ids)  # (B, T, D)
         merge = None
+        alive = None  # (B, K) False at an adaptive merger's unused slots
         if self.merger is not None:
             merge = self.merger(features, tau, question=embeds, question_mask=question_mask, generator=generator,
                                 **merger_inputs)
-            vision, kept = merge.tokens, merge.positions  # (B, K, Dv), (B, K)
+            vision, kept, alive = merge.tokens, merge.positions, merge.valid  # (B, K, Dv), (B, K), (B, K) | None
         else:
             vision = features
             kept = torch.arange(features.shape[1], device=features.device).expand(features.shape[0], -1)
@@ -173,6 +223,8 @@ class PrunedLlava(nn.Module):
         projected = bb.project(vision).to(embeds.dtype)  # (B, K, D)
         embeds = embeds.scatter(1, kept_slots.unsqueeze(-1).expand(-1, -1, embeds.shape[-1]), projected)
         is_vision = torch.zeros_like(is_image).scatter(1, kept_slots, True)
+        if alive is not None:  # unused slots stay in the sequence as padding: same length for every sample
+            attention_mask = attention_mask.scatter(1, kept_slots, alive.to(attention_mask.dtype))
         B, T = input_ids.shape
         full = _Sequence(embeds, torch.arange(T, device=input_ids.device).expand(B, T), attention_mask,
                          question_mask, is_vision, labels)
@@ -184,62 +236,39 @@ class PrunedLlava(nn.Module):
                 generator: torch.Generator | None = None, cache=None, record_attention: bool = False) -> PrunedOutput:
         """Soft (``mode="soft"``) or hard (``"hard"``) pruned forward. Noise only in training mode.
 
-        ``record_attention``: also return ``vision_attention`` (B, n), the attention the last
-        instruction token (the one that predicts the answer) pays to each vision token, averaged
-        over heads and decoder layers and normalised over the vision tokens: the teacher's
-        importance of each token, the token merger's training target.
+        ``labels`` (B, T) mark the answer (not IGNORE_INDEX): those tokens are not question tokens
+        for the pruners. ``record_attention``: also return ``vision_attention`` (B, n), the attention
+        the last instruction token (the one that predicts the answer) pays to each vision token,
+        averaged over heads and decoder layers and normalised over the vision tokens: the teacher's
+        importance of each token, the merger's and pruners' training target.
         """
-        if mode not in ("soft", "hard"):
-            raise ValueError(f"mode must be 'soft' or 'hard', got {mode!r}")
-        if record_attention and (self.merger is not None or len(self.pruners)):
-            raise ValueError("record_attention reads the unpruned model's attention: call it on a PrunedLlava "
-                             "without merger and pruners (the trainer's teacher)")
-        if mode == "soft" and any(getattr(p, "reads_attention", False) for p in self.pruners):
-            raise ValueError("attention-ranking pruners (FastV, PyramidDrop) are training-free: run them with mode='hard'")
+        self._check_call(mode, record_attention)
         bb = self.backbone
         seq, merge = self._initial_sequence(input_ids, pixel_values, attention_mask, labels, tau, generator)
+        stats = PrunedOutput(hidden=None, logits=None, attention_mask=None, labels=None, merge=merge)  # filled below
         mask = causal_padding_mask(seq.attention_mask, seq.hidden.dtype)
         cos_sin = bb.rotary(seq.hidden, seq.position_ids)
-        keep = torch.ones(seq.hidden.shape[:2], device=seq.hidden.device, dtype=seq.hidden.dtype)  # soft: m_j
-        stats = PrunedOutput(hidden=None, logits=None, attention_mask=None, labels=None, merge=merge)  # filled below
-        n_start = int(seq.is_vision.sum(dim=1)[0])
+        log_keep = torch.zeros(seq.hidden.shape[:2], device=seq.hidden.device)  # soft: (B, T) float32 log m_j
         previous_input = None  # the hidden states that entered the previous layer (same tokens as seq)
-        attention_sum = 0.0
-        if record_attention:
-            last_instruction = (seq.question_mask.long() * torch.arange(seq.hidden.shape[1], device=mask.device)).argmax(
-                dim=1, keepdim=True)  # (B, 1)
+        recorder = _AnswerAttention(bb, seq) if record_attention else None
 
         for layer in range(bb.num_layers):
             if layer in self.stage_of_layer:
                 stage = self.stage_of_layer[layer]
-                vision_index = seq.vision_index  # (B, n)
-                logits = self._keep_logits(stage, layer, seq, vision_index, cos_sin, previous_input)  # (B, n)
+                logits = self._keep_logits(stage, layer, seq, cos_sin, previous_input)  # (B, n)
                 if mode == "hard":
-                    kept = vision_index.gather(1, hard_keep(logits, self.stage_budgets[stage]))  # (B, k)
-                    stay = ~seq.is_vision
-                    stay = stay.scatter(1, kept, True)
-                    seq = seq.gather(rows_nonzero(stay))
+                    seq = self._drop(seq, logits, self.stage_budgets[stage])
                     mask = causal_padding_mask(seq.attention_mask, seq.hidden.dtype)
                     cos_sin = bb.rotary(seq.hidden, seq.position_ids)
                 else:
-                    q = gumbel_sigmoid(logits, tau, noise=self.training, generator=generator)  # (B, n)
-                    keep = keep.scatter(1, vision_index, keep.gather(1, vision_index) * q)
-                    cumulative = keep.gather(1, vision_index)  # (B, n)
-                    stats.stage_keep_probs.append(cumulative)
-                    stats.stage_logits.append(logits)
-                    stats.stage_positions.append(seq.position_ids.gather(1, vision_index))
-                    target = self.stage_budgets[stage] / n_start
-                    stats.pruner_sparsity_losses.append((cumulative.mean() - target) ** 2)
-                    bias = keep.clamp_min(KEEP_PROB_FLOOR).log()  # (B, T), 0 for text tokens
-                    mask = (causal_padding_mask(seq.attention_mask, seq.hidden.dtype)
-                            + bias[:, None, None, :]).clamp_min(torch.finfo(seq.hidden.dtype).min)
-            stats.vision_tokens_per_layer.append(int(seq.is_vision.sum(dim=1)[0]))
+                    log_keep = self._soft_keep(stage, seq, logits, log_keep, tau, generator, stats)
+                    mask = soft_keep_mask(seq.attention_mask, log_keep, seq.hidden.dtype)
+            stats.vision_counts.append(seq.vision_counts)
             stats.seq_len_per_layer.append(seq.hidden.shape[1])
             stats.layer_attention_masks.append(seq.attention_mask)
             previous_input = seq.hidden
-            if record_attention:
-                probs = bb.attention_probs(layer, seq.hidden, seq.attention_mask, cos_sin, last_instruction)  # (B, H, 1, T)
-                attention_sum = attention_sum + probs.mean(dim=1)[:, 0].gather(1, seq.vision_index)  # (B, n)
+            if recorder is not None:
+                recorder.add(layer, seq, cos_sin)
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 seq.hidden = checkpoint(bb.run_layer, layer, seq.hidden, mask, seq.position_ids, cos_sin,
                                         use_reentrant=False)
@@ -249,21 +278,56 @@ class PrunedLlava(nn.Module):
         stats.hidden = bb.norm(seq.hidden)
         stats.logits = bb.lm_head(stats.hidden)
         stats.attention_mask, stats.labels = seq.attention_mask, seq.labels
-        if record_attention:
-            stats.vision_attention = attention_sum / attention_sum.sum(dim=1, keepdim=True)
+        if recorder is not None:
+            stats.vision_attention = recorder.result()
         return stats
 
-    def _keep_logits(self, stage: int, layer: int, seq: _Sequence, vision_index: torch.Tensor,
-                     cos_sin: tuple[torch.Tensor, torch.Tensor], previous_input: torch.Tensor | None) -> torch.Tensor:
-        """The stage's keep logits (B, n) for the vision tokens at ``vision_index``."""
+    def _check_call(self, mode: str, record_attention: bool) -> None:
+        if mode not in ("soft", "hard"):
+            raise ValueError(f"mode must be 'soft' or 'hard', got {mode!r}")
+        if record_attention and (self.merger is not None or len(self.pruners)):
+            raise ValueError("record_attention reads the unpruned model's attention: call it on a PrunedLlava "
+                             "without merger and pruners (the trainer's teacher)")
+        if mode == "soft" and any(getattr(p, "reads_attention", False) for p in self.pruners):
+            raise ValueError("attention-ranking pruners (FastV, PyramidDrop) are training-free: run them with mode='hard'")
+
+    def _keep_logits(self, stage: int, layer: int, seq: _Sequence, cos_sin: tuple[torch.Tensor, torch.Tensor],
+                     previous_input: torch.Tensor | None) -> torch.Tensor:
+        """The stage's keep logits (B, n) for the vision tokens at ``seq.vision_index``; unused slots get the lowest."""
         pruner = self.pruners[stage]
+        vision_index = seq.vision_index  # (B, n)
         if getattr(pruner, "reads_attention", False):
             # Training-free rankers (models/baselines) read the attention of this layer or of the one before it.
             inputs = {layer: seq.hidden} if previous_input is None else {layer: seq.hidden, layer - 1: previous_input}
             probe = AttentionProbe(self.backbone, inputs, seq.attention_mask, cos_sin)
-            return pruner(probe, layer, seq.attention_mask, vision_index)
-        vision = seq.hidden.gather(1, vision_index.unsqueeze(-1).expand(-1, -1, seq.hidden.shape[-1]))  # (B, n, D)
-        return pruner(vision, seq.hidden, seq.question_mask)
+            logits = pruner(probe, layer, seq.attention_mask, vision_index)
+        else:
+            vision = seq.hidden.gather(1, vision_index.unsqueeze(-1).expand(-1, -1, seq.hidden.shape[-1]))  # (B, n, D)
+            logits = pruner(vision, seq.hidden, seq.question_mask)
+        alive = seq.attention_mask.gather(1, vision_index).bool()  # (B, n)
+        return logits.masked_fill(~alive, DEAD_LOGIT)
+
+    def _drop(self, seq: _Sequence, logits: torch.Tensor, budget: int) -> _Sequence:
+        """Hard mode: keep the ``budget`` vision tokens with the largest keep logits; the sequence shrinks."""
+        vision_index = seq.vision_index  # (B, n)
+        kept = vision_index.gather(1, hard_keep(logits, min(budget, vision_index.shape[1])))  # (B, k)
+        stay = (~seq.is_vision).scatter(1, kept, True)
+        return seq.gather(rows_nonzero(stay))
+
+    def _soft_keep(self, stage: int, seq: _Sequence, logits: torch.Tensor, log_keep: torch.Tensor, tau: float,
+                   generator: torch.Generator | None, stats: PrunedOutput) -> torch.Tensor:
+        """Soft mode: log m_j += log q_j for the stage's keep gate q_j; records what the losses read."""
+        vision_index = seq.vision_index  # (B, n)
+        log_q = gumbel_log_sigmoid(logits, tau, noise=self.training, generator=generator)  # (B, n) float32
+        log_keep = log_keep.scatter_add(1, vision_index, log_q)
+        cumulative = log_keep.gather(1, vision_index).exp()  # (B, n) m_j
+        alive = seq.attention_mask.gather(1, vision_index).to(cumulative.dtype)  # (B, n)
+        target = self.stage_budgets[stage] / self.merged_tokens
+        stats.stage_keep_probs.append(cumulative)
+        stats.stage_logits.append(logits)
+        stats.stage_positions.append(seq.position_ids.gather(1, vision_index))
+        stats.pruner_sparsity_losses.append(((cumulative * alive).sum() / alive.sum() - target) ** 2)
+        return log_keep
 
     # ------------------------------------------------------------------ generation
     @torch.no_grad()

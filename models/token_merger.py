@@ -1,7 +1,7 @@
 """Token merger: Gumbel-Top-K centre selection and soft-assignment merging, before the projector.
 
 Given the N vision features of an image (576 x 1024 for llava-1.5), a scorer gives each token
-a score s_i and a keep probability p_i = sigmoid(s_i / tau). K tokens become centres: in
+a score s_i and a keep probability p_i = sigmoid(s_i). K tokens become centres: in
 training, the top K of s + Gumbel noise (a sample of K without replacement from softmax(s));
 in eval, the plain top K. Every other token is assigned to the centres by a softmax over
 cosine similarity / tau, and each output token is the weighted mean of its centre and the
@@ -13,9 +13,23 @@ Gradients reach the scorer through a straight-through relaxed top-K: the forward
 the hard 0/1 selection, the backward pass the relaxed top-K at temperature tau
 (models/gumbel.py).
 
-Budget: K = ``num_keep`` for every image (``fixed``), the setting equal-budget benchmarks
-use. ``merge_sparsity_loss`` = (mean_i p_i - merge_ratio)^2 keeps the keep probabilities
-calibrated to the budget (it falls and settles as the scorer learns).
+Which tokens are merged (``similarity_threshold`` theta): token j joins the centres whose
+cosine similarity to it is at least theta (softmax over those), and is dropped when no centre
+is that close. theta = -1 is the plain soft assignment of every token; the default 0.9 merges
+near-duplicates only, so a one-patch object kept as a centre is not averaged with the
+background around it (measured in the README: the plain soft assignment lost accuracy at
+small budgets).
+
+Budget (``budget``):
+- ``fixed``: K = ``num_keep`` for every image, the setting equal-budget benchmarks use;
+- ``adaptive``: K_b = round(sum_i p_i) per image, clamped to [ceil(num_keep / 2), min(N,
+  2 num_keep)], with p_i = sigmoid(s_i): an image with more salient tokens keeps more. A batch
+  holds max_b K_b centre slots; the slots beyond an image's K_b are marked invalid
+  (``MergeOutput.valid``) and the pruned forward masks them out like padding.
+``merge_sparsity_loss`` = (mean_i p_i - merge_ratio)^2 pulls the mean keep probability, and so
+the mean K_b, to the ratio; in ``fixed`` mode it only keeps the scores calibrated. p_i does
+not depend on the temperature, so the budget does not drift as tau anneals; tau sharpens the
+relaxed top-K that carries the scorer's gradient.
 """
 
 from __future__ import annotations
@@ -35,9 +49,10 @@ from models.gumbel import gumbel_top_k, relaxed_top_k, sample_gumbel, straight_t
 class MergeOutput:
     tokens: torch.Tensor  # (B, K, Dv) merged features, in the centres' spatial order
     positions: torch.Tensor  # (B, K) patch index of each centre in 0..N-1, ascending
-    keep_prob: torch.Tensor  # (B, N) p_i = sigmoid(s_i / tau)
+    keep_prob: torch.Tensor  # (B, N) p_i = sigmoid(s_i)
     sparsity_loss: torch.Tensor  # scalar
     scores: torch.Tensor | None = None  # (B, N) the scorer's s_i (None for training-free mergers)
+    valid: torch.Tensor | None = None  # (B, K) bool, False at the slots beyond an image's adaptive K; None: all valid
 
 
 class SimpleScorer(nn.Module):
@@ -71,9 +86,12 @@ class QuestionAwareScorer(nn.Module):
         return self.head(torch.cat([q, context], dim=-1)).squeeze(-1)  # (B, N)
 
 
+MERGE_BUDGETS = ("fixed", "adaptive")
+
+
 class TokenMerger(nn.Module):
     def __init__(self, dim: int, text_dim: int, num_keep: int, merge_ratio: float, merger_type: str = "simple",
-                 hidden: int = 256, num_heads: int = 4):
+                 hidden: int = 256, num_heads: int = 4, budget: str = "fixed", similarity_threshold: float = 0.9):
         super().__init__()
         if merger_type == "simple":
             self.scorer = SimpleScorer(dim, hidden)
@@ -81,46 +99,63 @@ class TokenMerger(nn.Module):
             self.scorer = QuestionAwareScorer(dim, text_dim, hidden, num_heads)
         else:
             raise ValueError(f"merger_type must be 'simple' or 'question_aware', got {merger_type!r}")
-        self.merger_type = merger_type
+        if budget not in MERGE_BUDGETS:
+            raise ValueError(f"merge_budget must be one of {MERGE_BUDGETS}, got {budget!r}")
+        self.merger_type, self.budget, self.similarity_threshold = merger_type, budget, similarity_threshold
         self.dim, self.hidden = dim, hidden
         self.num_keep = num_keep
         self.merge_ratio = merge_ratio
-        self._init_keep_all()
+        self._init_keep_ratio()
 
-    def _init_keep_all(self) -> None:
-        # Start with p_i close to merge_ratio for every token: no token is preferred before training.
+    def _init_keep_ratio(self) -> None:
+        # Every p_i = merge_ratio at the start: no token is preferred, and an adaptive budget starts at K.
         last = self.scorer.net[-1] if isinstance(self.scorer, SimpleScorer) else self.scorer.head[-1]
         nn.init.zeros_(last.weight)
         nn.init.constant_(last.bias, torch.logit(torch.tensor(self.merge_ratio).clamp(1e-3, 1 - 1e-3)).item())
 
-    def flops(self, n: int) -> int:
-        """Multiply-adds of one call on n tokens (the simple scorer's count; models/flops.py)."""
-        return token_merger_flops(n, self.num_keep, self.dim, self.hidden)
+    @property
+    def count_bounds(self) -> tuple[int, int]:
+        """The fewest and most centres one image can get: K itself (fixed) or [ceil(K / 2), 2K] (adaptive)."""
+        if self.budget == "fixed":
+            return self.num_keep, self.num_keep
+        return (self.num_keep + 1) // 2, 2 * self.num_keep
+
+    def flops(self, n: int, k: int | None = None) -> int:
+        """Multiply-adds of one call on n tokens with k centres (default K; the simple scorer's count; models/flops.py)."""
+        return token_merger_flops(n, self.num_keep if k is None else k, self.dim, self.hidden)
 
     def forward(self, features: torch.Tensor, tau: float, question: torch.Tensor | None = None,
                 question_mask: torch.Tensor | None = None, generator: torch.Generator | None = None) -> MergeOutput:
         """Merge (B, N, Dv) features into (B, K, Dv); Gumbel noise only in training mode."""
         B, N, _ = features.shape
-        K = self.num_keep
-        if not 1 <= K <= N:
-            raise ValueError(f"the merger keeps {K} tokens but the image has {N}; lower target_merge_tokens")
+        if not 1 <= self.num_keep <= N:
+            raise ValueError(f"the merger keeps {self.num_keep} tokens but the image has {N}; lower target_merge_tokens")
         scores = self.scorer(features, question, question_mask)  # (B, N)
-        keep_prob = torch.sigmoid(scores / tau)
+        keep_prob = torch.sigmoid(scores.float())  # (B, N)
+        low, high = self.count_bounds
+        counts = keep_prob.detach().sum(dim=1).round().long().clamp(low, min(high, N))  # (B,)
+        k_max = int(counts.max())
         noisy = scores + sample_gumbel(scores, generator) if self.training else scores
-        centres = gumbel_top_k(noisy, K, noise=False)  # (B, K) ascending; the noise is already in `noisy`
-        selection = straight_through(top_k_mask(centres, N), relaxed_top_k(noisy, K, tau))  # (B, N), 1 at centres
-        merged = soft_assignment_merge(features, centres, selection, tau)
+        ranked = noisy.topk(k_max, dim=1).indices  # (B, k_max), best first
+        valid = torch.arange(k_max, device=features.device) < counts.unsqueeze(1)  # (B, k_max) by rank
+        centres, order = ranked.sort(dim=1)  # spatial order
+        valid = valid.gather(1, order)
+        hard = torch.zeros(B, N, device=features.device).scatter(1, centres, valid.float())  # (B, N), 1 at centres
+        selection = straight_through(hard, relaxed_top_k(noisy, counts, tau))
+        merged = soft_assignment_merge(features, centres, selection, tau, valid, self.similarity_threshold)
         sparsity = (keep_prob.mean() - self.merge_ratio) ** 2
-        return MergeOutput(merged, centres, keep_prob, sparsity, scores)
+        return MergeOutput(merged, centres, keep_prob, sparsity, scores, None if bool(valid.all()) else valid)
 
 
-def soft_assignment_merge(features: torch.Tensor, centres: torch.Tensor, selection: torch.Tensor,
-                          tau: float) -> torch.Tensor:
+def soft_assignment_merge(features: torch.Tensor, centres: torch.Tensor, selection: torch.Tensor, tau: float,
+                          valid: torch.Tensor | None = None, similarity_threshold: float = -1.0) -> torch.Tensor:
     """Weighted mean of each centre and the non-centre tokens softly assigned to it.
 
-    a_jk = softmax_k(cos(x_j, c_k) / tau) assigns token j over the K centres; token j takes part
-    with weight (1 - selection_j), so a centre is not merged into another centre. Output k is
-    (selection_{c_k} * c_k + sum_j (1 - selection_j) a_jk x_j) / (selection_{c_k} + sum_j (1 - selection_j) a_jk).
+    a_jk = softmax_k(cos(x_j, c_k) / tau) over the valid centres k with cos(x_j, c_k) >= theta
+    (``similarity_threshold``; a token with no such centre is dropped, a_j = 0) assigns token j;
+    it takes part with weight (1 - selection_j), so a centre is not merged into another centre.
+    Output k is (selection_{c_k} * c_k + sum_j (1 - selection_j) a_jk x_j) / (selection_{c_k} +
+    sum_j (1 - selection_j) a_jk); an invalid slot (``valid`` False) comes out as zeros.
     ``selection`` is 0/1 in value; its straight-through gradient reaches the scorer. Computed in
     float32 (a softmax of cos / tau at small tau loses too much in bf16), returned in the features' dtype.
     """
@@ -130,8 +165,12 @@ def soft_assignment_merge(features: torch.Tensor, centres: torch.Tensor, selecti
     idx = centres.unsqueeze(-1).expand(-1, -1, D)  # (B, K, D)
     centre_feats = features.gather(1, idx)  # (B, K, D)
     sim = F.normalize(features, dim=-1) @ F.normalize(centre_feats, dim=-1).transpose(1, 2)  # (B, N, K)
-    assign = torch.softmax(sim / tau, dim=-1) * (1 - selection).unsqueeze(-1)  # (B, N, K)
-    centre_weight = selection.gather(1, centres)  # (B, K), 1 in value
+    allowed = sim >= similarity_threshold  # (B, N, K)
+    if valid is not None:
+        allowed &= valid.unsqueeze(1)
+    logits = (sim / tau).masked_fill(~allowed, torch.finfo(sim.dtype).min)
+    assign = torch.softmax(logits, dim=-1) * allowed * (1 - selection).unsqueeze(-1)  # (B, N, K)
+    centre_weight = selection.gather(1, centres)  # (B, K), 1 in value at valid centres, 0 at invalid slots
     numerator = centre_weight.unsqueeze(-1) * centre_feats + assign.transpose(1, 2) @ features  # (B, K, D)
-    denominator = centre_weight + assign.sum(dim=1)  # (B, K)
+    denominator = (centre_weight + assign.sum(dim=1)).clamp_min(torch.finfo(sim.dtype).tiny)  # (B, K)
     return (numerator / denominator.unsqueeze(-1)).to(dtype)

@@ -242,8 +242,8 @@ def stage_counts(model: PrunedLlava, per_layer: list[int]) -> str:
     """Vision tokens entering the LLM, then after each pruning layer: '72 → 57 → 45 → 36 (L2, L4, L6)'."""
     layers = sorted(model.stage_of_layer)
     if not layers:
-        return str(per_layer[0])
-    return " → ".join(str(c) for c in [per_layer[0], *(per_layer[layer] for layer in layers)]) + \
+        return f"{per_layer[0]:g}"
+    return " → ".join(f"{c:g}" for c in [per_layer[0], *(per_layer[layer] for layer in layers)]) + \
         f" ({', '.join(f'L{layer}' for layer in layers)})"
 
 
@@ -286,7 +286,7 @@ def write_csv(rows: list[dict], path: Path) -> None:
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         for row in rows:
-            writer.writerow({"budget": "" if row["budget"] is None else row["budget"], "kept": row["kept"],
+            writer.writerow({"budget": "" if row["budget"] is None else row["budget"], "kept": f"{row['kept']:g}",
                              "method": row["method"], "accuracy": f"{row['accuracy']:.4f}",
                              "retained": f"{row['retained']:.4f}", "flops": f"{row['flops']:.0f}",
                              "flops_ratio": f"{row['flops_ratio']:.4f}", "prefill_ms": f"{row['prefill_s'] * 1e3:.2f}",
@@ -300,7 +300,7 @@ def markdown_table(rows: list[dict], num_tokens: int) -> str:
              "| accuracy | retained | prefill FLOPs vs unpruned | prefill ms | prefill speed-up |",
              "|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
-        budget = "—" if row["budget"] is None else f"{row['kept']} / {num_tokens} ({row['budget']:.0%})"
+        budget = "—" if row["budget"] is None else f"{row['kept']:g} / {num_tokens} ({row['budget']:.0%})"
         lines.append(f"| {budget} | {row['method']} | {row['stages']} | {row['mean_vision_tokens']:.1f} "
                      f"| {row['accuracy']:.3f} | {row['retained']:.1%} | {row['flops_ratio']:.1%} "
                      f"| {row['prefill_s'] * 1e3:.1f} | {row['speedup']:.2f}x |")

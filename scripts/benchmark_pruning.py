@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> None:
             prefill = timed(lambda: model(ids, pixels, mask, mode="hard"), args.repeats, backbone.device)
             generate = timed(lambda: model.generate(ids, pixels, mask, args.new_tokens, eos_token_id=-1,
                                                     pad_token_id=tok.pad_token_id), args.repeats, backbone.device)
-        row = dict(keep=keep, vision=out.vision_tokens_per_layer, seq=out.seq_len_per_layer, prefill=prefill,
+        row = dict(keep=keep, vision=[round(v) for v in out.vision_tokens_per_layer], seq=out.seq_len_per_layer, prefill=prefill,
                    generate=generate, extra=module_flops(model, text_tokens))
         baseline = baseline or row
         rows.append(row)

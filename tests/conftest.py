@@ -50,6 +50,17 @@ def sharpen_attention(layers, std: float = 0.5) -> None:
             layer.self_attn.k_proj.weight.normal_(std=std)
 
 
+SHIPPED_BACKBONE = "backbones/tiny-llava"
+
+
+@pytest.fixture(scope="session")
+def shipped_backbone():
+    """The shipped, trained tiny backbone (read only): its attention is sharp, as a real model's is."""
+    from models.llava_backbone import LlavaBackbone
+
+    return LlavaBackbone.from_pretrained(SHIPPED_BACKBONE)
+
+
 @pytest.fixture(scope="session")
 def llava15_folder(tmp_path_factory):
     """llava-1.5's layout (336 px, 14 px patches: 576 vision tokens) at toy widths, saved with save_pretrained."""

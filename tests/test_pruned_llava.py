@@ -2,13 +2,14 @@ import pytest
 import torch
 from torch import nn
 
-from data.collator import IGNORE_INDEX, VQACollator
+from data.collator import VQACollator
 from data.synthetic_vqa import SyntheticVQADataset
 from models.layer_pruner import build_pruner
 from models.llava_backbone import LlavaBackbone
-from models.pruned_llava import PrunedLlava, question_token_mask
+from models.pruned_llava import IGNORE_INDEX, PrunedLlava, question_token_mask
 from models.token_merger import TokenMerger
 from tests.conftest import llava_like
+from trainers.evaluation import generate_pruned
 
 LAYERS = [1, 2, 3]
 
@@ -115,6 +116,70 @@ def test_soft_keep_zero_equals_hard_removal(tiny, tau):
     # compare the answer positions (text): the logits agree, with original positions kept in hard mode
     answers = batch["labels"] != IGNORE_INDEX
     torch.testing.assert_close(hard.logits[hard.labels != IGNORE_INDEX], soft.logits[answers], rtol=1e-4, atol=1e-4)
+
+
+class PatchRulePruned(PrunedLlava):
+    """Keep logits +-1e4 by a rule on each vision token's patch index: stage s drops patches p with
+    p % MODULI[s] == s. The choice depends on the original patch only, so soft mode (which still carries
+    the tokens earlier stages dropped) and hard mode make the same choices at every stage."""
+
+    MODULI = (3, 4, 5)
+
+    def forward(self, input_ids, *args, **kwargs):
+        self.first_image = (input_ids == self.backbone.image_token_id).long().argmax(dim=1, keepdim=True)  # (B, 1)
+        return super().forward(input_ids, *args, **kwargs)
+
+    def _keep_logits(self, stage, layer, seq, cos_sin, previous_input):
+        patch = seq.position_ids.gather(1, seq.vision_index) - self.first_image  # (B, n)
+        return torch.where(patch % self.MODULI[stage] == stage, -1e4, 1e4)
+
+    @classmethod
+    def budgets(cls, n: int) -> list[int]:
+        alive, budgets = list(range(n)), []
+        for s, modulus in enumerate(cls.MODULI):
+            alive = [p for p in alive if p % modulus != s]
+            budgets.append(len(alive))
+        return budgets
+
+
+@pytest.mark.parametrize("tau", [1.0, 0.1])
+def test_soft_equals_hard_in_the_limit_on_the_trained_backbone(shipped_backbone, tau):
+    """The shipped backbone's attention logits differ by 60-140 between tokens: a dropped token must get a bias
+    that no such difference overcomes, or the student trained in soft mode is not the model hard mode runs."""
+    batch = make_batch(shipped_backbone, n=6)
+    assert (batch["attention_mask"] == 0).any(), "padding must be exercised"
+    layers = [2, 4, 6]
+    budgets = PatchRulePruned.budgets(shipped_backbone.num_vision_tokens)
+    model = PatchRulePruned(shipped_backbone, None, nn.ModuleList(nn.Identity() for _ in layers), layers, budgets).eval()
+    inputs = (batch["input_ids"], batch["pixel_values"], batch["attention_mask"])
+    with torch.no_grad():
+        hard = model(*inputs, labels=batch["labels"], mode="hard")
+        soft = model(*inputs, labels=batch["labels"], mode="soft", tau=tau)
+    assert hard.vision_tokens_per_layer == [144, 144, *[budgets[0]] * 2, *[budgets[1]] * 2, *[budgets[2]] * 2]
+    answers = batch["labels"] != IGNORE_INDEX
+    assert (hard.labels != IGNORE_INDEX).sum() == answers.sum()
+    # the logits at the positions that predict the answer, and the answer's own
+    predicting = answers.roll(-1, dims=1) | answers
+    hard_predicting = (hard.labels != IGNORE_INDEX).roll(-1, dims=1) | (hard.labels != IGNORE_INDEX)
+    torch.testing.assert_close(soft.logits[predicting], hard.logits[hard_predicting], rtol=0, atol=1e-4)
+
+
+def test_soft_generation_shows_the_pruners_the_question_only(shipped_backbone):
+    """Soft evaluation reruns the forward over prompt + answer so far; the answer must not count as question."""
+    seen = []
+
+    class Recording(nn.Module):
+        def forward(self, vision, question, question_mask):
+            seen.append(question_mask.sum(dim=1).tolist())
+            return torch.full(vision.shape[:2], 4.0)
+
+    model = PrunedLlava(shipped_backbone, None, nn.ModuleList([Recording()]), [2], [100]).eval()
+    batch = make_batch(shipped_backbone, with_answers=False)
+    answers, _ = generate_pruned(model, batch, "soft", 1.0, max_new_tokens=3)
+    assert all(answers), "the trained backbone answers a word, then stops: at least two decoding steps"
+    expected = question_token_mask(batch["input_ids"], batch["attention_mask"],
+                                   shipped_backbone.image_token_id).sum(1).tolist()
+    assert len(seen) >= 2 and all(counts == expected for counts in seen), (seen, expected)
 
 
 def test_soft_at_low_temperature_agrees_with_hard_choices(tiny):

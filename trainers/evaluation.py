@@ -4,7 +4,8 @@
 - ``accuracy_soft``: soft pruning (no noise), each new token recomputed over the whole prefix;
 - ``accuracy_hard``: hard pruning (tokens really dropped), decoding through the KV cache;
 - token counts: ``avg_original_tokens`` (vision tokens per image), ``avg_merged_tokens`` (after
-  the merger), ``keep_ratio_merge`` (their ratio), ``tokens_after_layer_L`` for every pruning
+  the merger) with ``merged_tokens_min`` / ``merged_tokens_max`` over the images (an adaptive
+  budget varies per image), ``keep_ratio_merge`` (their ratio), ``tokens_after_layer_L`` for every pruning
   layer L and ``avg_vision_tokens_per_layer``, all counted from the hard-mode prefill's tensors;
 - FLOPs of the LLM prefill (models/flops.py), baseline vs hard-pruned, per sample on its real
   (unpadded) tokens: ``flops_*`` over all tokens, ``vision_flops_reduction`` over vision tokens only;
@@ -21,7 +22,8 @@ from tqdm import tqdm
 from data.scoring import accuracy_by_type
 from models.flops import llm_prefill_flops
 from models.llava_backbone import LlavaBackbone
-from models.pruned_llava import PrunedLlava, PrunedOutput
+from models.pruned_llava import IGNORE_INDEX, PrunedLlava, PrunedOutput
+from models.token_merger import TokenMerger
 
 
 def _to_device(batch: dict, backbone: LlavaBackbone) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -49,11 +51,13 @@ def generate_pruned(model: PrunedLlava, batch: dict, mode: str, tau: float,
     if mode == "hard":
         tokens, prefill = model.generate(ids, pixels, mask, max_new_tokens, tok.eos_token_id, tok.pad_token_id)
         return tok.batch_decode(tokens, skip_special_tokens=True), prefill
-    # Soft masks have no cache form: each step reruns the soft forward over prompt + answer so far.
+    # Soft masks have no cache form: each step reruns the soft forward over prompt + answer so far. The answer
+    # so far is labelled (not IGNORE_INDEX), so the pruners read the question only, as in training.
     prefill, generated = None, []
     done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+    labels = torch.full_like(ids, IGNORE_INDEX)
     for _ in range(max_new_tokens):
-        out = model(ids, pixels, mask, mode="soft", tau=tau)
+        out = model(ids, pixels, mask, labels=labels, mode="soft", tau=tau)
         if prefill is None:
             prefill = out
         token = out.logits[:, -1].argmax(-1).masked_fill(done, tok.pad_token_id)
@@ -62,6 +66,7 @@ def generate_pruned(model: PrunedLlava, batch: dict, mode: str, tau: float,
         if bool(done.all()):
             break
         ids = torch.cat([ids, token[:, None]], dim=1)
+        labels = torch.cat([labels, token[:, None]], dim=1)
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
     return tok.batch_decode(torch.stack(generated, dim=1), skip_special_tokens=True), prefill
 
@@ -77,33 +82,37 @@ def evaluate_accuracy(answer_fn, batches: Iterable[dict], desc: str = "eval", sh
 
 
 def prefill_flops(model: PrunedLlava, prefill: PrunedOutput, attention_mask: torch.Tensor) -> dict[str, float]:
-    """Mean per-sample LLM prefill multiply-adds, unpruned vs this hard-pruned prefill."""
+    """Mean per-sample LLM prefill multiply-adds, unpruned vs this hard-pruned prefill, from each sample's real tokens."""
     bb = model.backbone
     d, m, n_layers = bb.hidden_size, bb.text_config.intermediate_size, bb.num_layers
     n_vision = bb.num_vision_tokens
     real = attention_mask.sum(dim=1).tolist()  # per sample, unpruned
     pruned_real = torch.stack([mask.sum(dim=1) for mask in prefill.layer_attention_masks], dim=1).tolist()  # (B, L)
+    vision = torch.stack(prefill.vision_counts, dim=1).tolist()  # (B, L)
     base = [llm_prefill_flops([n] * n_layers, d, m) for n in real]
-    pruned = [llm_prefill_flops(counts, d, m) + module_flops(model, n - n_vision) for n, counts in zip(real, pruned_real)]
+    pruned = [llm_prefill_flops(counts, d, m) + module_flops(model, n - n_vision, per_layer[0])
+              for n, counts, per_layer in zip(real, pruned_real, vision)]
     vision_base = llm_prefill_flops([n_vision] * n_layers, d, m)
-    vision_pruned = llm_prefill_flops(prefill.vision_tokens_per_layer, d, m)
+    vision_pruned = [llm_prefill_flops(counts, d, m) for counts in vision]
     mean = lambda xs: sum(xs) / len(xs)
     return {
         "flops_baseline": mean(base), "flops_pruned": mean(pruned), "flops_reduction": 1 - mean(pruned) / mean(base),
-        "vision_flops_reduction": 1 - vision_pruned / vision_base,
+        "vision_flops_reduction": 1 - mean(vision_pruned) / vision_base,
     }
 
 
-def module_flops(model: PrunedLlava, text_tokens: int) -> int:
-    """The merger's and the pruners' own multiply-adds for one sample."""
+def module_flops(model: PrunedLlava, text_tokens: int, merged: int | None = None) -> int:
+    """The merger's and the pruners' own multiply-adds for one sample whose merger kept ``merged`` tokens
+    (default: the merger's K)."""
     n = model.backbone.num_vision_tokens
     total = 0
+    merged = model.merged_tokens if merged is None else merged
     if model.merger is not None:
-        total += model.merger.flops(n)
-        n = model.merger.num_keep
+        total += model.merger.flops(n, merged) if isinstance(model.merger, TokenMerger) else model.merger.flops(n)
+        n = merged
     for pruner, budget in zip(model.pruners, model.stage_budgets):
         total += pruner.flops(n, text_tokens)
-        n = budget
+        n = min(n, budget)
     return total
 
 
@@ -115,6 +124,7 @@ def evaluate_pruned(model: PrunedLlava, batches: Iterable[dict], tau: float, max
     soft, hard, types, refs = [], [], [], []
     sums: dict[str, float] = {}
     samples = 0
+    lowest, highest = float("inf"), 0
     for batch in tqdm(batches, desc="eval (soft, hard)", leave=False, disable=not show_progress):
         soft += generate_pruned(model, batch, "soft", tau, max_new_tokens)[0]
         answers, prefill = generate_pruned(model, batch, "hard", tau, max_new_tokens)
@@ -131,8 +141,12 @@ def evaluate_pruned(model: PrunedLlava, batches: Iterable[dict], tau: float, max
         for key, value in counts.items():
             sums[key] = sums.get(key, 0.0) + value * n
         samples += n
+        merged = prefill.vision_counts[0]  # (B,) tokens each image kept after the merger
+        lowest = min(lowest, int(merged.min()))
+        highest = max(highest, int(merged.max()))
     model.train(was_training)
     metrics = {key: value / samples for key, value in sums.items()}
+    metrics["merged_tokens_min"], metrics["merged_tokens_max"] = float(lowest), float(highest)
     metrics["keep_ratio_merge"] = metrics["avg_merged_tokens"] / metrics["avg_original_tokens"]
     acc_soft, acc_hard = accuracy_by_type(soft, refs, types), accuracy_by_type(hard, refs, types)
     metrics["accuracy_soft"], metrics["accuracy_hard"] = acc_soft["overall"], acc_hard["overall"]
