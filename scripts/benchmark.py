@@ -38,9 +38,11 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
+import yaml  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from configs.schema import Config, ConfigError, check_against_backbone, config_from_dict, load_config  # noqa: E402
+from configs.schema import (Config, ConfigError, check_against_backbone, config_from_dict, config_to_dict,  # noqa: E402
+                            load_config)
 from data.build import batches, build_datasets  # noqa: E402
 from data.collator import VQACollator  # noqa: E402
 from data.scoring import accuracy_by_type  # noqa: E402
@@ -96,6 +98,7 @@ class LearnedRun:
 
     def overrides(self, num_tokens: int) -> list[str]:
         return [f"manager_settings.output_dir={self.folder}",
+                "method_settings.merge_budget=fixed",
                 f"method_settings.target_merge_tokens={self.merged}",
                 f"method_settings.merge_ratio={round(self.merged / num_tokens, 6)}",
                 f"method_settings.pruner_keep_ratios=[{', '.join(f'{r:g}' for r in self.ratios)}]"]
@@ -106,6 +109,96 @@ class LearnedRun:
 
     def latest(self) -> Path | None:
         return Checkpointer(self.folder / "checkpoints", keep_last=1).latest()
+
+
+SEARCHED = "learned (searched)"
+
+
+@dataclass
+class SearchedRun:
+    """The learned method with a schedule the project's Optuna search chose for one budget.
+
+    ``search/``: the study (trials train on a validation draw of the data, ``data_settings.seed`` + 1, and
+    are infeasible above the FLOPs cap); ``run/``: the best trial's config trained again on the benchmark's
+    own training data, the run the table reports.
+    """
+
+    budget: float
+    folder: Path
+
+    @property
+    def study(self) -> str:
+        return f"schedule_{budget_name(self.budget)}"
+
+    @property
+    def best_config(self) -> Path:
+        return self.folder / "search" / "optuna" / self.study / "best_config.yaml"
+
+    def latest(self) -> Path | None:
+        return Checkpointer(self.folder / "run" / "checkpoints", keep_last=1).latest()
+
+
+def schedule_search_space(config: Config, budget: float) -> dict:
+    """What the schedule search varies at one budget: the merger's share, the pruners' keep ratios and layers,
+    and the importance-loss weights."""
+    layers = list(config.method_settings.pruning_layers)
+    earlier = [layer - 1 for layer in layers]
+    layer_choices = [layers] + ([earlier] if earlier[0] >= 1 else [])  # a pruner needs a layer before it
+    stages = len(layers)
+    return {
+        "method_settings.merge_ratio": {"type": "float", "low": budget, "high": min(1.0, 3 * budget)},
+        "method_settings.pruner_keep_ratios": {"type": "categorical",
+                                               "choices": [[r] * stages for r in (1.0, 0.8, 0.6, 0.4)]},
+        "method_settings.pruning_layers": {"type": "categorical", "choices": layer_choices},
+        "method_settings.merge_importance_weight": {"type": "float", "low": 1.0, "high": 10.0, "log": True},
+        "method_settings.pruner_importance_weight": {"type": "float", "low": 1.0, "high": 10.0, "log": True},
+    }
+
+
+def search_schedule(run: SearchedRun, config: Config, trials: int, flops_cap: float, fingerprint_text: str) -> None:
+    """Run the Optuna search for ``run.budget`` under ``flops_cap`` (main.py's optuna mode), then train its best config.
+
+    A trial is a shortened run (60% of the steps, one evaluation at the end on at most 300 questions) on a
+    validation draw of the data (``data_settings.seed`` + 1), so the benchmark's eval split never picks the winner.
+    """
+    data = config_to_dict(config)
+    data["manager_settings"].update(mode="optuna", output_dir=str(run.folder / "search"))
+    data["method_settings"]["merge_budget"] = "fixed"  # an equal budget for every image, as the other rows
+    data["data_settings"]["seed"] = config.data_settings.seed + 1
+    data["data_settings"]["synthetic_eval_size"] = min(300, config.data_settings.synthetic_eval_size)
+    steps = max(1, round(0.6 * planned_steps(config)))
+    data["trainer_settings"].update(max_steps=steps, eval_every=steps, save_every=steps)
+    data["search_settings"].update(enable=True, n_trials=trials, study_name=run.study, flops_budget=round(flops_cap, 4),
+                                   objectives=[{"metric": "accuracy_hard", "direction": "maximize"}],
+                                   search_space=schedule_search_space(config, run.budget))
+    search_config = run.folder / "search_config.yaml"
+    search_config.parent.mkdir(parents=True, exist_ok=True)
+    search_config.write_text(yaml.safe_dump(data, sort_keys=False))
+    search = [sys.executable, "main.py", "--config", str(search_config)]
+    print(f"\n[benchmark] searching the schedule for the {budget_name(run.budget)}% budget ({trials} trials, FLOPs at most "
+          f"{flops_cap:.1%} of unpruned):\n  {shown(search)}", flush=True)
+    _run_or_exit(search, f"the schedule search for the {budget_name(run.budget)}% budget", run.folder / "search")
+    if not run.best_config.exists():
+        raise SystemExit(f"error: no trial of the {budget_name(run.budget)}% search fitted the FLOPs cap "
+                         f"{flops_cap:.1%}; rerun with more trials (--search N), its study resumes in {run.folder}/search")
+    best = yaml.safe_load(run.best_config.read_text())
+    best["data_settings"] = config_to_dict(config)["data_settings"]
+    best["trainer_settings"] = config_to_dict(config)["trainer_settings"]
+    best["manager_settings"]["output_dir"] = str(run.folder / "run")
+    final_config = run.folder / "best_schedule.yaml"
+    final_config.write_text(yaml.safe_dump(best, sort_keys=False))
+    train_best = [sys.executable, "main.py", "--config", str(final_config)]
+    if run.latest() is not None:
+        train_best.append("--resume=auto")
+    print(f"[benchmark] training the searched schedule on the benchmark's data:\n  {shown(train_best)}", flush=True)
+    _run_or_exit(train_best, f"training the searched schedule for the {budget_name(run.budget)}% budget", run.folder / "run")
+    (run.folder / FINGERPRINT).write_text(fingerprint_text + "\n")
+
+
+def _run_or_exit(command: list[str], what: str, folder: Path) -> None:
+    result = subprocess.run(command, cwd=ROOT)
+    if result.returncode != 0:
+        raise SystemExit(f"error: {what} failed (exit {result.returncode}); its logs are in {folder}")
 
 
 def planned_steps(config: Config) -> int:
@@ -192,30 +285,63 @@ def fingerprint(backbone: LlavaBackbone, train_set, samples: int = 64) -> str:
     return digest.hexdigest()[:16]
 
 
-def load_learned(run: LearnedRun, backbone: LlavaBackbone, expected_fingerprint: str) -> tuple[PrunedLlava, float, int]:
-    """The run's final modules, the temperature they were evaluated at, and the step; checked against the budget."""
-    path = run.latest()
+def load_run(path: Path, backbone: LlavaBackbone) -> tuple[PrunedLlava, Config, dict]:
+    """The pruned model of a training-state file (its config's modules, their final weights), in eval mode."""
     state = load(path)
-    method = config_from_dict(state["config"]).method_settings
-    model = build_pruned_model(method, backbone)
-    expected = [run.merged, *stage_budgets(run.merged, run.ratios)]
-    got = [model.merger.num_keep if model.merger is not None else backbone.num_vision_tokens, *model.stage_budgets]
-    problems = []
-    if got != expected or list(method.pruning_layers) != sorted(model.stage_of_layer):
-        problems.append(f"{path} was trained for vision tokens {' → '.join(map(str, got))}, the "
-                        f"{budget_name(run.budget)}% budget needs {' → '.join(map(str, expected))}; move {run.folder} "
-                        "away and rerun with --train-missing")
-    marker = run.folder / FINGERPRINT
-    if marker.exists() and marker.read_text().strip() != expected_fingerprint:
-        problems.append(f"{run.folder} was trained on other backbone weights or other training data than this run's "
-                        f"(fingerprint {marker.read_text().strip()} vs {expected_fingerprint}); move it away and rerun with "
-                        "--train-missing")
-    if problems:
-        raise BenchmarkError(problems)
+    config = config_from_dict(state["config"])
+    model = build_pruned_model(config.method_settings, backbone)
     model.pruners.load_state_dict(state["modules"]["layer_pruners"])
     if model.merger is not None:
         model.merger.load_state_dict(state["modules"]["token_merger"])
-    return model.eval(), float(state["temperature"]), int(state["step"])
+    return model.eval(), config, state
+
+
+def fingerprint_problem(folder: Path, expected: str) -> list[str]:
+    marker = folder / FINGERPRINT
+    if marker.exists() and marker.read_text().strip() != expected:
+        return [f"{folder} was trained on other backbone weights or other training data than this run's "
+                f"(fingerprint {marker.read_text().strip()} vs {expected}); move it away and rerun"]
+    return []
+
+
+def load_learned(run: LearnedRun, backbone: LlavaBackbone, expected_fingerprint: str) -> tuple[PrunedLlava, float, int]:
+    """The run's final modules, the temperature they were evaluated at, and the step; checked against the budget."""
+    path = run.latest()
+    model, config, state = load_run(path, backbone)
+    expected = [run.merged, *stage_budgets(run.merged, run.ratios)]
+    got = [model.merged_tokens, *model.stage_budgets]
+    problems = []
+    if got != expected or list(config.method_settings.pruning_layers) != sorted(model.stage_of_layer):
+        problems.append(f"{path} was trained for vision tokens {' → '.join(map(str, got))}, the "
+                        f"{budget_name(run.budget)}% budget needs {' → '.join(map(str, expected))}; move {run.folder} "
+                        "away and rerun with --train-missing")
+    problems += fingerprint_problem(run.folder, expected_fingerprint)
+    if problems:
+        raise BenchmarkError(problems)
+    return model, float(state["temperature"]), int(state["step"])
+
+
+def load_searched(run: SearchedRun, backbone: LlavaBackbone, expected_fingerprint: str) -> tuple[PrunedLlava, float, int]:
+    """The searched schedule's retrained run: its final modules, temperature and step."""
+    problems = fingerprint_problem(run.folder, expected_fingerprint)
+    if problems:
+        raise BenchmarkError(problems)
+    model, _, state = load_run(run.latest(), backbone)
+    return model, float(state["temperature"]), int(state["step"])
+
+
+def flops_cap(backbone: LlavaBackbone, num_keep: int, layers: list[int], eval_batches: list[dict]) -> float:
+    """The schedule search's FLOPs cap at a budget: ToMe's prefill FLOPs ratio keeping ``num_keep`` tokens, the
+    cheapest training-free method that keeps information from every token (its similarities included)."""
+    tome = build_baseline("tome", backbone, num_keep, layers)
+    pruned = base = 0.0
+    with torch.no_grad():
+        for batch in eval_batches:
+            ids, pixels, mask = (batch["input_ids"].to(backbone.device), batch["pixel_values"].to(backbone.device, backbone.dtype),
+                                 batch["attention_mask"].to(backbone.device))
+            flops = prefill_flops(tome, tome(ids, pixels, mask, mode="hard"), mask)
+            pruned, base = pruned + flops["flops_pruned"] * len(ids), base + flops["flops_baseline"] * len(ids)
+    return pruned / base
 
 
 # ---------------------------------------------------------------------------------------- measuring
@@ -325,7 +451,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
             points = sorted((row[key] * scale, row["accuracy"], row["budget"]) for row in rows if row["method"] == method)
             style = dict(linestyle="--", color="grey") if method == "random" else {}
             line, = ax.plot([p[0] for p in points], [p[1] for p in points], label=method,
-                            linewidth=2.5 if method == "learned" else 1.2, **style)
+                            linewidth=2.5 if method.startswith("learned") else 1.2, **style)
             for x, y, budget in points:
                 ax.plot(x, y, marker=markers[budget], color=line.get_color(), linestyle="none")
         ax.plot([base[key] * scale], [base["accuracy"]], marker="*", markersize=14, color="black", linestyle="none",
@@ -364,6 +490,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--learned-root", type=Path, default=Path("outputs/benchmark"),
                         help="holds learned_<pct>/, one main.py run per budget")
     parser.add_argument("--train-missing", action="store_true", help="train (or finish) missing learned runs with main.py")
+    parser.add_argument("--search", type=int, default=0, metavar="N",
+                        help="also report the learned method with a schedule found by an N-trial Optuna search per "
+                             "budget under ToMe's FLOPs (run when missing; 0: off)")
     parser.add_argument("--out", type=Path, default=Path("outputs/benchmark"))
     parser.add_argument("--limit", type=int, help="evaluate only the first N eval questions")
     parser.add_argument("--timing-batch", type=int, default=8, help="batch size of the timed prefill")
@@ -384,6 +513,8 @@ def main(argv: list[str] | None = None) -> int:
         if problems:
             raise ConfigError(problems, args.config)
         kept, runs, to_train = plan(args, config, shape)
+        searched = [SearchedRun(budget, args.learned_root / f"searched_{budget_name(budget)}")
+                    for budget in kept if args.search > 0 and "learned" in args.methods]
     except (ConfigError, BackboneNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -395,14 +526,6 @@ def main(argv: list[str] | None = None) -> int:
     backbone = LlavaBackbone.from_pretrained(settings.name_or_path, settings.dtype, settings.attn_implementation,
                                              resolve_device(settings.device))
     args.fingerprint = fingerprint(backbone, build_datasets(config.data_settings)[0])
-    if to_train:
-        train(to_train, args, shape.num_vision_tokens)
-    try:
-        learned = {run.budget: load_learned(run, backbone, args.fingerprint) for run in runs}
-    except BenchmarkError as err:
-        print(f"error: the benchmark cannot run as asked:\n{err}", file=sys.stderr)
-        return 2
-
     eval_set = build_datasets(config.data_settings)[1]
     size = min(len(eval_set), args.limit or len(eval_set))
     prompts = VQACollator(backbone.processor, with_answers=False)
@@ -411,12 +534,29 @@ def main(argv: list[str] | None = None) -> int:
     max_new = config.data_settings.max_new_tokens
     layers = list(config.method_settings.pruning_layers)
 
+    if to_train:
+        train(to_train, args, shape.num_vision_tokens)
+    for run in searched:
+        if run.latest() is None:
+            search_schedule(run, config, args.search, flops_cap(backbone, kept[run.budget], layers, eval_batches),
+                            args.fingerprint)
+    try:
+        learned = {run.budget: load_learned(run, backbone, args.fingerprint) for run in runs}
+        learned_searched = {run.budget: load_searched(run, backbone, args.fingerprint) for run in searched}
+    except BenchmarkError as err:
+        print(f"error: the benchmark cannot run as asked:\n{err}", file=sys.stderr)
+        return 2
+
     setups = [("unpruned", None, PrunedLlava(backbone).eval(), 1.0)]
     for budget in args.budgets:
         for method in args.methods:
-            model, tau = (learned[budget][:2] if method == "learned" else
-                          (build_baseline(method, backbone, kept[budget], layers, args.fastv_layer, args.seed), 1.0))
-            setups.append((method, budget, model, tau))
+            if method == "learned":
+                setups.append(("learned", budget, *learned[budget][:2]))
+                if budget in learned_searched:
+                    setups.append((SEARCHED, budget, *learned_searched[budget][:2]))
+            else:
+                setups.append((method, budget, build_baseline(method, backbone, kept[budget], layers,
+                                                              args.fastv_layer, args.seed), 1.0))
     rows = []
     for name, budget, model, tau in tqdm(setups, desc="benchmark: accuracy"):
         rows.append(measure(name, budget, model, tau, eval_batches, max_new))
@@ -434,6 +574,9 @@ def main(argv: list[str] | None = None) -> int:
     steps = ", ".join(f"{budget_name(b)}%: step {step}" for b, (_, _, step) in learned.items())
     table = markdown_table(rows, n)
     notes = f"\nlearned: final checkpoints of {args.learned_root}/learned_<pct> ({steps})\n" if learned else "\n"
+    if learned_searched:
+        notes += (f"{SEARCHED}: the best schedule of a {args.search}-trial search per budget under ToMe's FLOPs, "
+                  f"retrained; {args.learned_root}/searched_<pct>/ (best_schedule.yaml, search/)\n")
     (args.out / "results.md").write_text(f"{header}\n\n{table}\n{notes}")
     write_csv(rows, args.out / "results.csv")
     plot(rows, args.out / "accuracy_vs_flops.png", f"{Path(settings.name_or_path).name}: accuracy against cost, "

@@ -3,6 +3,7 @@
 import csv
 
 import pytest
+import yaml
 
 from models.layer_pruner import stage_budgets
 from scripts import benchmark
@@ -39,7 +40,8 @@ def test_missing_checkpoints_and_bad_budgets_are_named_with_their_fix(tmp_path, 
     assert "budget 0.001 keeps 0 of 144 vision tokens; the smallest budget that keeps one is 0.0069" in err
     assert "pooling at budget 0.2: spatial pooling cannot keep 29 tokens" in err and "28 or 30" in err
     assert f"no learned checkpoint for the 25% budget in {tmp_path / 'bench' / 'learned_25'}/checkpoints" in err
-    assert "--set method_settings.target_merge_tokens=72 --set method_settings.merge_ratio=0.5" in err
+    assert ("--set method_settings.merge_budget=fixed --set method_settings.target_merge_tokens=72 "
+            "--set method_settings.merge_ratio=0.5") in err
     assert "--train-missing" in err
     assert not (tmp_path / "bench" / "results.csv").exists()  # nothing ran
 
@@ -74,3 +76,18 @@ def test_benchmark_trains_the_missing_run_and_writes_table_and_plot(tmp_path, ti
     assert benchmark.main(again) == 0
     assert benchmark.main([*again, "--set", "data_settings.seed=1"]) == 2
     assert "trained on other backbone weights or other training data" in capsys.readouterr().err
+
+
+def test_searched_schedule_stays_under_tomes_flops_and_is_reported(tmp_path, tiny_folder, capsys):
+    args = bench_args(tmp_path, tiny_folder, "--budgets", "0.5", "--methods", "learned", "tome", "--train-missing",
+                      "--search", "3", "--set", "manager_settings.cpu_workers=1")
+    assert benchmark.main(args) == 0
+    folder = tmp_path / "bench" / "searched_50"
+    best = folder / "search" / "optuna" / "schedule_50" / "best_config.yaml"
+    assert best.exists() and (folder / "run" / "checkpoints").is_dir()
+    with (tmp_path / "bench" / "results.csv").open() as f:
+        rows = {r["method"]: r for r in csv.DictReader(f)}
+    assert set(rows) == {"unpruned", "learned", benchmark.SEARCHED, "tome"}
+    cap = yaml.safe_load((folder / "search_config.yaml").read_text())["search_settings"]["flops_budget"]
+    assert float(rows[benchmark.SEARCHED]["flops_ratio"]) <= float(rows["tome"]["flops_ratio"]) + 0.01
+    assert cap == pytest.approx(float(rows["tome"]["flops_ratio"]), abs=0.01)

@@ -259,3 +259,34 @@ def test_hard_generation_with_cache_matches_stock_and_recomputation(tiny):
             assert torch.equal(logits.argmax(-1), tokens[:, step])
             grown_ids = torch.cat([grown_ids, tokens[:, step:step + 1]], dim=1)
             grown_mask = torch.cat([grown_mask, torch.ones_like(grown_mask[:, :1])], dim=1)
+
+
+def test_adaptive_merger_batch_equals_each_image_alone(shipped_backbone):
+    """Images keep different numbers of tokens; the batch pads the unused slots, which must change nothing."""
+    bb = shipped_backbone
+    torch.manual_seed(0)
+    merger = TokenMerger(bb.vision_hidden_size, bb.hidden_size, 24, 24 / 144, hidden=16, budget="adaptive")
+    nn.init.normal_(merger.scorer.net[-1].weight, std=1.0)
+    pruners = nn.ModuleList(build_pruner("cross_attention", bb.hidden_size, 16, 2) for _ in range(2))
+    for p in pruners.parameters():
+        nn.init.normal_(p, std=0.3)
+    model = PrunedLlava(bb, merger, pruners, [2, 5], [16, 10]).eval()
+    batch = make_batch(bb, with_answers=False, n=4)
+    inputs = (batch["input_ids"], batch["pixel_values"], batch["attention_mask"])
+    tok = bb.processor.tokenizer
+    with torch.no_grad():
+        together = model(*inputs, mode="hard")
+        merged = together.vision_counts[0]
+        assert len(set(merged.tolist())) > 1, "the images must keep different numbers of tokens"
+        tokens, _ = model.generate(*inputs, 3, tok.eos_token_id, tok.pad_token_id)
+        soft = model(*inputs, mode="soft", tau=0.1)
+        for b in range(4):
+            one = [x[b:b + 1] for x in inputs]
+            real = one[2].bool()[0]
+            alone = model(one[0][:, real], one[1], one[2][:, real], mode="hard")
+            assert [int(c[b]) for c in together.vision_counts] == [int(c[0]) for c in alone.vision_counts]
+            torch.testing.assert_close(together.logits[b, -1], alone.logits[0, -1], rtol=1e-4, atol=1e-4)
+            alone_tokens, _ = model.generate(one[0][:, real], one[1], one[2][:, real], 3, tok.eos_token_id,
+                                             tok.pad_token_id)
+            assert tokens[b, :alone_tokens.shape[1]].tolist() == alone_tokens[0].tolist()
+    assert torch.isfinite(soft.logits).all()

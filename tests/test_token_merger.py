@@ -77,3 +77,57 @@ def test_bf16_features_with_float32_selection_merge_in_float32():
     out = soft_assignment_merge(x.bfloat16(), centre, selection, tau=0.5)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), x.bfloat16().float().mean(dim=1, keepdim=True), atol=1e-2, rtol=1e-2)
+
+
+def test_similarity_threshold_merges_near_duplicates_and_drops_the_rest():
+    centres = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    near, far = torch.tensor([1.0, 0.05]), torch.tensor([1.0, 1.0])  # cos 0.999 to centre 0; 0.71 to both
+    x = torch.stack([centres[0], centres[1], near, far])[None]  # (1, 4, 2)
+    sel = torch.tensor([[1.0, 1.0, 0.0, 0.0]])
+    kept = soft_assignment_merge(x, torch.tensor([[0, 1]]), sel, tau=0.01, similarity_threshold=0.9)
+    torch.testing.assert_close(kept[0], torch.stack([(centres[0] + near) / 2, centres[1]]))
+    everything = soft_assignment_merge(x, torch.tensor([[0, 1]]), sel, tau=1.0, similarity_threshold=-1.0)
+    assert not torch.allclose(everything[0, 1], centres[1]), "without a threshold the far token merges too"
+
+
+def adaptive(keep=6, n=16, dim=8, ratio=None):
+    torch.manual_seed(0)
+    m = TokenMerger(dim, 12, keep, ratio or keep / n, hidden=16, budget="adaptive")
+    torch.nn.init.normal_(m.scorer.net[-1].weight, std=2.0)  # scores that differ between tokens and images
+    return m
+
+
+def test_adaptive_budget_gives_each_image_round_sum_of_keep_probabilities():
+    m = adaptive().eval()
+    x = torch.randn(5, 16, 8)
+    out = m(x, tau=0.5)
+    p = torch.sigmoid(m.scorer(x))
+    expected = p.sum(1).round().long().clamp(3, 12)  # [ceil(K / 2), 2K] for K = 6
+    counts = out.valid.sum(1) if out.valid is not None else torch.full((5,), out.positions.shape[1])
+    assert torch.equal(counts, expected) and len(set(expected.tolist())) > 1, "counts must differ between images"
+    assert out.positions.shape[1] == int(expected.max())
+    for b in range(5):  # the valid centres are the image's top-K_b scores, in spatial order
+        k = int(expected[b])
+        assert out.positions[b][out.valid[b]].tolist() == p[b].topk(k).indices.sort().values.tolist()
+        assert (out.tokens[b][~out.valid[b]] == 0).all()
+
+
+@pytest.mark.parametrize("weight", [0.0, 10.0])
+def test_sparsity_weight_holds_the_mean_adaptive_budget(weight):
+    """A pressure to keep more tokens (standing in for the task loss) against merge_sparsity_weight: without the
+    sparsity loss the mean K runs to its upper bound, with it K stays at merge_ratio x N."""
+    m = adaptive(keep=4, n=16).train()
+    x = torch.randn(8, 16, 8)
+    opt = torch.optim.Adam(m.parameters(), lr=0.05)
+    for _ in range(60):
+        out = m(x, tau=1.0, generator=torch.Generator().manual_seed(0))
+        loss = -0.05 * out.keep_prob.mean() + weight * out.sparsity_loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    counts = m.eval()(x, tau=1.0)
+    mean_k = counts.valid.sum(1).float().mean() if counts.valid is not None else float(counts.positions.shape[1])
+    if weight == 0:
+        assert mean_k > 6
+    else:
+        assert abs(float(mean_k) - 4) <= 1

@@ -299,7 +299,7 @@ class Trainer:
         self.writer.add_scalar("discriminator/disc_prob_fake", values["disc_prob_fake"], self.step)
 
     def log_eval(self, metrics: dict[str, float]) -> None:
-        integers = ("avg_original_tokens", "avg_merged_tokens")
+        integers = ("avg_original_tokens", "avg_merged_tokens", "merged_tokens_min", "merged_tokens_max")
         lines = [f"[Eval Step {self.step}]"]
         first = ["accuracy_baseline", "accuracy_soft", "accuracy_hard", "keep_ratio_merge", *integers]  # the seed's order
         for key in sorted(metrics, key=lambda k: first.index(k) if k in first else len(first)):
