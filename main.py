@@ -24,10 +24,12 @@ import torch  # noqa: E402
 
 from configs.schema import (ConfigError, Config, check_against_backbone, check_devices, load_config,  # noqa: E402
                             save_config)
-from models.llava_backbone import BackboneNotFoundError, read_backbone_shape  # noqa: E402
-from trainers.checkpoint import Checkpointer  # noqa: E402
+from data.instruction_json import BadSampleError  # noqa: E402
+from models.llava_backbone import BackboneNotFoundError, BackboneShape, read_backbone_shape  # noqa: E402
+from trainers.checkpoint import CheckpointError  # noqa: E402
 from trainers.distributed import DataParallel  # noqa: E402
 from trainers.manager import run_search  # noqa: E402
+from trainers.preflight import PreflightError, check_backbone_folder, check_output_dir, load_data, resume_state  # noqa: E402
 from trainers.run_log import RunLog  # noqa: E402
 from trainers.trainer import NonFiniteLossError  # noqa: E402
 from trainers.world import load_world, make_trainer  # noqa: E402
@@ -49,14 +51,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def prepare(config: Config, config_path: str) -> None:
-    """Every check that needs no weights: the backbone's shape and the devices."""
+def prepare(config: Config, config_path: str) -> BackboneShape:
+    """Every check of the config that needs no weights: the backbone's files and shape, and the devices."""
+    check_backbone_folder(config.backbone_settings.name_or_path)
     shape = read_backbone_shape(config.backbone_settings.name_or_path)
     problems = check_against_backbone(config, shape.num_layers, shape.num_vision_tokens, shape.image_size)
     cuda = torch.cuda.is_available()
     problems += check_devices(config, cuda, torch.cuda.device_count() if cuda else None)
     if problems:
         raise ConfigError(problems, config_path)
+    return shape
 
 
 def launched_in_parallel() -> bool:
@@ -64,35 +68,17 @@ def launched_in_parallel() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def resume_path(resume: str | None, out: Path) -> Path | None:
-    """``--resume PATH|auto`` -> the training-state file to load, or None for a fresh run."""
-    if resume is None:
-        existing = Checkpointer(out / "checkpoints", keep_last=1).latest()
-        if existing is not None:
-            raise ValueError(f"{out / 'checkpoints'} already holds a run (up to {existing.name}); pass --resume auto to "
-                             "continue it, or set manager_settings.output_dir to a new folder (nothing was overwritten)")
-        return None
-    if resume == "auto":
-        latest = Checkpointer(out / "checkpoints", keep_last=1).latest()
-        if latest is None:
-            raise ValueError(f"--resume auto: no training_state_step_N.pt in {out / 'checkpoints'}")
-        return latest
-    path = Path(resume)
-    if not path.is_file():
-        raise ValueError(f"--resume {resume}: no such file (give a training_state_step_N.pt or 'auto')")
-    return path
-
-
-def run(config: Config, log: RunLog, resume: Path | None, out: Path,
+def run(config: Config, log: RunLog, resume: tuple[Path, dict] | None, out: Path, data,
         data_parallel: DataParallel = DataParallel()) -> dict[str, float]:
-    world = load_world(config, log, data_parallel)
+    world = load_world(config, log, data, data_parallel)
     trainer = make_trainer(config, world, log, out, data_parallel)
     if resume is not None:
-        trainer.load_training_state(resume)
+        trainer.load_training_state(*resume)
     if config.manager_settings.mode == "eval":
         metrics = trainer.evaluate()
         trainer.log_eval(metrics)
         log.block(trainer.summary(metrics))
+        trainer.close()
         return metrics
     return trainer.train()
 
@@ -101,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         config = load_config(args.config, args.overrides)
-        prepare(config, args.config)
+        shape = prepare(config, args.config)
         out = Path(config.manager_settings.output_dir)
         mode = config.manager_settings.mode
         if launched_in_parallel() and mode != "train":
@@ -112,8 +98,12 @@ def main(argv: list[str] | None = None) -> int:
                 raise ValueError("--resume does not apply to optuna mode: running the same search_settings.study_name "
                                  "again resumes the study")
             return run_search(config)
-        resume = resume_path(args.resume, out)
-    except (ConfigError, BackboneNotFoundError, ValueError) as err:
+        # Everything that can fail on the user's input is checked here, before the weights load and before
+        # anything is written into output_dir.
+        check_output_dir(out)
+        resume = resume_state(args.resume, out, config, fresh_allowed=mode == "eval")
+        data = load_data(config, shape.num_vision_tokens, shape.max_positions)
+    except (ConfigError, BackboneNotFoundError, PreflightError, BadSampleError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     data_parallel = DataParallel.from_environment()
@@ -122,8 +112,14 @@ def main(argv: list[str] | None = None) -> int:
         save_config(config, out / "resolved_config.yaml")
     log = RunLog(out / "logs" / "training.log" if data_parallel.is_main else None, echo=data_parallel.is_main)
     try:
-        run(config, log, resume, out, data_parallel)
+        run(config, log, resume, out, data, data_parallel)
     except NonFiniteLossError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except BadSampleError as err:  # an image found broken only when read in full, under on_bad_sample: error
+        print(f"error: {err}; the last checkpoint is in {out / 'checkpoints'} (--resume auto)", file=sys.stderr)
+        return 2
+    except CheckpointError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     except torch.cuda.OutOfMemoryError as err:

@@ -7,9 +7,11 @@ token: a token is kept when the question needs it. ``mlp``: the logit from the v
 own hidden state (question-blind), a simpler baseline.
 
 Keep decisions (DESIGN 4.4):
-- soft (training): q_j = sigmoid((z_j + L_j) / tau), L_j logistic noise (a Gumbel-sigmoid,
-  models/gumbel.py); each stage has a sparsity loss that pulls the mean cumulative keep
-  probability to the stage's budget, so q_j > 0.5 comes to mark the tokens hard mode keeps;
+- soft (training): q_j = sigmoid((z_j + G_j - t) / tau), G_j Gumbel noise and t the threshold
+  between the stage's budget k and the rest of the perturbed logits (a relaxed Gumbel-Top-k,
+  models/gumbel.gumbel_top_k_log_gate): exactly k tokens have q_j > 0.5 at every temperature, so
+  the budget binds in training as it does in hard mode. Each stage also has a sparsity loss on
+  the mean cumulative keep probability (it matters only while the temperature is high);
 - hard (inference): the top k logits of the stage's budget, in their original order.
 
 Both pruners start by keeping everything: their output layer starts at zero weight and a

@@ -36,13 +36,15 @@ class BackboneShape:
     num_layers: int
     num_vision_tokens: int  # per image, after LLaVA's feature selection (576 for llava-1.5)
     image_size: int
+    max_positions: int | None = None  # the language model's max_position_embeddings
 
     @classmethod
     def from_config(cls, config) -> "BackboneShape":
         vision = config.vision_config
         patches = (vision.image_size // vision.patch_size) ** 2
         tokens = patches if config.vision_feature_select_strategy == "default" else patches + 1
-        return cls(config.text_config.num_hidden_layers, tokens, vision.image_size)
+        return cls(config.text_config.num_hidden_layers, tokens, vision.image_size,
+                   getattr(config.text_config, "max_position_embeddings", None))
 
 
 def read_backbone_shape(name_or_path: str) -> BackboneShape:

@@ -57,17 +57,50 @@ def test_bad_samples_are_named_or_skipped_and_counted(folder, bad, message):
 
 
 def test_file_level_errors(folder):
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(BadSampleError, match="instruction file does not exist .*absent.json.*: set data_settings"):
         LlavaInstructionDataset(folder / "absent.json", folder)
+    with pytest.raises(BadSampleError, match="image folder does not exist"):
+        LlavaInstructionDataset(write(folder, [record("a", "img0.png")]), folder / "nowhere")
     (folder / "bad.json").write_text("{not json")
     with pytest.raises(BadSampleError, match="not valid JSON"):
         LlavaInstructionDataset(folder / "bad.json", folder)
-    with pytest.raises(BadSampleError, match="no usable samples"):
-        LlavaInstructionDataset(write(folder, [record("m", "absent.png")]), folder, on_bad_sample="skip")
+
+
+def test_all_skipped_names_the_reasons(folder):
+    path = write(folder, [record("m", "absent.png"), record("u", "broken.png")])
+    with pytest.raises(BadSampleError, match="no usable samples, all 2 skipped") as err:
+        LlavaInstructionDataset(path, folder, on_bad_sample="skip")
+    assert "absent.png does not exist" in str(err.value) and "broken.png is not a readable image" in str(err.value)
+
+
+def test_missing_or_repeated_image_marker_is_counted(folder):
+    path = write(folder, [record("none", "img0.png"), record("one", "img0.png"), record("two", "img1.png")])
+    records = json.loads(path.read_text())
+    records[0]["conversations"][0]["value"] = "what color is the object in the top row ?"
+    records[2]["conversations"][0]["value"] = "<image>\n<image> what color ?"
+    path.write_text(json.dumps(records))
+    data = LlavaInstructionDataset(path, folder)
+    assert data.rewritten == ["none", "two"]
+    assert data[2].question == "what color ?"
 
 
 def test_image_broken_after_loading_names_file_and_id(folder):
     data = LlavaInstructionDataset(write(folder, [record("late", "img1.png")]), folder)
     (folder / "img1.png").write_bytes(b"truncated")
-    with pytest.raises(BadSampleError, match="sample 'late': cannot read image .*img1.png"):
+    with pytest.raises(BadSampleError, match="cannot read image .*img1.png.*sample 'late'\\): fix the record"):
         data[0]
+
+
+def test_truncated_jpeg_body_is_skipped_under_skip(folder):
+    """The header reads fine at load; the body fails only when decoded in full."""
+    image = make_sample(0, "train", 3).image
+    image.save(folder / "whole.jpg", quality=95)
+    body = (folder / "whole.jpg").read_bytes()
+    (folder / "cut.jpg").write_bytes(body[: len(body) // 2])
+    path = write(folder, [record("cut", "cut.jpg"), record("fine", "whole.jpg")])
+    strict = LlavaInstructionDataset(path, folder)
+    with pytest.raises(BadSampleError, match="cannot read image .*cut.jpg"):
+        strict[0]
+    lenient = LlavaInstructionDataset(path, folder, on_bad_sample="skip")
+    assert len(lenient) == 2, "the header check passes"
+    assert lenient[0].id == "fine" and lenient.unreadable == ["cut"]

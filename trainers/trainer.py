@@ -115,11 +115,10 @@ class Trainer:
             "config": config_to_dict(self.config),
         }
 
-    def load_training_state(self, path: str | Path) -> None:
-        state = load(path)
-        if state.get("config", {}).get("method_settings") != config_to_dict(self.config)["method_settings"]:
-            raise ValueError(f"{path} was trained with other method_settings than this config; resume with the "
-                             "config of that run (its resolved_config.yaml) or start a new output_dir")
+    def load_training_state(self, path: str | Path, state: dict | None = None) -> None:
+        """Continue from a training state (``state``: already read and checked against this config,
+        trainers/preflight.resume_state)."""
+        state = load(path) if state is None else state
         modules = state["modules"]
         self.model.pruners.load_state_dict(modules["layer_pruners"])
         self.discriminator.load_state_dict(modules["discriminator"])
@@ -351,10 +350,15 @@ class Trainer:
                     self.save()
         finally:
             bar.close()
-            if self._writer is not None:
-                self._writer.close()
+            self.close()
         self.log.block(self.summary(metrics))
         return metrics
+
+    def close(self) -> None:
+        """Flush and close the TensorBoard writer (train and eval modes both end here)."""
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
 
     def _budget_trajectory(self) -> list[int]:
         merged = self.model.merger.num_keep if self.model.merger is not None else self.backbone.num_vision_tokens

@@ -53,20 +53,24 @@ def subtask_devices(config: Config, data_parallel: DataParallel) -> list[torch.d
     return [torch.device("cuda", first + i) for i in range(count)]
 
 
-def load_world(config: Config, log: RunLog, data_parallel: DataParallel = DataParallel()) -> World:
-    """The frozen backbone and the train / eval data sets, with what the seed guide prints."""
+def load_world(config: Config, log: RunLog, data=None, data_parallel: DataParallel = DataParallel()) -> World:
+    """The frozen backbone and the train / eval data sets (``data``, checked before: trainers/preflight.py; built
+    here when None), with what the seed guide prints."""
     settings = config.backbone_settings
     devices = subtask_devices(config, data_parallel)
     log.info("Preloading backbone and dataset...")
     backbone = LlavaBackbone.from_pretrained(settings.name_or_path, settings.dtype, settings.attn_implementation,
                                              devices[0])
     layer_devices = spread_backbone(backbone, devices) if len(devices) > 1 else None
-    train_set, eval_set = build_datasets(config.data_settings)
+    train_set, eval_set = data if data is not None else build_datasets(config.data_settings)
     for name, dataset in (("train", train_set), ("eval", eval_set)):
-        skipped = getattr(dataset, "skipped", [])
+        skipped, rewritten = getattr(dataset, "skipped", []), getattr(dataset, "rewritten", [])
         log.info(f"{name} set: {len(dataset)} samples" + (f", {len(skipped)} bad samples skipped" if skipped else ""))
         for reason in skipped[:5]:
             log.info(f"  skipped: {reason}")
+        if rewritten:
+            log.info(f"  {len(rewritten)} samples had no <image> or several in their question (e.g. "
+                     f"{', '.join(rewritten[:3])}); the image is placed once, before the question")
     log.info("Freezing backbone parameters...")
     frozen = sum(p.numel() for p in backbone.parameters() if not p.requires_grad)
     where = (f"decoder layers over {', '.join(str(d) for d in devices)}" if layer_devices else f"device {devices[0]}")

@@ -1,0 +1,190 @@
+"""Every check a run can make before the backbone's weights load, each failing with one line and its fix.
+
+``python main.py`` calls these in order after the config loads: the backbone folder (config,
+processor and tokenizer files), the output folder (a folder, writable), the checkpoint to resume
+(readable, a training state, trained with a config this run can continue), and the data (every
+record and image of the files, every prompt within the model's positions). Nothing in the output
+folder is written until all of them have passed, so a run that fails here changes nothing there.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from configs.schema import Config, config_to_dict
+from trainers.checkpoint import MODULES, STATE, CheckpointError, Checkpointer, load
+
+
+class PreflightError(ValueError):
+    """A user error found before any weight loads: ``what (where): fix``."""
+
+    def __init__(self, what: str, where: str, fix: str):
+        super().__init__(f"{what} ({where}): {fix}")
+
+
+# ----------------------------------------------------------------------------- backbone files
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+def check_backbone_folder(name_or_path: str) -> None:
+    """A local backbone folder must hold a config.json and the processor's and tokenizer's files."""
+    folder = Path(name_or_path)
+    if not folder.is_dir():
+        return  # a model id: read_backbone_shape looks it up in the local cache and says where it looked
+    if not (folder / "config.json").is_file():
+        raise PreflightError("the backbone folder has no config.json", str(folder),
+                             "point backbone_settings.name_or_path at a folder written by save_pretrained (a llava-hf "
+                             "checkpoint), or run the CPU default: python main.py --config configs/tiny.yaml")
+    missing = [kind for kind, names in (("image processor", PROCESSOR_FILES), ("tokenizer", TOKENIZER_FILES))
+               if not any((folder / name).is_file() for name in names)]
+    if missing:
+        raise PreflightError(f"the backbone folder has no {' and no '.join(missing)} files", str(folder),
+                             "save the processor beside the weights (processor.save_pretrained(folder)), or copy "
+                             f"{', '.join(PROCESSOR_FILES + TOKENIZER_FILES[:2])} from the checkpoint you downloaded")
+
+
+# ----------------------------------------------------------------------------- the output folder
+def check_output_dir(out: Path) -> None:
+    """``out`` is (or can become) a folder this process can write."""
+    if out.exists() and not out.is_dir():
+        raise PreflightError("manager_settings.output_dir is a file, not a folder", str(out),
+                             "choose another output_dir, or move the file away")
+    existing = out
+    while not existing.exists():
+        existing = existing.parent
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PreflightError("manager_settings.output_dir is not writable", str(existing),
+                             "choose an output_dir on a writable disk, or fix the folder's permissions")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as err:
+        raise PreflightError(f"cannot write in manager_settings.output_dir ({err.strerror or err})", str(out),
+                             "choose an output_dir on a writable disk with free space") from err
+
+
+# ----------------------------------------------------------------------------- resuming
+# Keys a resumed run must share with the run it continues: the modules and optimizer states it restores (a restored
+# optimizer keeps its saved learning rate, so a new one would silently not apply), the batch size its step counts
+# and the data and backbone they were trained on. A longer run (epochs, max_steps, a larger synthetic set) and other
+# logging, evaluation and checkpoint cadences are allowed.
+RESUME_KEYS = ("method_settings", "trainer_settings.dl_settings.batch_size", "trainer_settings.dl_settings.optimizers",
+               "trainer_settings.mixed_precision", "backbone_settings.name_or_path", "manager_settings.seed",
+               "data_settings.source", "data_settings.train_json", "data_settings.image_folder", "data_settings.seed")
+
+
+def flatten(data: dict, prefix: str = "") -> dict[str, object]:
+    flat = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def resume_differences(saved: dict, config: Config) -> list[str]:
+    """'key: saved -> now' for every key of RESUME_KEYS on which the checkpoint's config and this one differ."""
+    old, new = flatten(saved), flatten(config_to_dict(config))
+    keys = sorted(k for k in set(old) | set(new) if any(k == p or k.startswith(p + ".") for p in RESUME_KEYS))
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
+
+
+def resume_state(resume: str | None, out: Path, config: Config,
+                 fresh_allowed: bool = False) -> tuple[Path, dict] | None:
+    """The training state ``--resume`` names (``auto``: the latest readable step of ``out``), loaded and checked.
+
+    Without ``--resume``, a folder that already holds a run is refused (nothing is overwritten), unless
+    ``fresh_allowed`` (eval mode evaluates untrained modules without touching the run's checkpoints)."""
+    if resume is None:
+        existing = Checkpointer(out / "checkpoints", keep_last=1).latest()
+        if existing is not None and not fresh_allowed:
+            raise PreflightError(f"the output folder already holds a run (up to {existing.name})", str(out),
+                                 "pass --resume auto to continue it, or set manager_settings.output_dir to a new "
+                                 "folder (nothing was overwritten)")
+        return None
+    if resume == "auto":
+        path, state = latest_readable(out / "checkpoints")
+    else:
+        path = Path(resume)
+        if not path.is_file():
+            raise PreflightError("no such file", f"--resume {resume}",
+                                 "give a training_state_step_N.pt, or --resume auto for the latest in output_dir")
+        state = _read_state(path)
+    differences = resume_differences(state["config"], config)
+    if differences:
+        raise PreflightError("the checkpoint was trained with another config: " + "; ".join(differences), str(path),
+                             "resume with the config of that run (its resolved_config.yaml), or start a new output_dir")
+    return path, state
+
+
+def latest_readable(folder: Path) -> tuple[Path, dict]:
+    """The newest training state of ``folder`` that can be read; an unreadable (truncated) newer one is passed over."""
+    checkpointer = Checkpointer(folder, keep_last=1)
+    problems = []
+    for step in reversed(checkpointer.steps()):
+        path = folder / f"{STATE}_step_{step}.pt"
+        try:
+            return path, _read_state(path)
+        except PreflightError as err:
+            problems.append(str(err))
+    if problems:
+        raise PreflightError("no readable training state", f"--resume auto in {folder}",
+                             "every step failed to load (" + "; ".join(problems) + "); start a new output_dir")
+    raise PreflightError("no training_state_step_N.pt to resume", f"--resume auto in {folder}",
+                         "start without --resume, or point manager_settings.output_dir at the run to continue")
+
+
+def _read_state(path: Path) -> dict:
+    try:
+        state = load(path)
+    except CheckpointError as err:
+        raise PreflightError("the checkpoint cannot be read (truncated or not a checkpoint)", str(path),
+                             f"resume from an earlier step's {STATE}_step_N.pt ({err.__cause__.__class__.__name__})") from err
+    if not isinstance(state, dict) or not {"step", "modules", "optimizers", "config"} <= set(state):
+        module = next((m for m in MODULES if path.name.startswith(m)), None)
+        if module is not None:
+            raise PreflightError(f"the file is the {module} module's state_dict, not a training state", str(path),
+                                 f"resume from {path.name.replace(module, STATE, 1)} beside it, which also holds the "
+                                 "optimizers, the step and the config")
+        raise PreflightError("the file is not a training state", str(path), f"resume from a {STATE}_step_N.pt")
+    return state
+
+
+# ----------------------------------------------------------------------------- data
+def load_data(config: Config, num_vision_tokens: int, max_positions: int | None):
+    """(train, eval) data sets, every record and image header checked, prompts within the model's positions."""
+    from data.build import build_datasets
+    from data.instruction_json import LlavaInstructionDataset
+
+    train_set, eval_set = build_datasets(config.data_settings)  # BadSampleError: 'what (where): fix' as well
+    if max_positions is not None:
+        for dataset in (train_set, eval_set):
+            if isinstance(dataset, LlavaInstructionDataset):
+                check_prompt_lengths(dataset, config.backbone_settings.name_or_path, num_vision_tokens, max_positions)
+    return train_set, eval_set
+
+
+def check_prompt_lengths(dataset, name_or_path: str, num_vision_tokens: int, max_positions: int) -> None:
+    """Every training text (prompt, answer, end token; the image as its vision tokens) fits ``max_positions``."""
+    from transformers import AutoTokenizer
+
+    from data.collator import build_prompt
+
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path, local_files_only=True)
+    texts = [f"{build_prompt(r.question)} {r.answer}" for r in dataset.records]
+    lengths = [len(ids) + num_vision_tokens for ids in tokenizer(texts, add_special_tokens=True)["input_ids"]]
+    too_long = {r.id: n for r, n in zip(dataset.records, lengths) if n > max_positions}
+    if not too_long:
+        return
+    first, n = next(iter(too_long.items()))
+    if dataset.on_bad_sample == "error":
+        raise PreflightError(f"{len(too_long)} sample(s) need more positions than the model has: sample {first!r} "
+                             f"takes {n} tokens with its {num_vision_tokens} vision tokens, the backbone's "
+                             f"max_position_embeddings is {max_positions}", str(dataset.json_path),
+                             "shorten them, or set data_settings.on_bad_sample: skip to leave them out")
+    dataset.drop(set(too_long), f"longer than the backbone's {max_positions} positions")
