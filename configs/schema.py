@@ -140,6 +140,16 @@ class Objective:
     direction: Literal["maximize", "minimize"] = "maximize"
 
 
+# Evaluation metrics (trainers/evaluation.py), besides accuracy_hard/<question type> and tokens_after_layer_<L>.
+EVAL_METRICS = ("accuracy_baseline", "accuracy_soft", "accuracy_hard", "keep_ratio_merge", "avg_original_tokens",
+                "avg_merged_tokens", "merged_tokens_min", "merged_tokens_max", "avg_vision_tokens_per_layer",
+                "flops_baseline", "flops_pruned", "flops_reduction", "vision_flops_reduction")
+
+
+def is_eval_metric(name: str) -> bool:
+    return name in EVAL_METRICS or bool(re.fullmatch(r"accuracy_hard/\w+|tokens_after_layer_\d+", name))
+
+
 # Evaluation metrics (trainers/evaluation.py) a search may optimise.
 SEARCH_METRICS = ("accuracy_hard", "accuracy_soft", "flops_reduction", "vision_flops_reduction", "flops_pruned",
                   "keep_ratio_merge", "avg_merged_tokens", "avg_vision_tokens_per_layer")
@@ -331,9 +341,15 @@ def cross_check(config: Config) -> list[str]:
         problems.append(f"method_settings.pruning_layers {layers} must be strictly increasing")
     if any(layer < 0 for layer in layers):
         problems.append(f"method_settings.pruning_layers {layers} holds a negative layer index")
-    if len(m.pruner_keep_ratios) != len(layers):
-        problems.append(f"method_settings.pruner_keep_ratios has {len(m.pruner_keep_ratios)} entries but "
-                        f"pruning_layers has {len(layers)}; give one keep ratio per pruning layer")
+    if layers and not m.pruner_keep_ratios:
+        problems.append("method_settings.pruner_keep_ratios is empty; give one keep ratio per pruning layer (or as "
+                        "many as you like: a schedule with another count is spread geometrically over the layers)")
+    best = config.trainer_settings.best_metric
+    if not is_eval_metric(best):
+        close = difflib.get_close_matches(best, EVAL_METRICS, n=1, cutoff=0.5)
+        hint = (f"did you mean {close[0]!r}?" if close else
+                f"losses are not measured at evaluation; choose one of {', '.join(EVAL_METRICS)}")
+        problems.append(f"trainer_settings.best_metric {best!r} is not an evaluation metric; {hint}")
     if any(not 0 < r <= 1 for r in m.pruner_keep_ratios):
         problems.append(f"method_settings.pruner_keep_ratios {m.pruner_keep_ratios}: each must be in (0, 1]")
     if m.pruner_d_internal % m.pruner_num_heads:
@@ -595,7 +611,8 @@ def config_from_dict(data: dict, source: str = "config") -> Config:
     problems: list[str] = []
     config = _build(Config, data, "", problems)
     problems += cross_check(config)  # on the valid keys (an invalid one stands at its default meanwhile)
-    problems += check_search(config, problems)
+    if config.search_settings.enable:  # a disabled search's space is never used: its problems would hide the real ones
+        problems += check_search(config, problems)
     if problems:
         raise ConfigError(problems, source)
     return config
@@ -617,8 +634,17 @@ def read_yaml(path: str | Path) -> dict:
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
-    """Read ``path``, apply ``--set`` overrides, validate: a Config or one ConfigError listing every problem."""
-    return config_from_dict(apply_overrides(read_yaml(path), list(overrides)), str(path))
+    """Read ``path``, apply ``--set`` overrides, validate: a Config or one ConfigError listing every problem.
+
+    ``--set method_settings.merge_ratio=x`` alone (the guide's troubleshooting step) makes the file's
+    ``target_merge_tokens`` follow the new ratio (null); a file that sets both inconsistently stays an error.
+    """
+    data = apply_overrides(read_yaml(path), list(overrides))
+    keys = {".".join(parse_override(text)[0]) for text in overrides}
+    if "method_settings.merge_ratio" in keys and "method_settings.target_merge_tokens" not in keys:
+        if isinstance(data.get("method_settings"), dict):
+            data["method_settings"]["target_merge_tokens"] = None
+    return config_from_dict(data, str(path))
 
 
 def config_to_dict(config: Config) -> dict:

@@ -43,53 +43,49 @@ def llm_prefill_flops(tokens_per_layer: Sequence[int], d: int, m: int) -> int:
     return sum(decoder_layer_flops(n, d, m) for n in tokens_per_layer)
 
 
-def vision_tower_flops(n: int, d: int, m: int, num_layers: int) -> int:
-    """Multiply-adds of a CLIP-style ViT encoder: num_layers * (4*n*d^2 + 2*n^2*d + 2*n*d*m).
+def cross_attention_flops(n_query: int, n_key: int, d_query: int, d_key: int, d: int) -> int:
+    """Multiply-adds of models/cross_attention.py with its projections: n_q queries (width d_query) attending to
+    n_k keys and values (width d_key), projected to d.
 
-    Same terms as a decoder layer (PyramidDrop, Xing et al. 2024; FastV, Chen et al. 2024) with
-    CLIP's two-matrix MLP (Radford et al. 2021) instead of the gated one.
+    n_q*d_query*d (queries) + 2*n_k*d_key*d (keys and values) + 2*n_q*n_k*d (scores and weighted sum)
+    + n_q*d^2 (the output projection).
     """
-    _check_count("num_layers", num_layers)
-    for name, value in (("n", n), ("d", d), ("m", m)):
+    for name, value in (("n_query", n_query), ("n_key", n_key), ("d_query", d_query), ("d_key", d_key), ("d", d)):
         _check_count(name, value)
-    return num_layers * (4 * n * d * d + 2 * n * n * d + 2 * n * d * m)
+    return n_query * d_query * d + 2 * n_key * d_key * d + 2 * n_query * n_key * d + n_query * d * d
 
 
-def projector_flops(n: int, d_vision: int, d: int) -> int:
-    """Multiply-adds of LLaVA-1.5's two-layer MLP projector on n tokens: n * (d_vision*d + d*d).
+def mlp_scorer_flops(n: int, d_in: int, d_hidden: int) -> int:
+    """Multiply-adds of a d_in -> d_hidden -> 1 MLP on n tokens: n*(d_in*d_hidden + d_hidden)."""
+    for name, value in (("n", n), ("d_in", d_in), ("d_hidden", d_hidden)):
+        _check_count(name, value)
+    return n * (d_in * d_hidden + d_hidden)
 
-    Liu et al. 2024, "Improved Baselines with Visual Instruction Tuning" (LLaVA-1.5).
+
+def token_merger_flops(n: int, k: int, d_vision: int, d_hidden: int, n_text: int | None = None,
+                       d_text: int = 0) -> int:
+    """Multiply-adds of the token merger on n tokens with k centres.
+
+    Scorer: the simple MLP (``n_text`` None), or the question-aware one: cross-attention of the n tokens to
+    the n_text question embeddings, then an MLP 2*d_hidden -> d_hidden -> 1. Merge: n*k*d_vision for the
+    similarities and n*k*d_vision for the weighted sums. Checked against torch's FlopCounterMode on the
+    module (tests/test_flops.py).
     """
-    for name, value in (("n", n), ("d_vision", d_vision), ("d", d)):
-        _check_count(name, value)
-    return n * (d_vision * d + d * d)
-
-
-def token_merger_flops(n: int, k: int, d_vision: int, d_hidden: int) -> int:
-    """Multiply-adds of the token merger: n*(d_vision*d_hidden + d_hidden) + 2*n*k*d_vision.
-
-    A scorer MLP d_vision -> d_hidden -> 1 on n tokens, then a soft assignment of the n tokens
-    to k centres: n*k*d_vision for the similarities and n*k*d_vision for the weighted sum. Counted
-    in the multiply-add convention of PyramidDrop (Xing et al. 2024).
-    """
-    for name, value in (("n", n), ("k", k), ("d_vision", d_vision), ("d_hidden", d_hidden)):
-        _check_count(name, value)
-    return n * (d_vision * d_hidden + d_hidden) + 2 * n * k * d_vision
+    _check_count("k", k)
+    if n_text is None:
+        scorer = mlp_scorer_flops(n, d_vision, d_hidden)
+    else:
+        scorer = cross_attention_flops(n, n_text, d_vision, d_text, d_hidden) + mlp_scorer_flops(n, 2 * d_hidden, d_hidden)
+    return scorer + 2 * n * k * d_vision
 
 
 def cross_attention_pruner_flops(n_vision: int, n_text: int, d: int, d_internal: int) -> int:
-    """Multiply-adds of a text-to-vision cross-attention scorer.
-
-    n_v*d*d_i + 2*n_t*d*d_i + 2*n_v*n_t*d_i + n_v*d_i: queries from the n_v vision tokens, keys
-    and values from the n_t text tokens (projected d -> d_i), attention scores and weighted sum,
-    and an output layer d_i -> 1 per vision token. Counted in the multiply-add convention of
-    PyramidDrop (Xing et al. 2024).
+    """Multiply-adds of a cross-attention pruner: the cross-attention of the n_vision tokens to the n_text
+    question tokens (width d, projected to d_internal), then an MLP 2*d_internal -> d_internal -> 1 per
+    vision token. Checked against torch's FlopCounterMode on the module (tests/test_flops.py).
     """
-    for name, value in (("n_vision", n_vision), ("n_text", n_text), ("d", d), ("d_internal", d_internal)):
-        _check_count(name, value)
-    projections = n_vision * d * d_internal + 2 * n_text * d * d_internal
-    attention = 2 * n_vision * n_text * d_internal
-    return projections + attention + n_vision * d_internal
+    return cross_attention_flops(n_vision, n_text, d, d, d_internal) + mlp_scorer_flops(n_vision, 2 * d_internal,
+                                                                                      d_internal)
 
 
 @dataclass(frozen=True)

@@ -2,8 +2,8 @@
 
 Pure tensor functions shared by the pruning modules: hard sampling of k tokens to keep
 (`gumbel_top_k`, `top_k_mask`), a differentiable soft top-k (`relaxed_top_k`), the
-straight-through estimator that joins the two, and a relaxed top-k gate for keep budgets
-(`gumbel_top_k_log_gate`, whose logs the pruned forward's soft masks accumulate).
+straight-through estimator that joins the two, and the log of a relaxed Bernoulli gate
+(`gumbel_log_sigmoid`), which the pruned forward's soft masks accumulate.
 Every random function takes an optional `torch.Generator` so tests and runs can fix the noise.
 """
 
@@ -100,37 +100,24 @@ def straight_through(hard: torch.Tensor, soft: torch.Tensor) -> torch.Tensor:
     return hard + (soft - soft.detach())
 
 
-def top_k_threshold(scores: torch.Tensor, k: torch.Tensor, eligible: torch.Tensor | None = None) -> torch.Tensor:
-    """(B, 1) per row, midway between the k-th and (k+1)-th largest of its eligible scores; -inf when k covers them all.
-
-    ``k`` (B,) holds each row's count, 1 <= k <= (eligible entries of the row); ``eligible`` (B, N) bool
-    (default: all). Every eligible score above the threshold is among the row's top k.
-    """
-    if eligible is not None:
-        scores = scores.masked_fill(~eligible, float("-inf"))
-    n = scores.shape[-1]
-    ranked = scores.sort(dim=-1, descending=True).values  # (B, N)
-    kth = ranked.gather(-1, (k - 1).unsqueeze(-1))  # (B, 1)
-    after = ranked.gather(-1, k.clamp(max=n - 1).unsqueeze(-1))  # (B, 1), -inf past the eligible entries
-    return torch.where((k >= n).unsqueeze(-1) | torch.isinf(after), torch.full_like(kth, float("-inf")),
-                       (kth + after) / 2)
+def _logistic_perturbed(logits: torch.Tensor, noise: bool, generator: torch.Generator | None) -> torch.Tensor:
+    """logits + L, L = log(U) - log(1 - U) ~ Logistic(0, 1) (the difference of two Gumbel(0, 1) draws); L = 0 without noise."""
+    if not noise:
+        return logits
+    u = _uniform_open(logits, generator)  # same shape as logits
+    return logits + torch.log(u) - torch.log1p(-u)
 
 
-def gumbel_top_k_log_gate(logits: torch.Tensor, k: torch.Tensor, tau: float, noise: bool,
-                          generator: torch.Generator | None = None, eligible: torch.Tensor | None = None) -> torch.Tensor:
-    """log q, q_j = sigmoid((z_j - t) / tau), z = logits (+ Gumbel noise), t = top_k_threshold(z, k): a relaxed top-k.
+def gumbel_log_sigmoid(logits: torch.Tensor, tau: float, noise: bool,
+                       generator: torch.Generator | None = None) -> torch.Tensor:
+    """log q of a relaxed Bernoulli sample q = sigmoid((logits + L) / tau), in float32, L ~ Logistic(0, 1).
 
-    In float32. With noise, the top k of z are k items drawn without replacement from softmax(logits)
-    (Gumbel-Top-k, Kool et al. 2019), and q relaxes their indicator: exactly k entries of q exceed
-    1/2, so a keep budget binds at every temperature; as tau -> 0 (without noise) q is the hard
-    top-k mask of the logits, which is what hard mode keeps. ``eligible`` (B, N) bool limits the
-    competition to the entries still in the running (an earlier stage's survivors); the others get a
-    gate too, which does not matter once they are dropped. The threshold is not differentiated: the
-    gradient of q_j is that of a sigmoid, bounded by 1 / (4 tau). Rows whose k covers every eligible
-    entry keep everything (q = 1).
+    Binary Concrete / Gumbel-Softmax with two classes (Maddison, Mnih & Teh 2017, "The Concrete
+    Distribution"; Jang, Gu & Poole 2017): L = log(U) - log(1 - U) is the difference of two
+    Gumbel(0, 1) draws, so P(logits + L > 0) = sigmoid(logits). With ``noise=False``, L = 0.
+    Computed as logsigmoid(x) = -softplus(-x): exact far into the tail, where log(sigmoid(x))
+    underflows to -inf and a clamp such as log(1e-6) would cap how much a dropped token is
+    suppressed; its gradient, sigmoid(-x) / tau, stays bounded by 1 / tau.
     """
     _check_tau(tau)
-    z = logits.float()
-    if noise:
-        z = z + sample_gumbel(z, generator)
-    return torch.nn.functional.logsigmoid((z - top_k_threshold(z.detach(), k, eligible)) / tau)
+    return torch.nn.functional.logsigmoid(_logistic_perturbed(logits.float(), noise, generator) / tau)

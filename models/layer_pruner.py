@@ -7,11 +7,10 @@ token: a token is kept when the question needs it. ``mlp``: the logit from the v
 own hidden state (question-blind), a simpler baseline.
 
 Keep decisions (DESIGN 4.4):
-- soft (training): q_j = sigmoid((z_j + G_j - t) / tau), G_j Gumbel noise and t the threshold
-  between the stage's budget k and the rest of the perturbed logits (a relaxed Gumbel-Top-k,
-  models/gumbel.gumbel_top_k_log_gate): exactly k tokens have q_j > 0.5 at every temperature, so
-  the budget binds in training as it does in hard mode. Each stage also has a sparsity loss on
-  the mean cumulative keep probability (it matters only while the temperature is high);
+- soft (training): q_j = sigmoid((z_j + L_j) / tau), L_j logistic noise (a Gumbel-sigmoid,
+  models/gumbel.py), accumulated as log q_j; each stage has a sparsity loss that pulls the mean
+  cumulative keep probability to the stage's budget, so q_j > 0.5 comes to mark the tokens hard
+  mode keeps;
 - hard (inference): the top k logits of the stage's budget, in their original order.
 
 Both pruners start by keeping everything: their output layer starts at zero weight and a
@@ -24,7 +23,7 @@ import torch
 from torch import nn
 
 from models.cross_attention import CrossAttention
-from models.flops import cross_attention_pruner_flops
+from models.flops import cross_attention_pruner_flops, mlp_scorer_flops
 
 INITIAL_KEEP_LOGIT = 4.0  # sigmoid(4) = 0.98: start by keeping almost every token
 
@@ -62,7 +61,7 @@ class MLPPruner(nn.Module):
 
     def flops(self, n_vision: int, n_text: int) -> int:
         """Multiply-adds of one call: the MLP on every vision token."""
-        return n_vision * (self.hidden_size * self.d_internal + self.d_internal)
+        return mlp_scorer_flops(n_vision, self.hidden_size, self.d_internal)
 
     def forward(self, vision: torch.Tensor, question: torch.Tensor, question_mask: torch.Tensor) -> torch.Tensor:
         return self.net(vision).squeeze(-1)  # (B, n)

@@ -7,9 +7,7 @@ models/llava_backbone.py) so that a pruner can act before any chosen decoder lay
   in its centre's placeholder slot, the other placeholders leave the sequence.
 - Soft mode (training): each vision token j carries a cumulative keep probability m_j (the
   product over the stages it passed), accumulated in float32 log space as a sum of
-  log-sigmoids; a stage's gate is a relaxed top-k at its budget (models/gumbel.
-  gumbel_top_k_log_gate: sigmoid of the keep logit minus the top-k threshold, over tau), so
-  soft mode keeps as many tokens as hard mode does; every later layer adds log(m_j) to the
+  log-sigmoids (models/gumbel.gumbel_log_sigmoid); every later layer adds log(m_j) to the
   attention logits towards key j, unclamped, so a token with m_j -> 0 stops being seen even by
   a trained model's sharp attention: in the limit soft mode equals hard mode
   (tests/test_pruned_llava.py checks it on the shipped trained backbone). The sequence length
@@ -31,14 +29,13 @@ forward (tests/test_pruned_llava.py).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from models.gumbel import gumbel_top_k_log_gate
+from models.gumbel import gumbel_log_sigmoid
 from models.layer_pruner import hard_keep
 from models.llava_backbone import LlavaBackbone, causal_padding_mask, key_padding_mask
 from models.token_merger import MergeOutput, TokenMerger
@@ -62,6 +59,7 @@ class PrunedOutput:
     pruner_sparsity_losses: list[torch.Tensor] = field(default_factory=list)
     layer_attention_masks: list[torch.Tensor] = field(default_factory=list)  # (B, T_l) keys each layer saw
     vision_attention: torch.Tensor | None = None  # (B, n) with record_attention: see PrunedLlava.forward
+    question_counts: torch.Tensor | None = None  # (B,) question tokens the merger and pruners read
 
     @property
     def vision_tokens_per_layer(self) -> list[float]:
@@ -139,6 +137,16 @@ class _AnswerAttention:
         return self.total / self.total.sum(dim=1, keepdim=True)
 
 
+def question_tokens(hidden: torch.Tensor, question_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The question's tokens of each sample, in order and left-aligned: (B, Tq, D) and their (B, Tq) bool mask,
+    Tq the longest question of the batch. The merger and the pruners attend to these, not to the whole sequence."""
+    counts = question_mask.sum(dim=1)  # (B,)
+    width = max(1, int(counts.max()))
+    order = question_mask.int().sort(dim=1, descending=True, stable=True).indices[:, :width]  # (B, Tq)
+    tokens = hidden.gather(1, order.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+    return tokens, torch.arange(width, device=hidden.device) < counts.unsqueeze(1)
+
+
 def soft_keep_mask(attention_mask: torch.Tensor, log_keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """(B, 1, T, T) additive mask: causal and padding, plus log m_j on every query's logit towards key j.
 
@@ -211,7 +219,8 @@ class PrunedLlava(nn.Module):
         merge = None
         alive = None  # (B, K) False at an adaptive merger's unused slots
         if self.merger is not None:
-            merge = self.merger(features, tau, question=embeds, question_mask=question_mask, generator=generator,
+            question, in_question = question_tokens(embeds, question_mask)  # (B, Tq, D), (B, Tq)
+            merge = self.merger(features, tau, question=question, question_mask=in_question, generator=generator,
                                 **merger_inputs)
             vision, kept, alive = merge.tokens, merge.positions, merge.valid  # (B, K, Dv), (B, K), (B, K) | None
         else:
@@ -252,7 +261,6 @@ class PrunedLlava(nn.Module):
         mask = causal_padding_mask(seq.attention_mask, seq.hidden.dtype)
         cos_sin = bb.rotary(seq.hidden, seq.position_ids)
         log_keep = torch.zeros(seq.hidden.shape[:2], device=seq.hidden.device)  # soft: (B, T) float32 log m_j
-        survivors = torch.ones_like(seq.is_vision)  # soft: (B, T) the tokens every stage so far kept (q > 1/2)
         previous_input = None  # the hidden states that entered the previous layer (same tokens as seq)
         recorder = _AnswerAttention(bb, seq) if record_attention else None
 
@@ -265,7 +273,7 @@ class PrunedLlava(nn.Module):
                     mask = causal_padding_mask(seq.attention_mask, seq.hidden.dtype)
                     cos_sin = bb.rotary(seq.hidden, seq.position_ids)
                 else:
-                    log_keep, survivors = self._soft_keep(stage, seq, logits, log_keep, survivors, tau, generator, stats)
+                    log_keep = self._soft_keep(stage, seq, logits, log_keep, tau, generator, stats)
                     mask = soft_keep_mask(seq.attention_mask, log_keep, seq.hidden.dtype)
             stats.vision_counts.append(seq.vision_counts)
             stats.seq_len_per_layer.append(seq.hidden.shape[1])
@@ -279,6 +287,7 @@ class PrunedLlava(nn.Module):
             else:
                 seq.hidden = bb.run_layer(layer, seq.hidden, mask, seq.position_ids, cos_sin, cache=cache)
 
+        stats.question_counts = seq.question_mask.sum(dim=1)
         stats.hidden = bb.norm(seq.hidden)
         stats.logits = bb.lm_head(stats.hidden)
         stats.attention_mask, stats.labels = seq.attention_mask, seq.labels
@@ -307,7 +316,7 @@ class PrunedLlava(nn.Module):
             logits = pruner(probe, layer, seq.attention_mask, vision_index)
         else:
             vision = seq.hidden.gather(1, vision_index.unsqueeze(-1).expand(-1, -1, seq.hidden.shape[-1]))  # (B, n, D)
-            logits = pruner(vision, seq.hidden, seq.question_mask)
+            logits = pruner(vision, *question_tokens(seq.hidden, seq.question_mask))
         alive = seq.attention_mask.gather(1, vision_index).bool()  # (B, n)
         return logits.masked_fill(~alive, DEAD_LOGIT)
 
@@ -318,28 +327,21 @@ class PrunedLlava(nn.Module):
         stay = (~seq.is_vision).scatter(1, kept, True)
         return seq.gather(rows_nonzero(stay))
 
-    def _soft_keep(self, stage: int, seq: _Sequence, logits: torch.Tensor, log_keep: torch.Tensor,
-                   survivors: torch.Tensor, tau: float, generator: torch.Generator | None,
-                   stats: PrunedOutput) -> tuple[torch.Tensor, torch.Tensor]:
-        """Soft mode: log m_j += log q_j for the stage's keep gate q_j, a relaxed top-k at the stage's budget
-        (models/gumbel.gumbel_top_k_log_gate): the budget binds as in hard mode; records what the losses read."""
+    def _soft_keep(self, stage: int, seq: _Sequence, logits: torch.Tensor, log_keep: torch.Tensor, tau: float,
+                   generator: torch.Generator | None, stats: PrunedOutput) -> torch.Tensor:
+        """Soft mode: log m_j += log q_j for the stage's keep gate q_j (a Gumbel-sigmoid, in log space); records
+        what the losses read."""
         vision_index = seq.vision_index  # (B, n)
-        alive = seq.attention_mask.gather(1, vision_index)  # (B, n)
-        # The tokens still in the running: those every earlier stage's gate kept (q > 1/2), hard mode's survivors.
-        running = alive.bool() & survivors.gather(1, vision_index)  # (B, n)
-        k = running.sum(dim=1).clamp(max=self.stage_budgets[stage]).clamp(min=1)  # (B,) hard mode's count per sample
-        log_q = gumbel_top_k_log_gate(logits, k, tau, noise=self.training, generator=generator,
-                                      eligible=running)  # (B, n) float32
-        survivors = survivors.scatter(1, vision_index, running & (log_q > math.log(0.5)))
+        log_q = gumbel_log_sigmoid(logits, tau, noise=self.training, generator=generator)  # (B, n) float32
         log_keep = log_keep.scatter_add(1, vision_index, log_q)
         cumulative = log_keep.gather(1, vision_index).exp()  # (B, n) m_j
-        alive = alive.to(cumulative.dtype)
+        alive = seq.attention_mask.gather(1, vision_index).to(cumulative.dtype)  # (B, n)
         target = self.stage_budgets[stage] / self.merged_tokens
         stats.stage_keep_probs.append(cumulative)
         stats.stage_logits.append(logits)
         stats.stage_positions.append(seq.position_ids.gather(1, vision_index))
         stats.pruner_sparsity_losses.append(((cumulative * alive).sum() / alive.sum() - target) ** 2)
-        return log_keep, survivors
+        return log_keep
 
     # ------------------------------------------------------------------ generation
     @torch.no_grad()

@@ -72,6 +72,7 @@ class QuestionAwareScorer(nn.Module):
 
     def __init__(self, dim: int, text_dim: int, hidden: int, num_heads: int):
         super().__init__()
+        self.text_dim = text_dim
         self.vision_norm = nn.LayerNorm(dim)
         self.query = nn.Linear(dim, hidden)
         self.text_norm = nn.LayerNorm(text_dim)
@@ -120,9 +121,12 @@ class TokenMerger(nn.Module):
             return self.num_keep, self.num_keep
         return (self.num_keep + 1) // 2, 2 * self.num_keep
 
-    def flops(self, n: int, k: int | None = None) -> int:
-        """Multiply-adds of one call on n tokens with k centres (default K; the simple scorer's count; models/flops.py)."""
-        return token_merger_flops(n, self.num_keep if k is None else k, self.dim, self.hidden)
+    def flops(self, n: int, k: int | None = None, n_text: int = 0) -> int:
+        """Multiply-adds of one call on n tokens with k centres (default K) and n_text question tokens (models/flops.py)."""
+        k = self.num_keep if k is None else k
+        if isinstance(self.scorer, QuestionAwareScorer):
+            return token_merger_flops(n, k, self.dim, self.hidden, n_text, self.scorer.text_dim)
+        return token_merger_flops(n, k, self.dim, self.hidden)
 
     def forward(self, features: torch.Tensor, tau: float, question: torch.Tensor | None = None,
                 question_mask: torch.Tensor | None = None, generator: torch.Generator | None = None) -> MergeOutput:
@@ -141,7 +145,9 @@ class TokenMerger(nn.Module):
         centres, order = ranked.sort(dim=1)  # spatial order
         valid = valid.gather(1, order)
         hard = torch.zeros(B, N, device=features.device).scatter(1, centres, valid.float())  # (B, N), 1 at centres
-        selection = straight_through(hard, relaxed_top_k(noisy, counts, tau))
+        if torch.is_grad_enabled() and scores.requires_grad:  # the relaxation only carries gradients: skip it in eval
+            hard = straight_through(hard, relaxed_top_k(noisy, counts, tau))
+        selection = hard
         merged = soft_assignment_merge(features, centres, selection, tau, valid, self.similarity_threshold)
         sparsity = (keep_prob.mean() - self.merge_ratio) ** 2
         return MergeOutput(merged, centres, keep_prob, sparsity, scores, None if bool(valid.all()) else valid)

@@ -193,11 +193,10 @@ def test_search_space_values_are_tried_on_the_config_and_the_backbone(tmp_path):
     problems = search_problems(tmp_path, """
         enable: true
         search_space:
-          method_settings.pruning_layers: {type: categorical, choices: [[10, 20, 31], [10, 20]]}
+          method_settings.pruning_layers: {type: categorical, choices: [[10, 20, 31], [20, 10]]}
     """)
-    assert problems == ["search_settings.search_space[method_settings.pruning_layers].choices[1] ([10, 20]) makes "
-                        "the trial's config invalid: method_settings.pruner_keep_ratios has 3 entries but "
-                        "pruning_layers has 2; give one keep ratio per pruning layer"]
+    assert problems == ["search_settings.search_space[method_settings.pruning_layers].choices[1] ([20, 10]) makes "
+                        "the trial's config invalid: method_settings.pruning_layers [20, 10] must be strictly increasing"]
     config = load_config("configs/vision_token_pruning.yaml", ["search_settings.enable=true"])
     assert check_against_backbone(config, num_layers=32, num_vision_tokens=576, image_size=336) == []
     problems = check_against_backbone(config, num_layers=24, num_vision_tokens=576, image_size=336)
@@ -225,3 +224,41 @@ def test_optuna_mode_devices(tmp_path):
     path = write(tmp_path, "manager_settings: {available_gpus: [0, 4], gpus_per_subtask: 2}\n")
     problems = check_devices(load_config(path), cuda_available=True, device_count=2)
     assert len(problems) == 1 and "lists GPU(s) [4] but this machine shows 2" in problems[0]
+
+
+@pytest.mark.parametrize("metric, hint", [("task_loss", "losses are not measured at evaluation"),
+                                          ("acuracy_hard", "did you mean 'accuracy_hard'?")])
+def test_best_metric_must_be_an_evaluation_metric(tmp_path, metric, hint):
+    problems = problems_of(write(tmp_path, f"trainer_settings: {{best_metric: {metric}}}\n"))
+    assert problems == [f"trainer_settings.best_metric {metric!r} is not an evaluation metric; " + problems[0].split("; ", 1)[1]]
+    assert hint in problems[0]
+    for fine in ("accuracy_hard/count", "tokens_after_layer_4", "flops_reduction"):
+        load_config("configs/tiny.yaml", [f"trainer_settings.best_metric={fine}"])
+
+
+def test_a_disabled_search_does_not_hide_the_real_problem(tmp_path):
+    path = write(tmp_path, "search_settings:\n  enable: false\n  search_space:\n"
+                           "    method_settings.nonsense: {type: float, low: 1, high: 2}\n"
+                           "method_settings: {temperature_min: 5.0}\n")
+    problems = problems_of(path)
+    assert len(problems) == 1 and problems[0].startswith("method_settings.temperature_min (5.0) is above")
+
+
+def test_merge_ratio_set_alone_is_followed_and_both_in_a_file_must_agree(tmp_path):
+    config = load_config("configs/tiny.yaml", ["method_settings.merge_ratio=0.6"])
+    assert config.method_settings.target_merge_tokens is None
+    assert check_against_backbone(config, num_layers=8, num_vision_tokens=144, image_size=96) == []
+    both = load_config("configs/tiny.yaml", ["method_settings.merge_ratio=0.6", "method_settings.target_merge_tokens=96"])
+    problems = check_against_backbone(both, num_layers=8, num_vision_tokens=144, image_size=96)
+    assert problems and "disagrees with merge_ratio" in problems[0]
+
+
+def test_more_pruning_layers_than_keep_ratios_spreads_the_schedule():
+    from trainers.build import stage_keep_ratios
+
+    config = load_config("configs/vision_token_pruning.yaml",
+                         ["method_settings.pruning_layers=[8, 12, 16, 20, 24, 28, 31]"])
+    ratios = stage_keep_ratios(config.method_settings)
+    assert len(ratios) == 7 and len(set(ratios)) == 1
+    assert ratios[0] ** 7 == pytest.approx(0.7 * 0.75 * 0.67, rel=1e-4)
+    assert check_against_backbone(config, num_layers=32, num_vision_tokens=576, image_size=336) == []

@@ -1,15 +1,10 @@
 import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
 
-from models.flops import (
-    PrefillFlops,
-    compare_prefill,
-    cross_attention_pruner_flops,
-    decoder_layer_flops,
-    llm_prefill_flops,
-    projector_flops,
-    token_merger_flops,
-    vision_tower_flops,
-)
+from models.flops import PrefillFlops, compare_prefill, decoder_layer_flops, llm_prefill_flops
+from models.layer_pruner import build_pruner
+from models.token_merger import TokenMerger
 
 
 def test_decoder_layer_flops_by_hand():
@@ -50,22 +45,54 @@ def test_compare_prefill_rejects_negative_extra():
         compare_prefill([10], [5], d=4, m=6, extra_pruned=-1)
 
 
-def test_vision_tower_flops_by_hand():
-    # n=3, d=2, m=5 per layer: 4*3*4 + 2*9*2 + 2*3*2*5 = 48 + 36 + 60 = 144; two layers
-    assert vision_tower_flops(3, 2, 5, num_layers=2) == 288
+def math_attention(q, k, v, attn_mask=None):
+    """scaled_dot_product_attention as explicit matmuls: FlopCounterMode does not count the CPU SDPA kernel."""
+    scores = q @ k.transpose(-2, -1) / q.shape[-1] ** 0.5
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, float("-inf"))
+    return scores.softmax(dim=-1) @ v
 
 
-def test_projector_flops_by_hand():
-    # n=3, d_vision=2, d=4: 3 * (8 + 16)
-    assert projector_flops(3, 2, 4) == 72
+def multiply_adds(fn) -> int:
+    """What torch's FlopCounterMode counts for fn() on a batch of one, in multiply-adds (it counts 2 FLOPs each)."""
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops() // 2
 
 
-def test_token_merger_flops_by_hand():
-    # n=4, k=2, d_vision=3, d_hidden=5: scorer 4 * (15 + 5) = 80; assignment 2*4*2*3 = 48
-    assert token_merger_flops(4, 2, 3, 5) == 128
+@pytest.fixture(autouse=True)
+def countable_attention(monkeypatch):
+    monkeypatch.setattr("models.cross_attention.F.scaled_dot_product_attention", math_attention)
 
 
-def test_cross_attention_pruner_flops_by_hand():
-    # n_vision=4, n_text=3, d=2, d_internal=5: q 4*2*5 = 40; k, v 2*3*2*5 = 60;
-    # scores and sum 2*4*3*5 = 120; output 4*5 = 20
-    assert cross_attention_pruner_flops(4, 3, 2, 5) == 240
+def test_decoder_layer_formula_matches_the_flop_counter_on_a_llama_layer():
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
+
+    config = LlamaConfig(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=4,
+                         attn_implementation="eager")
+    layer, rotary = LlamaDecoderLayer(config, 0).eval(), LlamaRotaryEmbedding(config)
+    n = 37
+    x, positions = torch.randn(1, n, 64), torch.arange(n)[None]
+    mask = torch.full((1, 1, n, n), float("-inf")).triu(1)
+    counted = multiply_adds(lambda: layer(x, attention_mask=mask, position_ids=positions,
+                                         position_embeddings=rotary(x, positions)))
+    assert counted == decoder_layer_flops(n, 64, 96)
+
+
+@pytest.mark.parametrize("n_vision, n_text", [(30, 7), (1, 1)])
+def test_pruner_formulas_match_the_flop_counter_on_the_modules(n_vision, n_text):
+    D, d = 48, 32
+    vision, question, mask = torch.randn(1, n_vision, D), torch.randn(1, n_text, D), torch.ones(1, n_text, dtype=torch.bool)
+    for kind in ("cross_attention", "mlp"):
+        pruner = build_pruner(kind, D, d, 4).eval()
+        assert multiply_adds(lambda: pruner(vision, question, mask)) == pruner.flops(n_vision, n_text), kind
+
+
+@pytest.mark.parametrize("kind", ["simple", "question_aware"])
+def test_token_merger_formula_matches_the_flop_counter_on_the_module(kind):
+    n, k, dv, dt, h = 40, 12, 24, 20, 16
+    merger = TokenMerger(dv, dt, k, k / n, kind, hidden=h, num_heads=4).eval()
+    features, question, mask = torch.randn(1, n, dv), torch.randn(1, 9, dt), torch.ones(1, 9, dtype=torch.bool)
+    counted = multiply_adds(lambda: merger(features, 0.5, question=question, question_mask=mask))
+    assert counted == merger.flops(n, k, 9)

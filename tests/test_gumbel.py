@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from models.gumbel import gumbel_top_k, gumbel_top_k_log_gate, relaxed_top_k, straight_through, top_k_mask
+from models.gumbel import gumbel_log_sigmoid, gumbel_top_k, relaxed_top_k, straight_through, top_k_mask
 
 SCORES = [2.0, 1.0, 0.5, 0.0, -1.0]
 DRAWS = 20000
@@ -129,43 +129,37 @@ def test_straight_through_rejects_shape_mismatch():
         straight_through(torch.zeros(2, 3), torch.zeros(1, 3))
 
 
+def test_gumbel_log_sigmoid_without_noise_is_the_log_of_a_tempered_sigmoid():
+    logits = torch.tensor([-2.0, -0.3, 0.0, 0.7, 3.0])
+    torch.testing.assert_close(gumbel_log_sigmoid(logits, 0.5, noise=False).exp(), torch.sigmoid(logits / 0.5))
+
+
+def test_gumbel_log_sigmoid_is_exact_far_into_the_tail():
+    """A dropped token's bias must keep growing with its logit: no floor, no -inf, a bounded gradient."""
+    logits = torch.tensor([-1e4, -100.0, 1e4], requires_grad=True)
+    log_q = gumbel_log_sigmoid(logits, 0.1, noise=False)
+    torch.testing.assert_close(log_q.detach(), torch.tensor([-1e5, -1000.0, 0.0]))
+    log_q.sum().backward()
+    assert torch.isfinite(logits.grad).all() and logits.grad.abs().max() <= 10.0
+
+
+def test_gumbel_log_sigmoid_hard_decision_is_bernoulli_of_sigmoid():
+    logits = torch.tensor([-2.0, -0.3, 0.0, 0.7, 3.0])
+    samples = gumbel_log_sigmoid(logits.expand(DRAWS, -1), 0.3, noise=True,
+                                 generator=torch.Generator().manual_seed(0)).exp()  # (DRAWS, 5)
+    freq = (samples > 0.5).float().mean(dim=0).tolist()
+    expected = torch.sigmoid(logits).tolist()
+    assert within_bound(freq, expected, DRAWS)
+    assert not within_bound(freq, torch.sigmoid(logits / 0.3).tolist(), DRAWS)
+
+
 @pytest.mark.parametrize("tau", [0.0, -1.0])
-def test_top_k_gate_rejects_bad_tau(tau):
+def test_gumbel_log_sigmoid_rejects_bad_tau(tau):
     with pytest.raises(ValueError, match=rf"tau must be > 0.*got {tau}"):
-        gumbel_top_k_log_gate(torch.zeros(1, 3), torch.tensor([1]), tau, noise=True)
+        gumbel_log_sigmoid(torch.zeros(3), tau, noise=True)
 
 
 def test_relaxed_top_k_matches_hand_computation():
     # step 1: a = [0.6, 0.4]; step 2: softmax(log([0.6*0.4, 0.4*0.6])) = [0.5, 0.5]; an entry can pass 1
     soft = relaxed_top_k(torch.tensor([[0.6, 0.4]]).log(), 2, tau=1.0)  # (1, 2)
     assert torch.allclose(soft, torch.tensor([[1.1, 0.9]]))
-
-
-def test_top_k_gate_keeps_exactly_k_and_tends_to_the_hard_top_k():
-    logits = torch.randn(4, 20, generator=torch.Generator().manual_seed(0))
-    k = torch.tensor([1, 5, 19, 20])
-    for tau in (1.0, 0.1, 1e-3):
-        q = gumbel_top_k_log_gate(logits, k, tau, noise=False).exp()
-        assert ((q > 0.5).sum(1) == k).all(), "the budget binds at every temperature"
-    hard = torch.zeros(4, 20)
-    for b in range(4):
-        hard[b, logits[b].topk(int(k[b])).indices] = 1.0
-    q = gumbel_top_k_log_gate(logits * 1e4, k, 1.0, noise=False).exp()
-    torch.testing.assert_close(q, hard)
-
-
-def test_top_k_gate_competition_is_limited_to_the_eligible():
-    logits = torch.tensor([[5.0, 4.0, 3.0, 2.0, 1.0]])
-    eligible = torch.tensor([[False, True, False, True, True]])
-    q = gumbel_top_k_log_gate(logits, torch.tensor([2]), 1e-3, noise=False, eligible=eligible).exp()
-    assert (q[0, [1, 3]] > 0.99).all() and q[0, 4] < 0.01  # the top 2 of the eligible 4.0, 2.0, 1.0
-
-
-def test_gumbel_top_k_gate_samples_without_replacement_from_softmax():
-    """With noise, the gate's kept set of k = 1 is the Gumbel-max sample: P(j) = softmax(logits)_j."""
-    logits = torch.tensor([1.0, 0.0, -1.0, 0.5])
-    draws = 20000
-    q = gumbel_top_k_log_gate(logits.expand(draws, -1), torch.ones(draws, dtype=torch.long), 1e-3, noise=True,
-                              generator=torch.Generator().manual_seed(0)).exp()
-    frequency = (q > 0.5).float().mean(0)
-    torch.testing.assert_close(frequency, torch.softmax(logits, 0), atol=0.015, rtol=0)

@@ -6,6 +6,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import optuna
 import pytest
@@ -171,16 +172,16 @@ def test_two_workers_on_gpu_subsets_finish_resume_and_write_a_best_config_that_r
     assert (folder / "best_run" / "checkpoints" / "training_state_step_4.pt").exists()
 
 
-def wait_for_running_trial(study, timeout=90):
-    """A trial that has started training: its worker is recorded and its parameters are drawn."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
+def wait_for_running_trial(study, searching):
+    """A trial that has started training (its worker is recorded and its parameters are drawn), polled for as long
+    as ``searching()`` says the search runs: no deadline, so a busy machine only makes it slower."""
+    while searching():
         running = [t for t in study.get_trials() if t.state == TrialState.RUNNING and "worker" in t.user_attrs
                    and t.params]
         if running:
             return running[0]
         time.sleep(0.05)
-    raise AssertionError("no trial started")
+    raise AssertionError("the search ended before any trial was seen running")
 
 
 def test_a_killed_worker_s_trial_is_failed_and_run_again(tmp_path, tiny_folder):
@@ -190,9 +191,9 @@ def test_a_killed_worker_s_trial_is_failed_and_run_again(tmp_path, tiny_folder):
     result = {}
     manager = threading.Thread(target=lambda: result.update(code=run_search(config)))
     manager.start()
-    victim = wait_for_running_trial(study)
+    victim = wait_for_running_trial(study, manager.is_alive)
     os.kill(victim.user_attrs["worker"]["pid"], signal.SIGKILL)
-    manager.join(timeout=120)
+    manager.join()
     assert result["code"] == 0  # the manager restarted the worker and the study finished
     trials = study.get_trials()
     assert not [t for t in trials if t.state == TrialState.RUNNING]
@@ -212,9 +213,9 @@ def test_ctrl_c_stops_cleanly_and_queues_the_running_trial(tmp_path, tiny_folder
     # Its own process group, like a terminal's foreground job: Ctrl-C reaches the manager and its workers.
     process = subprocess.Popen([sys.executable, "main.py", "--config", str(path)], cwd=PROJECT_ROOT,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True, text=True)
-    victim = wait_for_running_trial(study)
+    victim = wait_for_running_trial(study, lambda: process.poll() is None)
     os.killpg(process.pid, signal.SIGINT)
-    out, _ = process.communicate(timeout=60)
+    out, _ = process.communicate()
     assert process.returncode == 130, out
     trials = study.get_trials()
     assert trials[victim.number].state == TrialState.FAIL
@@ -233,3 +234,25 @@ def test_main_refuses_what_optuna_mode_does_not_take(tmp_path, tiny_folder, caps
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert entry.main(["--config", str(path)]) == 2
     assert "not accelerate launch or torchrun" in capsys.readouterr().err
+
+
+def test_workers_die_with_a_killed_manager(tmp_path, tiny_folder):
+    config = search_config(tmp_path, tiny_folder, **{"trainer_settings.max_steps": 200, "trainer_settings.eval_every": 200,
+                                                     "data_settings.synthetic_train_size": 800})
+    path = tmp_path / "search.yaml"
+    path.write_text(yaml.safe_dump(config_to_dict(config)))
+    study = study_of(config)
+    process = subprocess.Popen([sys.executable, "main.py", "--config", str(path)], cwd=PROJECT_ROOT,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
+    victim = wait_for_running_trial(study, lambda: process.poll() is None)
+    worker = victim.user_attrs["worker"]["pid"]
+    process.kill()  # kill -9: the manager cannot stop its workers itself
+    process.wait()
+    while True:  # the worker gets SIGTERM from the kernel; poll until it is gone (a zombie counts as gone)
+        try:
+            state = Path(f"/proc/{worker}/stat").read_text().split(")")[-1].split()[0]
+        except FileNotFoundError:
+            break
+        if state == "Z":
+            break
+        time.sleep(0.05)

@@ -74,11 +74,14 @@ def test_nan_loss_stops_the_update_before_any_optimizer_step(tmp_path, tiny_fold
     before = {n: p.clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
     monkeypatch.setattr(trainer_module, "task_loss", lambda logits, labels: logits.sum() * float("nan"))
     data = trainer.train_batches()
-    assert trainer.training_step(next(data)) is None
+    batch = next(data)
+    assert trainer.training_step(batch) is None
     assert all(torch.equal(p, before[n]) for n, p in trainer.model.named_parameters() if p.requires_grad)
     assert not trainer.optimizers["token_merger"].state and not trainer.optimizers["layer_pruners"].state
     log = (tmp_path / "out" / "logs" / "training.log").read_text()
-    assert "non-finite task_loss: update skipped (1 in a row, limit 2)" in log
+    # numbered as the loss log numbers the step (the step is counted after training_step), naming the samples
+    assert (f"[Step 1] non-finite task_loss: update skipped (1 in a row, limit 2); batch samples: "
+            f"{', '.join(batch['ids'])}") in log
     with pytest.raises(NonFiniteLossError, match="last good state is saved"):
         trainer.training_step(next(data))
     assert trainer.checkpointer.latest() is not None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from torch import nn
 
 from configs.schema import MethodSettings
@@ -19,6 +21,16 @@ def merged_token_count(method: MethodSettings, num_vision_tokens: int) -> int:
     return max(1, round(method.merge_ratio * num_vision_tokens))
 
 
+def stage_keep_ratios(method: MethodSettings) -> list[float]:
+    """One keep ratio per pruning layer: ``pruner_keep_ratios`` itself, or, when it holds another count (say the
+    guide's seven pruning layers with the default three ratios), the geometric schedule with the same product,
+    so the last stage keeps the same share of the merged tokens."""
+    ratios, layers = list(method.pruner_keep_ratios), list(method.pruning_layers)
+    if len(ratios) == len(layers) or not layers:
+        return ratios
+    return [round(math.prod(ratios) ** (1 / len(layers)), 6)] * len(layers)
+
+
 def build_pruned_model(method: MethodSettings, backbone: LlavaBackbone) -> PrunedLlava:
     """Token merger (skipped when merge_ratio is 1) and one pruner per pruning layer."""
     n = backbone.num_vision_tokens
@@ -33,7 +45,7 @@ def build_pruned_model(method: MethodSettings, backbone: LlavaBackbone) -> Prune
         for _ in method.pruning_layers
     )
     model = PrunedLlava(backbone, merger, pruners, list(method.pruning_layers),
-                        stage_budgets(k, list(method.pruner_keep_ratios)))
+                        stage_budgets(k, stage_keep_ratios(method)))
     return model.to(backbone.device)
 
 

@@ -35,9 +35,17 @@ class CheckpointError(RuntimeError):
 
 
 def atomic_save(obj: Any, path: Path) -> None:
+    """Write ``obj`` to ``path`` through a temporary file: a failure (a full disk, a lost mount) leaves the old
+    file and no temporary one, and says so."""
     tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as err:  # torch reports a full disk as a RuntimeError from its writer
+        tmp.unlink(missing_ok=True)
+        reason = str(err).splitlines()[0] if str(err) else err.__class__.__name__
+        raise CheckpointError(f"cannot write checkpoint: {reason} ({path}): free space on that disk or choose another "
+                              "manager_settings.output_dir; the checkpoints written before are intact") from err
 
 
 def load(path: str | Path) -> Any:
@@ -88,16 +96,25 @@ def rng_state() -> dict:
     """Every RNG a step draws from, as tensors and plain numbers (loadable with weights_only=True)."""
     py_version, py_internal, py_gauss = random.getstate()
     np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
-    return {
+    state = {
         "torch": torch.get_rng_state(),
         "python": {"version": py_version, "internal": list(py_internal), "gauss": py_gauss},
         "numpy": {"name": np_name, "keys": torch.from_numpy(np_keys.astype(np.int64)), "pos": int(np_pos),
                   "has_gauss": int(np_has_gauss), "gauss": float(np_gauss)},
     }
+    if torch.cuda.is_available():  # the Gumbel noise is drawn on the device, from each GPU's own generator
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
 
 
 def restore_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        if len(state["cuda"]) != torch.cuda.device_count():
+            raise CheckpointError(f"the checkpoint holds the RNG states of {len(state['cuda'])} GPU(s), this process "
+                                  f"sees {torch.cuda.device_count()}: an exact resume needs the same GPUs "
+                                  "(CUDA_VISIBLE_DEVICES)")
+        torch.cuda.set_rng_state_all(state["cuda"])
     py = state["python"]
     random.setstate((py["version"], tuple(py["internal"]), py["gauss"]))
     npy = state["numpy"]

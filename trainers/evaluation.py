@@ -90,8 +90,9 @@ def prefill_flops(model: PrunedLlava, prefill: PrunedOutput, attention_mask: tor
     pruned_real = torch.stack([mask.sum(dim=1) for mask in prefill.layer_attention_masks], dim=1).tolist()  # (B, L)
     vision = torch.stack(prefill.vision_counts, dim=1).tolist()  # (B, L)
     base = [llm_prefill_flops([n] * n_layers, d, m) for n in real]
-    pruned = [llm_prefill_flops(counts, d, m) + module_flops(model, n - n_vision, per_layer[0])
-              for n, counts, per_layer in zip(real, pruned_real, vision)]
+    questions = prefill.question_counts.tolist()
+    pruned = [llm_prefill_flops(counts, d, m) + module_flops(model, question, per_layer[0])
+              for counts, per_layer, question in zip(pruned_real, vision, questions)]
     vision_base = llm_prefill_flops([n_vision] * n_layers, d, m)
     vision_pruned = [llm_prefill_flops(counts, d, m) for counts in vision]
     mean = lambda xs: sum(xs) / len(xs)
@@ -101,17 +102,18 @@ def prefill_flops(model: PrunedLlava, prefill: PrunedOutput, attention_mask: tor
     }
 
 
-def module_flops(model: PrunedLlava, text_tokens: int, merged: int | None = None) -> int:
-    """The merger's and the pruners' own multiply-adds for one sample whose merger kept ``merged`` tokens
-    (default: the merger's K)."""
+def module_flops(model: PrunedLlava, question_tokens: int, merged: int | None = None) -> int:
+    """The merger's and the pruners' own multiply-adds for one sample with ``question_tokens`` question tokens
+    whose merger kept ``merged`` tokens (default: the merger's K)."""
     n = model.backbone.num_vision_tokens
     total = 0
     merged = model.merged_tokens if merged is None else merged
     if model.merger is not None:
-        total += model.merger.flops(n, merged) if isinstance(model.merger, TokenMerger) else model.merger.flops(n)
+        total += (model.merger.flops(n, merged, question_tokens) if isinstance(model.merger, TokenMerger)
+                  else model.merger.flops(n))
         n = merged
     for pruner, budget in zip(model.pruners, model.stage_budgets):
-        total += pruner.flops(n, text_tokens)
+        total += pruner.flops(n, question_tokens)
         n = min(n, budget)
     return total
 

@@ -70,11 +70,21 @@ class WorkerProcess:
         with open(self.log_path, "a") as out:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "trainers.search_worker", "--config", str(config_path), "--worker",
-                 str(self.index)], env=self.env, cwd=PROJECT_ROOT, stdout=out, stderr=subprocess.STDOUT)
+                 str(self.index)], env=self.env, cwd=PROJECT_ROOT, stdout=out, stderr=subprocess.STDOUT,
+                preexec_fn=die_with_parent if sys.platform == "linux" else None)
 
     def tail(self, lines: int = 5) -> str:
         text = self.log_path.read_text(errors="replace").splitlines() if self.log_path.exists() else []
         return "\n".join(f"    {line}" for line in text[-lines:])
+
+
+def die_with_parent() -> None:
+    """In a worker, before it runs: Linux sends it SIGTERM when the manager dies, even by kill -9 (which the
+    manager cannot catch to stop its workers itself). Its trial is then failed and queued by the heartbeat check."""
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def short_name(key: str) -> str:

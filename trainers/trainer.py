@@ -33,7 +33,7 @@ from data.collator import VQACollator
 from models.discriminator import adversarial_loss, discriminator_losses
 from models.llava_backbone import LlavaBackbone
 from models.pruned_llava import PrunedLlava, rows_nonzero
-from trainers.build import build_discriminator, build_pruned_model
+from trainers.build import build_discriminator, build_pruned_model, stage_keep_ratios
 from trainers.checkpoint import STATE, Checkpointer, load, restore_rng_state, rng_state
 from trainers.distributed import DataParallel
 from trainers.evaluation import evaluate_accuracy, evaluate_pruned, generate_baseline_answers
@@ -183,7 +183,7 @@ class Trainer:
 
             # (3) discriminator on detached inputs
             d = discriminator_losses(self.discriminator, real, fake)
-        if not self._finite({"real_loss": d["real_loss"], "fake_loss": d["fake_loss"]}):
+        if not self._finite({"real_loss": d["real_loss"], "fake_loss": d["fake_loss"]}, batch["ids"]):
             return None
         self._update(["discriminator"], d["real_loss"] + d["fake_loss"])
 
@@ -211,7 +211,7 @@ class Trainer:
                                                               teacher.logits, teacher.labels)
         finally:
             self.discriminator.requires_grad_(True)
-        if not self._finite(terms):
+        if not self._finite(terms, batch["ids"]):
             return None
         weights = {"task_loss": method.task_loss_weight, "adv_loss": method.adv_loss_weight,
                    "pruner_sparsity_loss": method.pruner_sparsity_weight,
@@ -226,19 +226,21 @@ class Trainer:
         values["temperature"] = tau
         return values
 
-    def _finite(self, terms: dict[str, torch.Tensor]) -> bool:
+    def _finite(self, terms: dict[str, torch.Tensor], sample_ids: list[str]) -> bool:
         bad = [name for name, value in terms.items() if not torch.isfinite(value).all()]
         if not self.dp.any(bool(bad)):  # every rank skips the update together
             return True
         bad = bad or ["a loss on another process"]
         self.nonfinite_in_a_row += 1
         limit = self.config.trainer_settings.max_nonfinite_steps
-        self.log.info(f"[Step {self.step}] non-finite {', '.join(bad)}: update skipped "
-                      f"({self.nonfinite_in_a_row} in a row, limit {limit})")
+        step = self.step + 1  # the number the loss log gives this step
+        shown = ", ".join(sample_ids[:8]) + (f" and {len(sample_ids) - 8} more" if len(sample_ids) > 8 else "")
+        self.log.info(f"[Step {step}] non-finite {', '.join(bad)}: update skipped "
+                      f"({self.nonfinite_in_a_row} in a row, limit {limit}); batch samples: {shown}")
         if self.nonfinite_in_a_row >= limit:
             path = self.save()
             raise NonFiniteLossError(
-                f"{self.nonfinite_in_a_row} steps in a row had non-finite losses ({', '.join(bad)}) at step {self.step}; "
+                f"{self.nonfinite_in_a_row} steps in a row had non-finite losses ({', '.join(bad)}) at step {step}; "
                 f"the last good state is saved in {path}. Lower the learning rates or the loss weights, or try "
                 "trainer_settings.mixed_precision: no")
         return False
@@ -320,6 +322,10 @@ class Trainer:
         self.log.info(f"Merge Ratio: {method.merge_ratio}")
         self.log.info(f"Pruning Layers: {list(method.pruning_layers)}")
         self.log.info(f"Temperature: {method.temperature} → {method.temperature_min}")
+        ratios = stage_keep_ratios(method)
+        if ratios != list(method.pruner_keep_ratios):
+            self.log.info(f"pruner_keep_ratios {list(method.pruner_keep_ratios)} has {len(method.pruner_keep_ratios)} "
+                          f"entries for {len(ratios)} pruning layers: using {ratios} (the same final share)")
         self.log.info(f"{self.total_steps} steps ({self.steps_per_epoch} per epoch), vision tokens per stage in hard "
                       f"mode: {self.backbone.num_vision_tokens} → "
                       + " → ".join(str(k) for k in self._budget_trajectory()))
