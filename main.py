@@ -108,8 +108,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     data_parallel = DataParallel.from_environment()
     torch.manual_seed(config.manager_settings.seed)
-    if data_parallel.is_main:
-        save_config(config, out / "resolved_config.yaml")
+    if data_parallel.is_main:  # an evaluation writes its own config: the run's resolved_config.yaml stays the run's
+        save_config(config, out / ("eval_config.yaml" if config.manager_settings.mode == "eval" else "resolved_config.yaml"))
     log = RunLog(out / "logs" / "training.log" if data_parallel.is_main else None, echo=data_parallel.is_main)
     try:
         run(config, log, resume, out, data, data_parallel)

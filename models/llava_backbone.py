@@ -330,13 +330,17 @@ def key_padding_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.
 
 
 def missing_backbone_message(name_or_path: str, err: Exception) -> str:
-    where = Path(name_or_path)
-    looked = (f"the local folder {where.resolve()}" if where.exists() or name_or_path.startswith((".", "/"))
-              else f"a local folder named {name_or_path!r} and the local Hugging Face cache "
-                   "(HF_HOME / ~/.cache/huggingface)")
-    return (
-        f"Backbone {name_or_path!r} not found: looked in {looked}, without downloading ({err.__class__.__name__}: "
-        f"{str(err).splitlines()[0] if str(err) else ''}). Download it once on a machine with network access "
-        f"(huggingface-cli download {name_or_path}) and point backbone_settings.name_or_path at the folder, or "
-        "run the embedded CPU default instead: python main.py --config configs/tiny.yaml"
-    )
+    """One line: what was looked for, where, and the fix (a folder path gets no download advice: it is a path)."""
+    where = Path(name_or_path).expanduser()
+    cpu_default = "or run the embedded CPU default: python main.py --config configs/tiny.yaml"
+    if where.is_dir():
+        return (f"the backbone folder cannot be loaded: {err.__class__.__name__}: "
+                f"{str(err).splitlines()[0] if str(err) else ''} ({where.resolve()}): give a folder written by "
+                f"save_pretrained (config.json, weights, processor and tokenizer files), {cpu_default}")
+    if where.exists() or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
+        return (f"no such backbone folder {name_or_path!r} ({where.resolve()}): point backbone_settings.name_or_path "
+                f"at the folder of a llava-hf checkpoint, {cpu_default}")
+    return (f"backbone {name_or_path!r} is not in the local Hugging Face cache (HF_HOME / ~/.cache/huggingface) and "
+            "nothing is downloaded at run time (backbone_settings.name_or_path): download it once on a machine with "
+            f"network access (huggingface-cli download {name_or_path}) and point name_or_path at the folder, "
+            f"{cpu_default}")

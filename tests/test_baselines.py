@@ -14,7 +14,7 @@ from models.baselines.spatial_pooling import SpatialPooling, pooling_grid
 from models.baselines.tome import ToMe, bipartite_soft_matching, merge_steps
 from models.baselines.visionzip import VisionZip
 from models.llava_backbone import LlavaBackbone, VisionAttention
-from tests.conftest import llava_like, sharpen_attention
+from tests.helpers import llava_like, sharpen_attention
 from trainers.evaluation import module_flops
 
 N = 144  # 96 px images, 8 px patches

@@ -11,8 +11,7 @@ import main as entry
 from data.build import build_datasets
 from models import gumbel
 from models.llava_backbone import LlavaBackbone
-from tests.conftest import tiny_run_config
-from tests.test_main import args_for
+from tests.helpers import main_args, tiny_run_config
 from trainers.distributed import DataParallel
 from trainers.run_log import RunLog
 from trainers.trainer import Trainer
@@ -31,15 +30,14 @@ def test_shards_cover_each_global_batch_once():
 def test_two_processes_match_one_process_on_the_same_global_batch(tmp_path, tiny_folder, monkeypatch):
     # tests/noise_free_main.py fixes the training noise, which each process would otherwise draw for itself.
     monkeypatch.setattr(gumbel, "_uniform_open", lambda shape_like, generator=None: torch.full_like(shape_like, 0.5))
-    settings = ["--set", f"trainer_settings.max_steps={STEPS}", "--set", "trainer_settings.log_every=1",
-                "--set", f"trainer_settings.save_every={STEPS}", "--set", f"trainer_settings.eval_every={STEPS}",
-                "--set", "data_settings.synthetic_train_size=24"]
-    one_args, one = args_for(tmp_path / "one", tiny_folder, *settings)
+    settings = {"trainer_settings.max_steps": STEPS, "trainer_settings.log_every": 1,
+                "trainer_settings.save_every": STEPS, "trainer_settings.eval_every": STEPS,
+                "data_settings.synthetic_train_size": 24}
+    one_args, one = main_args(tmp_path / "one", tiny_folder, **settings)
     assert entry.main(one_args) == 0
-    two_args, two = args_for(tmp_path / "two", tiny_folder, *settings)
+    two_args, two = main_args(tmp_path / "two", tiny_folder, **settings)
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          "tests/noise_free_main.py", *two_args], cwd=PROJECT_ROOT, capture_output=True, text=True,
-                         timeout=300)
+                          "tests/noise_free_main.py", *two_args], cwd=PROJECT_ROOT, capture_output=True, text=True)
     assert run.returncode == 0, run.stdout + run.stderr
 
     differences = []

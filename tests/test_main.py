@@ -5,6 +5,7 @@ import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import main as entry
+from tests.helpers import main_args
 
 SEED_INFO_LINES = [
     "[INFO] Preloading backbone and dataset...",
@@ -22,22 +23,10 @@ SEED_INFO_LINES = [
 
 
 def args_for(tmp_path, folder, *extra):
-    out = tmp_path / "out"
-    sets = {
-        "manager_settings.output_dir": out, "backbone_settings.name_or_path": folder,
-        "method_settings.pruning_layers": "[1,2,3]", "method_settings.pruner_d_internal": 16,
-        "method_settings.merger_d_internal": 16, "method_settings.discriminator_hidden": 16,
+    """The tiny run with a schedule whose counts the assertions below name: 144 -> 72 -> 50 -> 38 -> 25."""
+    return main_args(tmp_path, folder, *extra, **{
         "method_settings.merge_ratio": 0.5, "method_settings.target_merge_tokens": 72,
-        "method_settings.pruner_keep_ratios": "[0.7,0.75,0.67]",  # 72 -> 50 -> 38 -> 25
-        "trainer_settings.dl_settings.batch_size": 4, "trainer_settings.log_every": 2,
-        "trainer_settings.eval_every": 4, "trainer_settings.save_every": 2, "trainer_settings.max_steps": 4,
-        "data_settings.synthetic_train_size": 16, "data_settings.synthetic_eval_size": 6,
-        "data_settings.eval_batch_size": 3, "data_settings.max_new_tokens": 2,
-    }
-    args = ["--config", "configs/tiny.yaml"]
-    for key, value in sets.items():
-        args += ["--set", f"{key}={value}"]
-    return [*args, *extra], out
+        "method_settings.pruner_keep_ratios": "[0.7,0.75,0.67]", "data_settings.synthetic_train_size": 16})
 
 
 def test_main_trains_logs_and_writes_the_seed_outputs(tmp_path, tiny_folder, capsys):
@@ -92,7 +81,7 @@ def test_config_problems_stop_before_any_model_loads(tmp_path, capsys):
 def test_missing_backbone_says_how_to_run_the_cpu_default(capsys):
     assert entry.main(["--set", "backbone_settings.name_or_path=/nonexistent/llava"]) == 2
     err = capsys.readouterr().err
-    assert "not found" in err and "python main.py --config configs/tiny.yaml" in err
+    assert "no such backbone folder" in err and "python main.py --config configs/tiny.yaml" in err
 
 
 def test_help_lists_the_options(capsys):
@@ -100,3 +89,27 @@ def test_help_lists_the_options(capsys):
         entry.main(["--help"])
     text = capsys.readouterr().out
     assert "--config" in text and "--set" in text and "--resume" in text
+
+
+def test_eval_mode_keeps_the_run_config_and_measures_a_new_eval_set_s_baseline(tmp_path, tiny_folder, capsys,
+                                                                               monkeypatch):
+    import trainers.trainer as trainer_module
+
+    args, out = args_for(tmp_path, tiny_folder)
+    assert entry.main(args) == 0
+    resolved = (out / "resolved_config.yaml").read_text()
+    calls = []
+    original = trainer_module.generate_baseline_answers
+    monkeypatch.setattr(trainer_module, "generate_baseline_answers", lambda *a, **k: (calls.append(1), original(*a, **k))[1])
+    capsys.readouterr()
+    same, _ = args_for(tmp_path, tiny_folder, "--resume", "auto", "--set", "manager_settings.mode=eval")
+    assert entry.main(same) == 0
+    assert not calls, "the same eval set: the checkpoint's baseline is reused"
+    other, _ = args_for(tmp_path, tiny_folder, "--resume", "auto", "--set", "manager_settings.mode=eval",
+                        "--set", "data_settings.synthetic_eval_size=9")
+    assert entry.main(other) == 0
+    assert calls, "another eval set: the baseline is measured again"
+    assert (out / "resolved_config.yaml").read_text() == resolved
+    assert yaml.safe_load((out / "eval_config.yaml").read_text())["data_settings"]["synthetic_eval_size"] == 9
+    # the random backbone answers no better than the most frequent answer: no accuracy target can be judged
+    assert "accuracy drop: not measured, the unpruned model scores" in capsys.readouterr().out

@@ -9,7 +9,7 @@ from data.collator import IGNORE_INDEX, VQACollator
 from data.synthetic_vqa import SyntheticVQADataset
 from models.llava_backbone import LlavaBackbone
 from models.pruned_llava import PrunedLlava
-from tests.conftest import llava_like, sharpen_attention
+from tests.helpers import llava_like, sharpen_attention
 from trainers.losses import merge_importance_loss, pruner_importance_loss
 
 

@@ -14,7 +14,7 @@ from accelerate.hooks import AlignDevicesHook
 from data.collator import VQACollator
 from data.synthetic_vqa import SyntheticVQADataset
 from models.llava_backbone import LlavaBackbone
-from tests.conftest import tiny_run_config
+from tests.helpers import tiny_run_config
 from trainers.build import build_pruned_model
 from trainers.placement import place_pruners, split_layers, spread_backbone
 

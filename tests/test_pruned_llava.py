@@ -8,7 +8,7 @@ from models.layer_pruner import build_pruner
 from models.llava_backbone import LlavaBackbone
 from models.pruned_llava import IGNORE_INDEX, PrunedLlava, question_token_mask
 from models.token_merger import TokenMerger
-from tests.conftest import llava_like
+from tests.helpers import llava_like
 from trainers.evaluation import generate_pruned
 
 LAYERS = [1, 2, 3]

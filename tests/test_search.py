@@ -16,7 +16,7 @@ from optuna.trial import TrialState
 
 import main as entry
 from configs.schema import SearchSettings, apply_overrides, config_from_dict, config_to_dict, load_config
-from tests.conftest import tiny_run_config
+from tests.helpers import tiny_run_config
 from trainers import search
 from trainers.manager import PROJECT_ROOT, gpu_subsets, run_search, worker_environments
 
@@ -87,6 +87,8 @@ def test_database_urls(tmp_path):
         search.open_storage(postgres, tmp_path)
     assert "search_settings.storage postgresql://user:***@127.0.0.1:1/studies" in str(err.value)
     assert "secret" not in str(err.value)
+    # SQLAlchemy 2 imports psycopg (3) for postgresql://: the advice names the package that provides it
+    assert "driver 'psycopg' is not installed" in str(err.value) and "pip install 'psycopg[binary]'" in str(err.value)
 
 
 # ----------------------------------------------------------------------------- results

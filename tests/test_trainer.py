@@ -5,7 +5,7 @@ import torch
 
 from data.build import build_datasets
 from models.llava_backbone import LlavaBackbone
-from tests.conftest import sharpen_attention, tiny_run_config
+from tests.helpers import sharpen_attention, tiny_run_config
 from trainers import checkpoint as checkpoint_module
 from trainers import trainer as trainer_module
 from trainers.run_log import RunLog

@@ -19,7 +19,9 @@ from typing import Iterable
 import torch
 from tqdm import tqdm
 
-from data.scoring import accuracy_by_type
+from collections import Counter
+
+from data.scoring import accuracy_by_type, normalize_answer
 from models.flops import llm_prefill_flops
 from models.llava_backbone import LlavaBackbone
 from models.pruned_llava import IGNORE_INDEX, PrunedLlava, PrunedOutput
@@ -69,6 +71,12 @@ def generate_pruned(model: PrunedLlava, batch: dict, mode: str, tau: float,
         labels = torch.cat([labels, token[:, None]], dim=1)
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
     return tok.batch_decode(torch.stack(generated, dim=1), skip_special_tokens=True), prefill
+
+
+def majority_accuracy(references: list[str]) -> float:
+    """The accuracy of always giving the most frequent reference answer: the chance level of the eval set."""
+    counts = Counter(normalize_answer(r) for r in references)
+    return max(counts.values()) / len(references) if references else 0.0
 
 
 def evaluate_accuracy(answer_fn, batches: Iterable[dict], desc: str = "eval", show_progress: bool = True) -> dict[str, float]:
@@ -152,6 +160,7 @@ def evaluate_pruned(model: PrunedLlava, batches: Iterable[dict], tau: float, max
     metrics["keep_ratio_merge"] = metrics["avg_merged_tokens"] / metrics["avg_original_tokens"]
     acc_soft, acc_hard = accuracy_by_type(soft, refs, types), accuracy_by_type(hard, refs, types)
     metrics["accuracy_soft"], metrics["accuracy_hard"] = acc_soft["overall"], acc_hard["overall"]
+    metrics["accuracy_majority"] = majority_accuracy(refs)
     for qtype, value in acc_hard.items():
         if qtype not in ("overall", "all"):
             metrics[f"accuracy_hard/{qtype}"] = value

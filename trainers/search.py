@@ -87,6 +87,18 @@ class HeartbeatJournalStorage(JournalStorage, BaseHeartbeat):
     get_failed_trial_callback = get_heartbeat_stale_trial_callback  # the name Optuna 4.x asks for
 
 
+# The module SQLAlchemy imports for a URL -> the pip package that provides it (SQLAlchemy 2.x maps postgresql:// to
+# psycopg 3 and mysql:// to mysqlclient).
+DRIVER_PACKAGES = {"psycopg": "psycopg[binary]", "psycopg2": "psycopg2-binary", "MySQLdb": "mysqlclient",
+                   "pymysql": "PyMySQL"}
+
+
+def sqlalchemy_version() -> str:
+    import sqlalchemy
+
+    return sqlalchemy.__version__
+
+
 def study_folder(config: Config) -> Path:
     return Path(config.manager_settings.output_dir) / "optuna" / config.search_settings.study_name
 
@@ -112,9 +124,17 @@ def open_storage(settings: SearchSettings, output_dir: str | Path):
         try:
             return RDBStorage(settings.storage, heartbeat_interval=settings.heartbeat_interval,
                               grace_period=settings.grace_period, heartbeat_stale_trial_callback=retry)
-        except ModuleNotFoundError as err:
-            raise SearchError(f"search_settings.storage {where}: its database driver {err.name!r} is not installed; "
-                              f"install it into the environment (for PostgreSQL: pip install psycopg2-binary)") from err
+        except ImportError as err:  # Optuna wraps SQLAlchemy's ModuleNotFoundError for the driver
+            missing = err
+            while missing is not None and not isinstance(missing, ModuleNotFoundError):
+                missing = missing.__cause__ or missing.__context__
+            if missing is None:
+                raise SearchError(f"search_settings.storage {where}: {err}") from err
+            package = DRIVER_PACKAGES.get(missing.name or "", missing.name)
+            raise SearchError(f"search_settings.storage {where}: its database driver {missing.name!r} is not installed "
+                              f"(SQLAlchemy {sqlalchemy_version()} picks it for this URL); install it: pip install "
+                              f"'{package}', or name the driver you have in the URL (postgresql+psycopg2://... with "
+                              "pip install psycopg2-binary)") from err
         except Exception as err:  # sqlalchemy's connection errors: say which database and what failed
             raise SearchError(f"search_settings.storage {where}: cannot open the database "
                               f"({err.__class__.__name__}: {str(err).splitlines()[0]}); check the URL, the server "
