@@ -60,6 +60,8 @@ class PrunedOutput:
     layer_attention_masks: list[torch.Tensor] = field(default_factory=list)  # (B, T_l) keys each layer saw
     vision_attention: torch.Tensor | None = None  # (B, n) with record_attention: see PrunedLlava.forward
     question_counts: torch.Tensor | None = None  # (B,) question tokens the merger and pruners read
+    kept_positions: list[torch.Tensor] = field(default_factory=list)  # hard: (B, k) sequence positions of the vision
+    #   tokens entering the LLM, then after each stage (unused adaptive slots hold their slot's position)
 
     @property
     def vision_tokens_per_layer(self) -> list[float]:
@@ -261,6 +263,8 @@ class PrunedLlava(nn.Module):
         mask = causal_padding_mask(seq.attention_mask, seq.hidden.dtype)
         cos_sin = bb.rotary(seq.hidden, seq.position_ids)
         log_keep = torch.zeros(seq.hidden.shape[:2], device=seq.hidden.device)  # soft: (B, T) float32 log m_j
+        if mode == "hard":
+            stats.kept_positions.append(seq.position_ids.gather(1, seq.vision_index))
         previous_input = None  # the hidden states that entered the previous layer (same tokens as seq)
         recorder = _AnswerAttention(bb, seq) if record_attention else None
 
@@ -270,6 +274,7 @@ class PrunedLlava(nn.Module):
                 logits = self._keep_logits(stage, layer, seq, cos_sin, previous_input)  # (B, n)
                 if mode == "hard":
                     seq = self._drop(seq, logits, self.stage_budgets[stage])
+                    stats.kept_positions.append(seq.position_ids.gather(1, seq.vision_index))
                     mask = causal_padding_mask(seq.attention_mask, seq.hidden.dtype)
                     cos_sin = bb.rotary(seq.hidden, seq.position_ids)
                 else:

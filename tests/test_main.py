@@ -39,6 +39,7 @@ def test_main_trains_logs_and_writes_the_seed_outputs(tmp_path, tiny_folder, cap
                   "  layer_pruners:\n    - adv_loss: ", "    - task_loss: ",
                   "  discriminator:\n    - real_loss: ", "    - fake_loss: ",
                   "[Step 4] Temperature: 0.10", "[INFO] disc_prob_real: ", "[INFO] disc_prob_fake: ",
+                  "[Step 2] Throughput: ", " samples/s, ", " tokens/s, ", " s/step (teacher ",
                   "[Eval Step 4]\n  - accuracy_baseline: ", "  - accuracy_soft: ", "  - accuracy_hard: ",
                   "  - keep_ratio_merge: 0.500", "  - avg_original_tokens: 144", "  - avg_merged_tokens: 72",
                   "  - tokens_after_layer_3: 25", "  - flops_reduction: ", "[Summary] targets of the quick-start guide"]:
@@ -57,7 +58,8 @@ def test_main_trains_logs_and_writes_the_seed_outputs(tmp_path, tiny_folder, cap
             "loss/discriminator/real_loss", "loss/discriminator/fake_loss", "temperature",
             "discriminator/disc_prob_real", "discriminator/disc_prob_fake", "eval/accuracy_baseline",
             "eval/accuracy_soft", "eval/accuracy_hard", "eval/keep_ratio_merge", "eval/avg_merged_tokens",
-            "eval/tokens_after_layer_1", "eval/flops_reduction"} <= tags
+            "eval/tokens_after_layer_1", "eval/flops_reduction", "throughput/samples_per_s",
+            "throughput/tokens_per_s", "throughput/teacher_s", "throughput/optimizer_s"} <= tags
 
     # A second run into the same folder refuses instead of overwriting; --resume auto continues.
     assert entry.main(args) == 2

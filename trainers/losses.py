@@ -3,6 +3,8 @@ losses that teach the merger and the pruners the unpruned model's attention."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -53,3 +55,34 @@ def pruner_importance_loss(stage_logits: list[torch.Tensor], stage_positions: li
         target = teacher_attention.gather(1, patch)
         losses.append(merge_importance_loss(logits, target / target.sum(dim=1, keepdim=True)))
     return torch.stack(losses).mean()
+
+
+@dataclass(frozen=True)
+class LossTerm:
+    """One logged loss: the optimizer group it trains (and the log block it is printed in) and the
+    ``method_settings`` key of its weight (None: the discriminator's own losses, summed unweighted)."""
+
+    name: str
+    group: str
+    weight_key: str | None
+
+
+# The one table of loss terms: the generator's weighted sum, the seed-format log blocks and the TensorBoard tags
+# (loss/<group>/<name>) all read it, in this order.
+LOSS_TERMS = (
+    LossTerm("merge_sparsity_loss", "token_merger", "merge_sparsity_weight"),
+    LossTerm("merge_importance_loss", "token_merger", "merge_importance_weight"),
+    LossTerm("adv_loss", "layer_pruners", "adv_loss_weight"),
+    LossTerm("task_loss", "layer_pruners", "task_loss_weight"),
+    LossTerm("pruner_sparsity_loss", "layer_pruners", "pruner_sparsity_weight"),
+    LossTerm("distill_loss", "layer_pruners", "distill_weight"),
+    LossTerm("pruner_importance_loss", "layer_pruners", "pruner_importance_weight"),
+    LossTerm("real_loss", "discriminator", None),
+    LossTerm("fake_loss", "discriminator", None),
+)
+
+
+def weighted_sum(terms: dict[str, torch.Tensor], method) -> torch.Tensor:
+    """sum of weight x value over the generator's terms present in ``terms`` (weights from ``method``)."""
+    weights = {t.name: getattr(method, t.weight_key) for t in LOSS_TERMS if t.weight_key is not None}
+    return sum(weights[name] * value for name, value in terms.items())

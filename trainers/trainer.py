@@ -38,12 +38,12 @@ from trainers.checkpoint import STATE, Checkpointer, load, restore_rng_state, rn
 from trainers.distributed import DataParallel
 from trainers.evaluation import evaluate_accuracy, evaluate_pruned, generate_baseline_answers
 from trainers.run_log import RunLog
-from trainers.losses import (distillation_loss, merge_importance_loss, next_token_positions, pruner_importance_loss,
-                             task_loss)
+from trainers.losses import (LOSS_TERMS, distillation_loss, merge_importance_loss, next_token_positions,
+                             pruner_importance_loss, task_loss, weighted_sum)
+from trainers.pruned_model import save_pretrained
 from trainers.schedules import TemperatureSchedule
-
-GROUPS = ("token_merger", "layer_pruners", "discriminator")
-
+from trainers.throughput import Throughput
+from trainers.throughput import describe as describe_throughput
 
 def eval_set_identity(data) -> dict:
     """What decides the eval set's questions: a baseline measured on another is measured again."""
@@ -103,6 +103,7 @@ class Trainer:
         self.nonfinite_in_a_row = 0
         self.accuracy_baseline: float | None = None
         self.baseline_eval_set: dict | None = None  # the eval set accuracy_baseline was measured on
+        self.throughput = Throughput(backbone.device)
         self._writer = None
 
     # ------------------------------------------------------------------ state
@@ -180,12 +181,16 @@ class Trainer:
         if method.disc_reinit_prob > 0 and torch.rand(()).item() < method.disc_reinit_prob:
             self.discriminator.reset_parameters()
             self.optimizers["discriminator"].state.clear()
+        clock = self.throughput
+        clock.start_step(ids.shape[0], int(mask.sum()))
 
         with self.autocast():
             with torch.no_grad():
                 teacher = self.teacher(ids, pixels, mask, labels=labels,  # (1) unpruned
                                        record_attention=method.merge_importance_weight + method.pruner_importance_weight > 0)
+            clock.lap("teacher")
             student = self.model(ids, pixels, mask, labels=labels, mode="soft", tau=tau)  # (2)
+            clock.lap("student")
             real = self.discriminator.features(teacher.hidden, teacher.logits, next_token_positions(teacher.labels))
             fake = self.discriminator.features(student.hidden, student.logits, next_token_positions(student.labels))
 
@@ -194,6 +199,7 @@ class Trainer:
         if not self._finite({"real_loss": d["real_loss"], "fake_loss": d["fake_loss"]}, batch["ids"]):
             return None
         self._update(["discriminator"], d["real_loss"] + d["fake_loss"])
+        clock.lap("discriminator")
 
         # (4) generator: merger and pruners; the discriminator only judges
         self.discriminator.requires_grad_(False)
@@ -221,13 +227,8 @@ class Trainer:
             self.discriminator.requires_grad_(True)
         if not self._finite(terms, batch["ids"]):
             return None
-        weights = {"task_loss": method.task_loss_weight, "adv_loss": method.adv_loss_weight,
-                   "pruner_sparsity_loss": method.pruner_sparsity_weight,
-                   "merge_sparsity_loss": method.merge_sparsity_weight, "distill_loss": method.distill_weight,
-                   "merge_importance_loss": method.merge_importance_weight,
-                   "pruner_importance_loss": method.pruner_importance_weight}
-        total = sum(weights[name] * value for name, value in terms.items())
-        self._update(["token_merger", "layer_pruners"], total)
+        self._update(["token_merger", "layer_pruners"], weighted_sum(terms, method))
+        clock.lap("optimizer")
         self.nonfinite_in_a_row = 0
         values = {name: v.item() for name, v in terms.items()}
         values.update({k: v.item() for k, v in d.items()})
@@ -291,12 +292,9 @@ class Trainer:
         return self._writer
 
     def log_step(self, values: dict[str, float]) -> None:
-        groups = {"token_merger": ["merge_sparsity_loss", "merge_importance_loss"],
-                  "layer_pruners": ["adv_loss", "task_loss", "pruner_sparsity_loss", "distill_loss", "pruner_importance_loss"],
-                  "discriminator": ["real_loss", "fake_loss"]}
         lines = [f"[Step {self.step}] Losses:"]
-        for group, names in groups.items():
-            present = [n for n in names if n in values]
+        for group in dict.fromkeys(t.group for t in LOSS_TERMS):
+            present = [t.name for t in LOSS_TERMS if t.group == group and t.name in values]
             if present:
                 lines.append(f"  {group}:")
                 lines += [f"    - {n}: {values[n]:.4f}" for n in present]
@@ -306,6 +304,10 @@ class Trainer:
         self.log.block(f"[Step {self.step}] Temperature: {values['temperature']:.2f}")
         self.log.info(f"disc_prob_real: {values['disc_prob_real']:.3f}")
         self.log.info(f"disc_prob_fake: {values['disc_prob_fake']:.3f}")
+        speed = self.throughput.report()
+        self.log.block(f"[Step {self.step}] Throughput: {describe_throughput(speed)}")
+        for key, value in speed.items():
+            self.writer.add_scalar(f"throughput/{key}", value, self.step)
         self.writer.add_scalar("temperature", values["temperature"], self.step)
         self.writer.add_scalar("discriminator/disc_prob_real", values["disc_prob_real"], self.step)
         self.writer.add_scalar("discriminator/disc_prob_fake", values["disc_prob_fake"], self.step)
@@ -365,6 +367,8 @@ class Trainer:
                         on_eval(self.step, metrics)
                 if self.step % trainer.save_every == 0 or last:
                     self.save()
+                if last and self.dp.is_main:
+                    save_pretrained(self.model, self.config, self.out / "pruned_final")
         finally:
             bar.close()
             self.close()
@@ -391,6 +395,7 @@ class Trainer:
         if better:
             self.best = value
             self.save(tag="best")
+            save_pretrained(self.model, self.config, self.out / "pruned_best")
 
     def summary(self, metrics: dict[str, float]) -> str:
         """Whether the quick-start guide's three targets were met."""

@@ -1,0 +1,110 @@
+"""Ask a trained pruned model about one image: the answer, the vision tokens per layer, the FLOPs saved, and a
+picture of the patches that survive each stage.
+
+    python scripts/predict.py --model outputs --image photo.jpg --question "what color is the object in the top row ?"
+
+``--model``: a run's output_dir, a folder written by save_pretrained, or a training_state_*.pt
+(trainers/pruned_model.py). Writes ``--out`` (default kept_tokens.png): the image, then the merger's
+output and each pruning stage, with the dropped patches darkened.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from PIL import Image  # noqa: E402
+
+from trainers.evaluation import prefill_flops  # noqa: E402
+from trainers.pruned_model import PrunedModelError, load_pruned  # noqa: E402
+
+
+def kept_patch_grids(prefill, input_ids, image_token_id: int, num_patches: int) -> list:
+    """Per stage (the LLM's input, then after each pruning layer): a (side, side) bool grid of the kept patches."""
+    import torch
+
+    side = int(num_patches ** 0.5)
+    first = int((input_ids[0] == image_token_id).nonzero()[0])  # the first image placeholder's position
+    grids = []
+    for positions in prefill.kept_positions:
+        grid = torch.zeros(num_patches, dtype=torch.bool)
+        grid[(positions[0] - first).clamp(0, num_patches - 1)] = True
+        grids.append(grid.view(side, side))
+    return grids
+
+
+def model_view(pixel_values, image_processor):
+    """(H, W, 3) in [0, 1]: the image as the vision tower sees it (resized and cropped), de-normalised."""
+    import numpy as np
+
+    mean = np.asarray(image_processor.image_mean, dtype=np.float32)
+    std = np.asarray(image_processor.image_std, dtype=np.float32)
+    return (pixel_values[0].float().cpu().numpy().transpose(1, 2, 0) * std + mean).clip(0, 1)
+
+
+def draw(pixels, grids, titles: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, axes = plt.subplots(1, len(grids) + 1, figsize=(3 * (len(grids) + 1), 3.2))
+    axes[0].imshow(pixels)
+    axes[0].set_title("image", fontsize=9)
+    for ax, grid, title in zip(axes[1:], grids, titles):
+        cells = np.kron(grid.numpy().astype(np.float32), np.ones((pixels.shape[0] // grid.shape[0],
+                                                                  pixels.shape[1] // grid.shape[1]), np.float32))
+        shown = pixels[:cells.shape[0], :cells.shape[1]] * (0.2 + 0.8 * cells[..., None])
+        ax.imshow(shown)
+        ax.set_title(title, fontsize=9)
+    for ax in axes:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True, help="run output_dir, saved pruned-model folder or training state")
+    parser.add_argument("--image", required=True)
+    parser.add_argument("--question", required=True)
+    parser.add_argument("--backbone", help="backbone folder or id (default: the one the modules were trained on)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--out", type=Path, default=Path("kept_tokens.png"))
+    args = parser.parse_args(argv)
+    try:
+        image = Image.open(args.image).convert("RGB")
+        pruned = load_pruned(args.model, backbone=args.backbone, device=args.device)
+    except (OSError, PrunedModelError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    inputs = pruned.processor(images=[image], text=pruned.prompts([args.question]), return_tensors="pt")
+    answers, prefill = pruned.generate(inputs["input_ids"].to(args.device), inputs["pixel_values"].to(args.device),
+                                       inputs["attention_mask"].to(args.device), args.max_new_tokens)
+    model = pruned.model
+    flops = prefill_flops(model, prefill, inputs["attention_mask"].to(args.device))
+    layers = sorted(model.stage_of_layer)
+    counts = [prefill.vision_tokens_per_layer[0], *(prefill.vision_tokens_per_layer[layer] for layer in layers)]
+    print(f"answer: {answers[0]}")
+    print(f"vision tokens: {model.backbone.num_vision_tokens} → " + " → ".join(f"{c:g}" for c in counts)
+          + f" (merger, then before layers {layers})")
+    print(f"LLM prefill FLOPs: {flops['flops_pruned']:.4g} of {flops['flops_baseline']:.4g} "
+          f"({flops['flops_reduction']:.1%} saved, the pruning modules' own cost included)")
+    grids = kept_patch_grids(prefill, inputs["input_ids"], model.backbone.image_token_id, model.backbone.num_vision_tokens)
+    titles = [f"after the merger: {counts[0]:g}"] + [f"layer {layer}: {c:g}" for layer, c in zip(layers, counts[1:])]
+    draw(model_view(inputs["pixel_values"], pruned.processor.image_processor), grids, titles, args.out)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
