@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import csv
 import hashlib
-import math
 import os
 import platform
 import shlex
@@ -51,9 +50,10 @@ from models.layer_pruner import stage_budgets  # noqa: E402
 from models.llava_backbone import BackboneNotFoundError, BackboneShape, LlavaBackbone, read_backbone_shape  # noqa: E402
 from models.pruned_llava import PrunedLlava  # noqa: E402
 from scripts.benchmark_pruning import timed_interleaved  # noqa: E402
-from trainers.build import build_pruned_model  # noqa: E402
+from trainers.pruned_model import load_pruned  # noqa: E402
 from trainers.checkpoint import Checkpointer, load  # noqa: E402
 from trainers.evaluation import generate_pruned, prefill_flops  # noqa: E402
+from trainers.trainer import planned_steps  # noqa: E402
 from trainers.world import resolve_device  # noqa: E402
 
 METHODS = ("learned", "fastv", "pyramiddrop", "visionzip", "tome", "pooling", "random")
@@ -166,7 +166,7 @@ def search_schedule(run: SearchedRun, config: Config, trials: int, flops_cap: fl
     data["method_settings"]["merge_budget"] = "fixed"  # an equal budget for every image, as the other rows
     data["data_settings"]["seed"] = config.data_settings.seed + 1
     data["data_settings"]["synthetic_eval_size"] = min(300, config.data_settings.synthetic_eval_size)
-    steps = max(1, round(0.6 * planned_steps(config)))
+    steps = max(1, round(0.6 * run_steps(config)))
     data["trainer_settings"].update(max_steps=steps, eval_every=steps, save_every=steps)
     data["search_settings"].update(enable=True, n_trials=trials, study_name=run.study, flops_budget=round(flops_cap, 4),
                                    objectives=[{"metric": "accuracy_hard", "direction": "maximize"}],
@@ -201,12 +201,9 @@ def _run_or_exit(command: list[str], what: str, folder: Path) -> None:
         raise SystemExit(f"error: {what} failed (exit {result.returncode}); its logs are in {folder}")
 
 
-def planned_steps(config: Config) -> int:
-    """The steps main.py runs for ``config`` (the trainer's count: batches per epoch x epochs, capped)."""
-    trainer = config.trainer_settings
-    steps = math.ceil(len(build_datasets(config.data_settings)[0]) / trainer.dl_settings.batch_size)
-    steps *= trainer.dl_settings.epochs
-    return steps if trainer.max_steps is None else min(steps, trainer.max_steps)
+def run_steps(config: Config) -> int:
+    """The steps main.py runs for ``config`` in one process (the trainer's own count)."""
+    return planned_steps(config, len(build_datasets(config.data_settings)[0]))[1]
 
 
 def shown(command: list[str]) -> str:
@@ -247,7 +244,7 @@ def plan(args, config: Config, shape: BackboneShape) -> tuple[dict[float, int], 
                                     "learned method out (--methods without learned)")
                 continue
             step = int(latest.stem.rsplit("_", 1)[1])
-            planned = planned_steps(config_from_dict(load(latest)["config"]))
+            planned = run_steps(config_from_dict(load(latest)["config"]))
             if step < planned:
                 if args.train_missing:
                     to_train.append(run)
@@ -286,14 +283,9 @@ def fingerprint(backbone: LlavaBackbone, train_set, samples: int = 64) -> str:
 
 
 def load_run(path: Path, backbone: LlavaBackbone) -> tuple[PrunedLlava, Config, dict]:
-    """The pruned model of a training-state file (its config's modules, their final weights), in eval mode."""
-    state = load(path)
-    config = config_from_dict(state["config"])
-    model = build_pruned_model(config.method_settings, backbone)
-    model.pruners.load_state_dict(state["modules"]["layer_pruners"])
-    if model.merger is not None:
-        model.merger.load_state_dict(state["modules"]["token_merger"])
-    return model.eval(), config, state
+    """The pruned model of a training-state file (trainers/pruned_model.py loads it), its config and its state."""
+    pruned = load_pruned(path, backbone=backbone)
+    return pruned.model, pruned.config, load(path)
 
 
 def fingerprint_problem(folder: Path, expected: str) -> list[str]:

@@ -18,10 +18,12 @@ def problems_of(path, overrides=()):
     return err.value.problems
 
 
-@pytest.mark.parametrize("name", ["configs/vision_token_pruning.yaml", "configs/tiny.yaml"])
-def test_shipped_configs_load(name):
-    config = load_config(name)
-    assert config.trainer_settings.dl_settings.optimizers.token_merger.lr > 0
+@pytest.mark.parametrize("name, layers, tokens, size", [("configs/vision_token_pruning.yaml", 32, 576, 336),
+                                                          ("configs/tiny.yaml", 8, 144, 96)])
+def test_shipped_configs_fit_their_backbones(name, layers, tokens, size):
+    """Each shipped config loads and passes the checks against its backbone's shape, search space included."""
+    config = load_config(name, ["search_settings.enable=true"])
+    assert check_against_backbone(config, num_layers=layers, num_vision_tokens=tokens, image_size=size) == []
 
 
 def test_seed_values_and_string_numbers(tmp_path):

@@ -37,7 +37,9 @@ from typing import Any
 import optuna
 import yaml
 from optuna.storages import JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
-from optuna.storages._heartbeat import BaseHeartbeat  # the interface RDBStorage implements; not re-exported
+# Optuna's private pieces this module relies on, each checked against Optuna 5.0.0 (requirements pin >=5,<6):
+# the heartbeat interface RDBStorage implements (not re-exported) and the storage id of a trial (trial_id).
+from optuna.storages._heartbeat import BaseHeartbeat
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState
 
@@ -75,7 +77,7 @@ class HeartbeatJournalStorage(JournalStorage, BaseHeartbeat):
             # A retried trial carries its predecessor's heartbeat: it is alive from the moment it started.
             started = trial.datetime_start.timestamp() if trial.datetime_start else 0.0
             if now - max(trial.system_attrs.get(HEARTBEAT_ATTR, 0.0), started) > self.grace_period:
-                stale.append(trial._trial_id)
+                stale.append(storage_id(trial))
         return stale
 
     def get_heartbeat_interval(self) -> int:
@@ -84,7 +86,6 @@ class HeartbeatJournalStorage(JournalStorage, BaseHeartbeat):
     def get_heartbeat_stale_trial_callback(self):
         return self.stale_trial_callback
 
-    get_failed_trial_callback = get_heartbeat_stale_trial_callback  # the name Optuna 4.x asks for
 
 
 # The module SQLAlchemy imports for a URL -> the pip package that provides it (SQLAlchemy 2.x maps postgresql:// to
@@ -97,6 +98,12 @@ def sqlalchemy_version() -> str:
     import sqlalchemy
 
     return sqlalchemy.__version__
+
+
+def storage_id(trial: optuna.Trial | FrozenTrial) -> int:
+    """The trial's id in its storage (what storages and heartbeats take), which Optuna keeps private as
+    ``_trial_id`` on both Trial and FrozenTrial (checked against Optuna 5.0.0)."""
+    return trial._trial_id
 
 
 def study_folder(config: Config) -> Path:

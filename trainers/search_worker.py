@@ -28,7 +28,7 @@ from optuna.trial import TrialState
 from configs.schema import Config, config_to_dict, load_config, save_config
 from trainers import search
 from trainers.run_log import RunLog
-from trainers.world import World, load_world, make_trainer
+from trainers.world import BackboneAndData, load_world, make_trainer
 
 IDLE_POLL_S = 2.0  # how often an idle worker looks for retries while the last trials run elsewhere
 
@@ -40,7 +40,7 @@ class Worker:
         self.folder = search.study_folder(config)
         self.storage = search.open_storage(self.settings, config.manager_settings.output_dir)
         self.study = search.open_study(config, self.storage)
-        self.world: World | None = None
+        self.world: BackboneAndData | None = None
         self.world_key = None
         self.accuracy_baseline: float | None = None  # the frozen backbone's, on the world's eval set
 
@@ -60,7 +60,7 @@ class Worker:
             self.study.sampler = search.make_sampler(
                 self.settings, search.claim_seed(self.config.manager_settings.seed, progress.total - progress.waiting))
             trial = self.study.ask()
-            self.storage.record_heartbeat(trial._trial_id)  # alive from the claim on
+            self.storage.record_heartbeat(search.storage_id(trial))  # alive from the claim on
             return trial
 
     def run(self) -> int:
@@ -76,7 +76,7 @@ class Worker:
             self.run_trial(trial)
 
     # ------------------------------------------------------------------ one trial
-    def world_for(self, config: Config, log: RunLog) -> World:
+    def world_for(self, config: Config, log: RunLog) -> BackboneAndData:
         """The backbone and data, loaded once and kept while the trials' backbone and data settings agree."""
         key = (config.backbone_settings, repr(config.data_settings), config.manager_settings.gpus_per_subtask)
         if self.world is None or key != self.world_key:
@@ -96,14 +96,14 @@ class Worker:
 
     def run_trial(self, trial: optuna.Trial) -> None:
         folder = search.trial_folder(self.config, trial.number)
-        retry_of = self.storage.get_trial(trial._trial_id).system_attrs.get("failed_trial")
+        retry_of = self.storage.get_trial(search.storage_id(trial)).system_attrs.get("failed_trial")
         self.say(f"trial {trial.number} starts" + (f" (retry of trial {retry_of})" if retry_of is not None else ""))
         trial.set_user_attr("worker", {"index": self.index, "host": socket.gethostname(), "pid": os.getpid(),
                                        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")})
         trial.set_user_attr("folder", str(folder))
         started = time.time()
         log = None
-        with search.Heartbeat(self.storage, trial._trial_id, self.settings.heartbeat_interval):
+        with search.Heartbeat(self.storage, search.storage_id(trial), self.settings.heartbeat_interval):
             try:
                 config = search.trial_config(self.config, search.suggest(trial, self.settings.search_space), folder)
                 trial.set_user_attr(search.CONFIG_ATTR, config_to_dict(config))
@@ -125,7 +125,7 @@ class Worker:
                 trial.set_user_attr("error", "interrupted (Ctrl-C); queued to run again on the next run of the study")
                 self.finish(trial, TrialState.FAIL, message="interrupted")
                 search.RetryHeartbeatStaleTrialCallback(self.settings.max_retry)(
-                    self.study, self.storage.get_trial(trial._trial_id))
+                    self.study, self.storage.get_trial(search.storage_id(trial)))
                 raise
             except Exception as err:
                 text = traceback.format_exc()

@@ -51,6 +51,18 @@ def eval_set_identity(data) -> dict:
             "synthetic_eval_size": data.synthetic_eval_size, "seed": data.seed, "max_new_tokens": data.max_new_tokens}
 
 
+def planned_steps(config: Config, train_size: int, world_size: int = 1) -> tuple[int, int]:
+    """(steps per epoch, total steps) of a run on ``train_size`` samples over ``world_size`` processes.
+
+    Equal shards: every rank draws the same amount of noise, so the ranks' RNGs stay in step; a last
+    batch that does not split evenly over the processes is left out."""
+    trainer = config.trainer_settings
+    full, rest = divmod(train_size, trainer.dl_settings.batch_size)
+    per_epoch = full + (rest > 0 and rest % world_size == 0)
+    total = per_epoch * trainer.dl_settings.epochs
+    return per_epoch, total if trainer.max_steps is None else min(total, trainer.max_steps)
+
+
 class NonFiniteLossError(RuntimeError):
     pass
 
@@ -87,14 +99,8 @@ class Trainer:
             for name, group in params.items() if group
         }
         self.collate = VQACollator(backbone.processor)
-        full, rest = divmod(len(train_set), trainer.dl_settings.batch_size)
-        # Equal shards: every rank draws the same amount of noise, so the ranks' RNGs stay in step. A last batch
-        # that does not split evenly is left out.
-        self.steps_per_epoch = full + (rest > 0 and rest % self.dp.world_size == 0)
+        self.steps_per_epoch, self.total_steps = planned_steps(config, len(train_set), self.dp.world_size)
         self.local_samples = 0  # samples of the current batch on this rank
-        self.total_steps = self.steps_per_epoch * trainer.dl_settings.epochs
-        if trainer.max_steps is not None:
-            self.total_steps = min(self.total_steps, trainer.max_steps)
         self.temperature = TemperatureSchedule(method.temperature, method.temperature_min,
                                                method.temperature_anneal_rate, self.total_steps)
         self.checkpointer = Checkpointer(self.out / "checkpoints", trainer.keep_last)

@@ -22,7 +22,7 @@ from trainers.trainer import Trainer
 
 
 @dataclass
-class World:
+class BackboneAndData:
     backbone: LlavaBackbone
     train_set: object
     eval_set: object
@@ -53,7 +53,7 @@ def subtask_devices(config: Config, data_parallel: DataParallel) -> list[torch.d
     return [torch.device("cuda", first + i) for i in range(count)]
 
 
-def load_world(config: Config, log: RunLog, data=None, data_parallel: DataParallel = DataParallel()) -> World:
+def load_world(config: Config, log: RunLog, data=None, data_parallel: DataParallel = DataParallel()) -> BackboneAndData:
     """The frozen backbone and the train / eval data sets (``data``, checked before: trainers/preflight.py; built
     here when None), with what the seed guide prints."""
     settings = config.backbone_settings
@@ -76,10 +76,10 @@ def load_world(config: Config, log: RunLog, data=None, data_parallel: DataParall
     where = (f"decoder layers over {', '.join(str(d) for d in devices)}" if layer_devices else f"device {devices[0]}")
     log.info(f"Backbone: {settings.name_or_path}, {frozen:,} frozen parameters, {backbone.num_layers} decoder layers, "
              f"{backbone.num_vision_tokens} vision tokens per image, {where}")
-    return World(backbone, train_set, eval_set, layer_devices)
+    return BackboneAndData(backbone, train_set, eval_set, layer_devices)
 
 
-def make_trainer(config: Config, world: World, log: RunLog, output_dir: str | Path,
+def make_trainer(config: Config, world: BackboneAndData, log: RunLog, output_dir: str | Path,
                  data_parallel: DataParallel = DataParallel()) -> Trainer:
     trainer = Trainer(config, world.backbone, world.train_set, world.eval_set, log, output_dir, data_parallel)
     if world.layer_devices is not None:
