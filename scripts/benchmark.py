@@ -146,9 +146,9 @@ def schedule_search_space(config: Config, budget: float) -> dict:
     layer_choices = [layers] + ([earlier] if earlier[0] >= 1 else [])  # a pruner needs a layer before it
     stages = len(layers)
     return {
-        "method_settings.merge_ratio": {"type": "float", "low": budget, "high": min(1.0, 3 * budget)},
+        "method_settings.merge_ratio": {"type": "float", "low": budget, "high": min(1.0, 2 * budget)},
         "method_settings.pruner_keep_ratios": {"type": "categorical",
-                                               "choices": [[r] * stages for r in (1.0, 0.8, 0.6, 0.4)]},
+                                               "choices": [[r] * stages for r in (0.8, 0.6, 0.4)]},
         "method_settings.pruning_layers": {"type": "categorical", "choices": layer_choices},
         "method_settings.merge_importance_weight": {"type": "float", "low": 1.0, "high": 10.0, "log": True},
         "method_settings.pruner_importance_weight": {"type": "float", "low": 1.0, "high": 10.0, "log": True},
@@ -181,11 +181,17 @@ def search_schedule(run: SearchedRun, config: Config, trials: int, flops_cap: fl
     if not run.best_config.exists():
         raise SystemExit(f"error: no trial of the {budget_name(run.budget)}% search fitted the FLOPs cap "
                          f"{flops_cap:.1%}; rerun with more trials (--search N), its study resumes in {run.folder}/search")
-    best = yaml.safe_load(run.best_config.read_text())
-    best["data_settings"] = config_to_dict(config)["data_settings"]
-    best["trainer_settings"] = config_to_dict(config)["trainer_settings"]
-    best["manager_settings"]["output_dir"] = str(run.folder / "run")
+    train_schedule(run, config, yaml.safe_load(run.best_config.read_text())["method_settings"], fingerprint_text)
+
+
+def train_schedule(run: SearchedRun, config: Config, method_settings: dict, fingerprint_text: str) -> None:
+    """Train ``method_settings`` (a searched schedule) with the rest of ``config`` into ``run.folder / "run"``."""
+    best = config_to_dict(config)
+    best["method_settings"] = method_settings
+    best["manager_settings"].update(mode="train", output_dir=str(run.folder / "run"))
+    best["search_settings"]["enable"] = False
     final_config = run.folder / "best_schedule.yaml"
+    final_config.parent.mkdir(parents=True, exist_ok=True)
     final_config.write_text(yaml.safe_dump(best, sort_keys=False))
     train_best = [sys.executable, "main.py", "--config", str(final_config)]
     if run.latest() is not None:
@@ -482,6 +488,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--learned-root", type=Path, default=Path("outputs/benchmark"),
                         help="holds learned_<pct>/, one main.py run per budget")
     parser.add_argument("--train-missing", action="store_true", help="train (or finish) missing learned runs with main.py")
+    parser.add_argument("--schedules-from", type=Path, metavar="ROOT",
+                        help="report 'learned (searched)' with the schedules a search under ROOT found (its "
+                             "searched_<pct>/best_schedule.yaml), trained on this run's data: no new search")
     parser.add_argument("--search", type=int, default=0, metavar="N",
                         help="also report the learned method with a schedule found by an N-trial Optuna search per "
                              "budget under ToMe's FLOPs (run when missing; 0: off)")
@@ -506,7 +515,13 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(problems, args.config)
         kept, runs, to_train = plan(args, config, shape)
         searched = [SearchedRun(budget, args.learned_root / f"searched_{budget_name(budget)}")
-                    for budget in kept if args.search > 0 and "learned" in args.methods]
+                    for budget in kept if (args.search > 0 or args.schedules_from) and "learned" in args.methods]
+        missing = [str(args.schedules_from / run.folder.name / "best_schedule.yaml") for run in searched
+                   if args.schedules_from is not None and run.latest() is None
+                   and not (args.schedules_from / run.folder.name / "best_schedule.yaml").is_file()]
+        if missing:
+            raise BenchmarkError([f"--schedules-from: no searched schedule {path}; run the search there first "
+                                  "(--search N)" for path in missing])
     except (ConfigError, BackboneNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -529,7 +544,12 @@ def main(argv: list[str] | None = None) -> int:
     if to_train:
         train(to_train, args, shape.num_vision_tokens)
     for run in searched:
-        if run.latest() is None:
+        if run.latest() is not None:
+            continue
+        if args.schedules_from is not None:  # a schedule searched before (on other data), trained on this data
+            source = args.schedules_from / run.folder.name / "best_schedule.yaml"
+            train_schedule(run, config, yaml.safe_load(source.read_text())["method_settings"], args.fingerprint)
+        else:
             search_schedule(run, config, args.search, flops_cap(backbone, kept[run.budget], layers, eval_batches),
                             args.fingerprint)
     try:
@@ -567,8 +587,9 @@ def main(argv: list[str] | None = None) -> int:
     table = markdown_table(rows, n)
     notes = f"\nlearned: final checkpoints of {args.learned_root}/learned_<pct> ({steps})\n" if learned else "\n"
     if learned_searched:
-        notes += (f"{SEARCHED}: the best schedule of a {args.search}-trial search per budget under ToMe's FLOPs, "
-                  f"retrained; {args.learned_root}/searched_<pct>/ (best_schedule.yaml, search/)\n")
+        origin = (f"the schedules searched in {args.schedules_from}" if args.schedules_from else
+                  f"the best schedule of a {args.search}-trial search per budget under ToMe's FLOPs")
+        notes += f"{SEARCHED}: {origin}, trained in {args.learned_root}/searched_<pct>/run\n"
     (args.out / "results.md").write_text(f"{header}\n\n{table}\n{notes}")
     write_csv(rows, args.out / "results.csv")
     plot(rows, args.out / "accuracy_vs_flops.png", f"{Path(settings.name_or_path).name}: accuracy against cost, "

@@ -91,3 +91,18 @@ def test_searched_schedule_stays_under_tomes_flops_and_is_reported(tmp_path, tin
     cap = yaml.safe_load((folder / "search_config.yaml").read_text())["search_settings"]["flops_budget"]
     assert float(rows[benchmark.SEARCHED]["flops_ratio"]) <= float(rows["tome"]["flops_ratio"]) + 0.01
     assert cap == pytest.approx(float(rows["tome"]["flops_ratio"]), abs=0.01)
+
+    # the schedule found here, trained on another draw of the data without searching again
+    other = tmp_path / "seed1"
+    again = [a if a != str(tmp_path / "bench") else str(other) for a in args]
+    again = [a for a in again if a not in ("--search", "3")] + ["--schedules-from", str(tmp_path / "bench"),
+                                                                "--set", "data_settings.seed=1"]
+    assert benchmark.main(again) == 0
+    assert not (other / "searched_50" / "search").exists()
+    schedule = yaml.safe_load((other / "searched_50" / "best_schedule.yaml").read_text())
+    assert schedule["method_settings"] == yaml.safe_load((folder / "best_schedule.yaml").read_text())["method_settings"]
+    assert schedule["data_settings"]["seed"] == 1
+    capsys.readouterr()
+    fresh = [a if a != str(other) else str(tmp_path / "fresh") for a in again[:-4]]
+    assert benchmark.main([*fresh, "--schedules-from", str(tmp_path / "nowhere")]) == 2
+    assert "--schedules-from: no searched schedule" in capsys.readouterr().err
