@@ -25,7 +25,6 @@ import argparse
 import csv
 import hashlib
 import os
-import platform
 import shlex
 import subprocess
 import sys
@@ -49,10 +48,10 @@ from models.baselines import BASELINES, build_baseline, check_baseline, kept_tok
 from models.layer_pruner import stage_budgets  # noqa: E402
 from models.llava_backbone import BackboneNotFoundError, BackboneShape, LlavaBackbone, read_backbone_shape  # noqa: E402
 from models.pruned_llava import PrunedLlava  # noqa: E402
-from scripts.benchmark_pruning import timed_interleaved  # noqa: E402
 from trainers.pruned_model import load_pruned  # noqa: E402
 from trainers.checkpoint import Checkpointer, load  # noqa: E402
 from trainers.evaluation import generate_pruned, prefill_flops  # noqa: E402
+from trainers.timing import machine, timed_interleaved  # noqa: E402
 from trainers.trainer import planned_steps  # noqa: E402
 from trainers.world import resolve_device  # noqa: E402
 
@@ -465,14 +464,6 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)
-
-
-def machine() -> str:
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name()
-    threads = torch.get_num_threads()
-    return (f"{platform.machine()} CPU, {os.cpu_count()} cores, torch {torch.__version__} with {threads} "
-            f"thread{'s' if threads > 1 else ''}")
 
 
 # ---------------------------------------------------------------------------------------- main

@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -38,6 +36,7 @@ from models.llava_backbone import LlavaBackbone  # noqa: E402
 from models.pruned_llava import PrunedLlava  # noqa: E402
 from models.tiny_llava import llava15_7b_config  # noqa: E402
 from models.token_merger import TokenMerger  # noqa: E402
+from trainers.timing import machine, timed  # noqa: E402
 from trainers.evaluation import module_flops  # noqa: E402
 
 
@@ -66,31 +65,6 @@ def build_setting(backbone: LlavaBackbone, keep: float, layers: list[int]) -> Pr
     pruners = nn.ModuleList(build_pruner("cross_attention", backbone.hidden_size, 512, 4) for _ in layers)
     model = PrunedLlava(backbone, merger, pruners, layers, stage_budgets(k, [stage_ratio] * len(layers)))
     return model.to(backbone.device, backbone.dtype).eval()
-
-
-def timed(fn, repeats: int, device: torch.device) -> float:
-    """Median seconds of ``fn()`` over ``repeats`` runs after one warm-up."""
-    return timed_interleaved([fn], repeats, device)[0]
-
-
-def timed_interleaved(fns: list, repeats: int, device: torch.device) -> list[float]:
-    """Median seconds of each of ``fns`` over ``repeats`` rounds that run every fn once, after one warm-up each.
-
-    On a shared machine a slow spell then lands on every setting alike instead of on one.
-    """
-    for fn in fns:
-        fn()
-    times = [[] for _ in fns]
-    for _ in range(repeats):
-        for fn, samples in zip(fns, times):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            samples.append(time.perf_counter() - start)
-    return [statistics.median(samples) for samples in times]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -134,7 +108,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"keep {keep:.2f}: prefill {prefill * 1e3:.1f} ms, generate {generate * 1e3:.1f} ms", file=sys.stderr)
 
     name = args.backbone if args.shapes == "tiny" else "random-init llava-1.5-7b shapes"
-    device = torch.cuda.get_device_name() if backbone.device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    device = machine(backbone.device)
     print(f"\n{name}, {args.dtype}, batch {args.batch_size}, {args.new_tokens} new tokens, pruning layers {layers}, "
           f"{device}; median of {args.repeats}\n")
     print("| kept vision tokens | vision tokens per stage | prefill FLOPs vs unpruned (all tokens) | (vision tokens only) "

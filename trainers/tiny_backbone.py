@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 import subprocess
 import sys
 import time
@@ -51,6 +50,7 @@ from models.tiny_llava import TINY_IMAGE_SIZE, TINY_PATCH_SIZE, tiny_llava_confi
 from data.scoring import accuracy_by_type
 from trainers.evaluation import evaluate_accuracy, generate_baseline_answers
 from trainers.losses import task_loss
+from trainers.timing import machine
 
 
 def build_processor() -> LlavaProcessor:
@@ -359,8 +359,7 @@ def main(argv: list[str] | None = None) -> dict:
         "steps": n_steps, "wall_time_s": round(wall, 1), "eval_size": args.eval_size,
         "accuracy": {k: round(v, 4) for k, v in sorted(accuracy.items())},
         "majority_baseline": round(majority_baseline(eval_set), 4),
-        "machine": (torch.cuda.get_device_name(device) if device.type == "cuda"
-                    else f"{platform.machine()}, {torch.get_num_threads()} torch threads"),
+        "machine": machine(device),
         "command": "python -m trainers.tiny_backbone " + " ".join(sys.argv[1:] if argv is None else argv),
     }
     report["phases"] = earlier_phases(args.init_from)
