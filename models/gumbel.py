@@ -38,24 +38,26 @@ def sample_gumbel(shape_like: torch.Tensor, generator: torch.Generator | None = 
     return -torch.log(-torch.log(_uniform_open(shape_like, generator)))  # same shape as shape_like
 
 
-def gumbel_top_k(scores: torch.Tensor, k: int, noise: bool, generator: torch.Generator | None = None) -> torch.Tensor:
+def gumbel_top_k(scores: torch.Tensor, k: int, noise: bool, generator: torch.Generator | None = None,
+                 ranked: bool = False) -> torch.Tensor:
     """Indices (B, k) of the k largest of `scores + G`, G ~ Gumbel(0, 1) i.i.d., sorted ascending.
 
     Gumbel-Top-k trick (Vieira 2014; Kool, van Hoof & Welling 2019, "Stochastic Beams and Where
     to Find Them"): the top k of log-probabilities perturbed by Gumbel noise are k items drawn
     without replacement from softmax(scores). With `noise=False` this is the plain top-k.
-    Indices are sorted ascending so kept tokens keep their original spatial order.
+    Indices are sorted ascending so kept tokens keep their original spatial order; with
+    ``ranked=True`` they come in the draw's order instead (best first).
     """
     _check_k(k, scores.shape[-1])
     perturbed = scores + sample_gumbel(scores, generator) if noise else scores  # (B, N)
-    indices = torch.topk(perturbed, k, dim=-1).indices  # (B, k)
-    return indices.sort(dim=-1).values  # (B, k)
+    indices = torch.topk(perturbed, k, dim=-1).indices  # (B, k), best first
+    return indices if ranked else indices.sort(dim=-1).values  # (B, k)
 
 
-def top_k_mask(indices: torch.Tensor, n: int) -> torch.Tensor:
-    """Hard mask (B, n) in the default float dtype: m[b, j] = 1 if j is in indices[b], else 0."""
+def top_k_mask(indices: torch.Tensor, n: int, values: torch.Tensor | None = None) -> torch.Tensor:
+    """Hard mask (B, n) in the default float dtype: m[b, j] = 1 (or ``values[b, i]``) if j = indices[b, i], else 0."""
     mask = torch.zeros(indices.shape[0], n, device=indices.device)  # (B, n)
-    return mask.scatter(1, indices, 1.0)  # (B, n)
+    return mask.scatter(1, indices, 1.0 if values is None else values.to(mask.dtype))  # (B, n)
 
 
 def relaxed_top_k(scores: torch.Tensor, k: int | torch.Tensor, tau: float) -> torch.Tensor:

@@ -140,14 +140,13 @@ class TokenMerger(nn.Module):
         counts = keep_prob.detach().sum(dim=1).round().long().clamp(low, min(high, N))  # (B,)
         k_max = int(counts.max())
         noisy = scores + sample_gumbel(scores, generator) if self.training else scores
-        ranked = noisy.topk(k_max, dim=1).indices  # (B, k_max), best first
-        valid = torch.arange(k_max, device=features.device) < counts.unsqueeze(1)  # (B, k_max) by rank
+        ranked = gumbel_top_k(noisy, k_max, noise=False, ranked=True)  # (B, k_max) best first; noise is in `noisy`
+        valid = torch.arange(k_max, device=features.device) < counts.unsqueeze(1)  # (B, k_max): image b's first K_b
         centres, order = ranked.sort(dim=1)  # spatial order
         valid = valid.gather(1, order)
-        hard = torch.zeros(B, N, device=features.device).scatter(1, centres, valid.float())  # (B, N), 1 at centres
+        selection = top_k_mask(centres, N, valid)  # (B, N), 1 at the valid centres
         if torch.is_grad_enabled() and scores.requires_grad:  # the relaxation only carries gradients: skip it in eval
-            hard = straight_through(hard, relaxed_top_k(noisy, counts, tau))
-        selection = hard
+            selection = straight_through(selection, relaxed_top_k(noisy, counts, tau))
         merged = soft_assignment_merge(features, centres, selection, tau, valid, self.similarity_threshold)
         sparsity = (keep_prob.mean() - self.merge_ratio) ** 2
         return MergeOutput(merged, centres, keep_prob, sparsity, scores, None if bool(valid.all()) else valid)

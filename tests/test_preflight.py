@@ -74,6 +74,22 @@ def test_output_dir_that_is_a_file(tmp_path, tiny_folder, capsys, no_weights):
     assert out.read_text() == "not a folder"
 
 
+def test_output_dir_on_a_read_only_disk(tmp_path, tiny_folder, capsys, no_weights, monkeypatch):
+    """As root every folder is writable; the write probe is what meets a read-only mount, so it fails here."""
+    import errno
+
+    from trainers import preflight
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(preflight.tempfile, "TemporaryFile", read_only)
+    args, _ = main_args(tmp_path, tiny_folder)
+    assert entry.main(args) == 2
+    err = one_error(capsys)
+    assert "cannot write in manager_settings.output_dir (Read-only file system)" in err and "writable disk" in err
+
+
 def test_resume_of_a_truncated_file_and_auto_falls_back(tmp_path, finished_run, tiny_folder, capsys, monkeypatch):
     out = copy_run(finished_run, tmp_path)
     latest = out / "checkpoints" / "training_state_step_4.pt"
