@@ -44,7 +44,7 @@ from configs.schema import (Config, ConfigError, check_against_backbone, config_
 from data.build import batches, build_datasets  # noqa: E402
 from data.collator import VQACollator  # noqa: E402
 from data.scoring import accuracy_by_type  # noqa: E402
-from models.baselines import BASELINES, build_baseline, check_baseline, kept_tokens  # noqa: E402
+from models.baselines import build_baseline, check_baseline, kept_tokens  # noqa: E402
 from models.layer_pruner import stage_budgets  # noqa: E402
 from models.llava_backbone import BackboneNotFoundError, BackboneShape, LlavaBackbone, read_backbone_shape  # noqa: E402
 from models.pruned_llava import PrunedLlava  # noqa: E402

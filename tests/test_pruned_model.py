@@ -69,6 +69,8 @@ def test_predict_prints_the_answer_and_draws_the_kept_patches(trained_run, tmp_p
     assert predict.main(["--model", str(trained_run), "--image", str(image), "--question", "what color ?",
                          "--out", str(out), "--max-new-tokens", "2"]) == 0
     printed = capsys.readouterr().out
-    assert "answer: " in printed and "vision tokens: 144 → 96 → 50 → 38 → 25 " in printed and "saved" in printed
+    model = load_pruned(trained_run).model
+    counts = " → ".join(str(c) for c in [144, model.merged_tokens, *model.stage_budgets])
+    assert "answer: " in printed and f"vision tokens: {counts} (merger" in printed and "saved" in printed
     assert out.read_bytes()[:4] == b"\x89PNG"
     assert predict.main(["--model", str(tmp_path / "absent"), "--image", str(image), "--question", "q"]) == 2
