@@ -14,12 +14,11 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Iterable
 
 import torch
 from tqdm import tqdm
-
-from collections import Counter
 
 from data.scoring import accuracy_by_type, normalize_answer
 from models.flops import llm_prefill_flops

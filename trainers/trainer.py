@@ -45,6 +45,7 @@ from trainers.schedules import TemperatureSchedule
 from trainers.throughput import Throughput
 from trainers.throughput import describe as describe_throughput
 
+
 def eval_set_identity(data) -> dict:
     """What decides the eval set's questions: a baseline measured on another is measured again."""
     return {"source": data.source, "eval_json": data.eval_json, "image_folder": data.image_folder,
