@@ -175,11 +175,12 @@ def test_two_workers_on_gpu_subsets_finish_resume_and_write_a_best_config_that_r
 
 
 def wait_for_running_trial(study, searching):
-    """A trial that has started training (its worker is recorded and its parameters are drawn), polled for as long
-    as ``searching()`` says the search runs: no deadline, so a busy machine only makes it slower."""
+    """A trial that has started training (its worker is recorded and its config, written once all its parameters
+    are drawn: they are suggested one by one), polled for as long as ``searching()`` says the search runs: no
+    deadline, so a busy machine only makes it slower."""
     while searching():
         running = [t for t in study.get_trials() if t.state == TrialState.RUNNING and "worker" in t.user_attrs
-                   and t.params]
+                   and search.CONFIG_ATTR in t.user_attrs]
         if running:
             return running[0]
         time.sleep(0.05)
