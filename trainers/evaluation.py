@@ -24,7 +24,6 @@ from data.scoring import accuracy_by_type, normalize_answer
 from models.flops import llm_prefill_flops
 from models.llava_backbone import LlavaBackbone
 from models.pruned_llava import IGNORE_INDEX, PrunedLlava, PrunedOutput
-from models.token_merger import TokenMerger
 
 
 def _to_device(batch: dict, backbone: LlavaBackbone) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -89,7 +88,8 @@ def evaluate_accuracy(answer_fn, batches: Iterable[dict], desc: str = "eval", sh
 
 
 def prefill_flops(model: PrunedLlava, prefill: PrunedOutput, attention_mask: torch.Tensor) -> dict[str, float]:
-    """Mean per-sample LLM prefill multiply-adds, unpruned vs this hard-pruned prefill, from each sample's real tokens."""
+    """Mean per-sample LLM prefill multiply-adds, unpruned vs this hard-pruned prefill, from each sample's real
+    tokens."""
     bb = model.backbone
     d, m, n_layers = bb.hidden_size, bb.text_config.intermediate_size, bb.num_layers
     n_vision = bb.num_vision_tokens
@@ -116,8 +116,7 @@ def module_flops(model: PrunedLlava, question_tokens: int, merged: int | None = 
     total = 0
     merged = model.merged_tokens if merged is None else merged
     if model.merger is not None:
-        total += (model.merger.flops(n, merged, question_tokens) if isinstance(model.merger, TokenMerger)
-                  else model.merger.flops(n))
+        total += model.merger.flops(n, merged, question_tokens)
         n = merged
     for pruner, budget in zip(model.pruners, model.stage_budgets):
         total += pruner.flops(n, question_tokens)

@@ -45,8 +45,9 @@ class PreProjectorSelector(nn.Module):
         """(B, N, Dv) features -> (B, K, Dv) tokens and (B, K) patch indices, in any order."""
         raise NotImplementedError
 
-    def flops(self, n: int) -> int:
-        """Multiply-adds of one call on n tokens (counted like models/flops.py: matrix products only)."""
+    def flops(self, n: int, k: int | None = None, n_text: int = 0) -> int:
+        """Multiply-adds of one call on n tokens (counted like models/flops.py: matrix products only); the
+        learned merger's signature (k: the tokens kept, ``num_keep`` here; n_text: question tokens, unread)."""
         return 0
 
     def forward(self, features: torch.Tensor, tau: float = 1.0, question: torch.Tensor | None = None,

@@ -70,7 +70,7 @@ class ToMe(PreProjectorSelector):
         super().__init__(num_keep)
         self.key_dim = key_dim
 
-    def flops(self, n: int) -> int:
+    def flops(self, n: int, k: int | None = None, n_text: int = 0) -> int:
         """The A x B similarity matrices of every step."""
         total = 0
         for r in merge_steps(n, self.num_keep):

@@ -41,7 +41,7 @@ class VisionZip(PreProjectorSelector):
         self.num_dominant = num_keep - self.num_contextual
         self.key_dim = key_dim
 
-    def flops(self, n: int) -> int:
+    def flops(self, n: int, k: int | None = None, n_text: int = 0) -> int:
         """Similarities of the remaining tokens to the contextual targets (the CLS attention is the tower's own)."""
         return (n - self.num_dominant - self.num_contextual) * self.num_contextual * self.key_dim
 
