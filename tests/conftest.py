@@ -44,3 +44,15 @@ def tiny_folder(tmp_path_factory):
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def finished_tiny_run(tmp_path_factory, tiny_folder):
+    """The output folder of a finished 4-step ``main.py`` run on ``tiny_folder`` (checkpoints at steps 2 and 4,
+    pruned_best/ and pruned_final/). Read only: a test that changes it works on a copy."""
+    import main as entry
+    from tests.helpers import main_args
+
+    args, out = main_args(tmp_path_factory.mktemp("run"), tiny_folder)
+    assert entry.main(args) == 0
+    return out

@@ -29,15 +29,6 @@ def one_error(capsys) -> str:
     return err
 
 
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory, tiny_folder):
-    """A finished 4-step run (checkpoints at steps 2 and 4) to resume from; tests copy it."""
-    tmp = tmp_path_factory.mktemp("run")
-    args, out = main_args(tmp, tiny_folder)
-    assert entry.main(args) == 0
-    return out
-
-
 def copy_run(finished_run, tmp_path):
     out = tmp_path / "out"
     shutil.copytree(finished_run, out)
@@ -90,8 +81,9 @@ def test_output_dir_on_a_read_only_disk(tmp_path, tiny_folder, capsys, no_weight
     assert "cannot write in manager_settings.output_dir (Read-only file system)" in err and "writable disk" in err
 
 
-def test_resume_of_a_truncated_file_and_auto_falls_back(tmp_path, finished_run, tiny_folder, capsys, monkeypatch):
-    out = copy_run(finished_run, tmp_path)
+def test_resume_of_a_truncated_file_and_auto_falls_back(tmp_path, finished_tiny_run, tiny_folder, capsys,
+                                                         monkeypatch):
+    out = copy_run(finished_tiny_run, tmp_path)
     latest = out / "checkpoints" / "training_state_step_4.pt"
     latest.write_bytes(latest.read_bytes()[:1000])
     args, _ = main_args(tmp_path, tiny_folder, "--resume", str(latest))
@@ -105,8 +97,8 @@ def test_resume_of_a_truncated_file_and_auto_falls_back(tmp_path, finished_run, 
         out / "logs" / "training.log").read_text()
 
 
-def test_resume_of_a_module_file(tmp_path, finished_run, tiny_folder, capsys, no_weights):
-    out = copy_run(finished_run, tmp_path)
+def test_resume_of_a_module_file(tmp_path, finished_tiny_run, tiny_folder, capsys, no_weights):
+    out = copy_run(finished_tiny_run, tmp_path)
     args, _ = main_args(tmp_path, tiny_folder, "--resume", str(out / "checkpoints" / "token_merger_step_2.pt"))
     assert entry.main(args) == 2
     err = one_error(capsys)
@@ -118,9 +110,9 @@ def test_resume_of_a_module_file(tmp_path, finished_run, tiny_folder, capsys, no
      "method_settings.pruning_layers: [1, 2, 3] -> [1, 3]"),
     ({"trainer_settings.dl_settings.batch_size": 2}, "trainer_settings.dl_settings.batch_size: 4 -> 2"),
 ])
-def test_resume_with_another_config_names_the_keys_and_changes_nothing(tmp_path, finished_run, tiny_folder, capsys,
-                                                                        no_weights, override, key):
-    out = copy_run(finished_run, tmp_path)
+def test_resume_with_another_config_names_the_keys_and_changes_nothing(tmp_path, finished_tiny_run, tiny_folder,
+                                                                        capsys, no_weights, override, key):
+    out = copy_run(finished_tiny_run, tmp_path)
     before = {p.name: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     args, _ = main_args(tmp_path, tiny_folder, "--resume", "auto", **override)
     assert entry.main(args) == 2
