@@ -13,16 +13,20 @@ measured prefill time (median of repeats on one batch), and the vision tokens en
 and each pruning stage, counted from the tensors. Writes results.csv, results.md and
 accuracy_vs_flops.png to --out.
 
-The learned method at budget K is the run of ``main.py`` in ``<learned-root>/learned_<pct>``
-(its final step): the merger keeps min(N, 2K) tokens and the pruning stages shrink them
-geometrically to K. The command that trains it is printed when it is missing; ``--train-missing``
-runs it (about 2 minutes per budget on 2 CPU cores for the tiny default).
+The learned method is compared at equal FLOPs: at budget K, for each method M of ``--match-flops``
+(default ToMe, the cheapest strong baseline, and FastV), one run of ``main.py`` in
+``<learned-root>/learned_<pct>_<M>`` (its final step) whose schedule spends at most M's measured
+prefill FLOPs at K (``matched_schedule``): each pruning stage keeps 3/4 of what enters it (more
+pruning only where needed to end at K at most), and the merger keeps the most tokens that fit.
+The command that trains a missing run is printed; ``--train-missing`` runs it (about 2 minutes
+per run on 2 CPU cores for the tiny default).
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import hashlib
 import os
 import shlex
@@ -48,9 +52,10 @@ from models.baselines import build_baseline, check_baseline, kept_tokens  # noqa
 from models.layer_pruner import stage_budgets  # noqa: E402
 from models.llava_backbone import BackboneNotFoundError, BackboneShape, LlavaBackbone, read_backbone_shape  # noqa: E402
 from models.pruned_llava import PrunedLlava  # noqa: E402
+from trainers.build import build_pruned_model  # noqa: E402
 from trainers.pruned_model import load_pruned  # noqa: E402
 from trainers.checkpoint import Checkpointer, load  # noqa: E402
-from trainers.evaluation import generate_pruned, prefill_flops  # noqa: E402
+from trainers.evaluation import generate_pruned, prefill_flops, sample_flops  # noqa: E402
 from trainers.timing import machine, timed_interleaved  # noqa: E402
 from trainers.trainer import planned_steps  # noqa: E402
 from trainers.world import resolve_device  # noqa: E402
@@ -68,20 +73,47 @@ class BenchmarkError(ValueError):
 
 
 # ---------------------------------------------------------------------------------------- the learned method's runs
-def learned_schedule(num_tokens: int, num_keep: int, stages: int) -> tuple[int, list[float]]:
-    """(merger tokens, pruner keep ratios) that end at exactly ``num_keep`` after ``stages`` stages.
+STAGE_KEEP = 0.75  # what each pruning stage of a learned row keeps of the tokens entering it (unless it must keep less)
 
-    The merger keeps min(N, 2K); each stage keeps the same ratio, the last one rounded so that the
-    trainer's budgets (models/layer_pruner.stage_budgets) land on K.
-    """
+
+def geometric_ratios(merged: int, num_keep: int, stages: int) -> list[float]:
+    """Equal keep ratios, the last one rounded so that the trainer's budgets (models/layer_pruner.stage_budgets) go
+    from ``merged`` tokens to exactly ``num_keep`` after ``stages`` stages."""
     if stages == 0:
-        return num_keep, []
-    merged = min(num_tokens, 2 * num_keep)
+        return []
     ratio = round((num_keep / merged) ** (1 / stages), 6)
     before_last = stage_budgets(merged, [ratio] * (stages - 1))[-1] if stages > 1 else merged
     ratios = [ratio] * (stages - 1) + [round(num_keep / before_last, 6)]
     assert stage_budgets(merged, ratios)[-1] == num_keep, (merged, ratios, num_keep)
-    return merged, ratios
+    return ratios
+
+
+def stage_ratios(merged: int, num_keep: int, stages: int) -> list[float]:
+    """The learned rows' rule: each stage keeps STAGE_KEEP of what enters it, or, where that would leave more than
+    ``num_keep`` after the last stage, the equal ratios that end at exactly ``num_keep``."""
+    if stage_budgets(merged, [STAGE_KEEP] * stages)[-1:] <= [num_keep]:
+        return [STAGE_KEEP] * stages
+    return geometric_ratios(merged, num_keep, stages)
+
+
+def matched_schedule(num_tokens: int, num_keep: int, stages: int, flops_of, target: float) -> tuple[int, list[float]]:
+    """(merger tokens, pruner keep ratios) of the learned row that spends at most ``target`` prefill FLOPs.
+
+    The merger keeps the most tokens m in [K, N] whose schedule (:func:`stage_ratios`: m tokens, then the stages
+    down to at most K) costs ``flops_of(m, ratios)`` <= ``target``; the cost grows with m, so m is found by
+    bisection. Raises ValueError when even m = K costs more.
+    """
+    def fits(m: int) -> bool:
+        return flops_of(m, stage_ratios(m, num_keep, stages)) <= target
+
+    if not fits(num_keep):
+        raise ValueError(f"no learned schedule keeping at most {num_keep} tokens fits {target:.1%} of the unpruned "
+                         f"FLOPs (the merger keeping {num_keep} already costs more)")
+    low, high = num_keep, num_tokens  # fits(low) holds
+    while low < high:
+        mid = (low + high + 1) // 2
+        low, high = (mid, high) if fits(mid) else (low, mid - 1)
+    return low, stage_ratios(low, num_keep, stages)
 
 
 def budget_name(budget: float) -> str:
@@ -90,10 +122,18 @@ def budget_name(budget: float) -> str:
 
 @dataclass
 class LearnedRun:
+    """The learned method at one budget, trained to spend at most the FLOPs of the training-free method ``match``
+    at that budget (:func:`matched_schedule`): one main.py run in ``folder``."""
+
     budget: float
+    match: str
     folder: Path
     merged: int
     ratios: list[float]
+
+    @property
+    def name(self) -> str:
+        return f"learned ({self.match} FLOPs)"
 
     def overrides(self, num_tokens: int) -> list[str]:
         return [f"manager_settings.output_dir={self.folder}",
@@ -216,49 +256,75 @@ def shown(command: list[str]) -> str:
 
 
 # ---------------------------------------------------------------------------------------- checks before any weights load
-def plan(args, config: Config, shape: BackboneShape) -> tuple[dict[float, int], list[LearnedRun], list[LearnedRun]]:
-    """Kept tokens per budget, the learned runs to use and those to train; every problem in one BenchmarkError."""
+def plan(args, config: Config, shape: BackboneShape) -> dict[float, int]:
+    """Kept tokens per budget, every budget and baseline checked; every problem in one BenchmarkError."""
     problems, kept = [], {}
     n, layers = shape.num_vision_tokens, list(config.method_settings.pruning_layers)
+    baselines = [m for m in args.methods if m != "learned"]
+    baselines += [m for m in args.match_flops if "learned" in args.methods and m not in baselines]
     for budget in args.budgets:
         try:
             kept[budget] = kept_tokens(n, budget)
         except ValueError as err:
             problems.append(f"--budgets {budget:g}: {err}")
             continue
-        for method in args.methods:
-            if method == "learned":
-                continue
+        for method in baselines:
             try:
                 check_baseline(method, n, shape.num_layers, kept[budget], layers, args.fastv_layer)
             except ValueError as err:
                 problems.append(f"{method} at budget {budget:g}: {err}")
-    runs, to_train = [], []
-    if "learned" in args.methods:
-        for budget, k in kept.items():
-            run = LearnedRun(budget, args.learned_root / f"learned_{budget_name(budget)}", *learned_schedule(n, k, len(layers)))
-            runs.append(run)
-            latest = run.latest()
-            command = shown(run.command(args.config, args.overrides, n))
-            if latest is None:
-                if args.train_missing:
-                    to_train.append(run)
-                else:
-                    problems.append(f"no learned checkpoint for the {budget_name(budget)}% budget in {run.folder}/checkpoints. "
-                                    f"Train it with:\n      {command}\n    or rerun with --train-missing, or leave the "
-                                    "learned method out (--methods without learned)")
-                continue
-            step = int(latest.stem.rsplit("_", 1)[1])
-            planned = run_steps(config_from_dict(load(latest)["config"]))
-            if step < planned:
-                if args.train_missing:
-                    to_train.append(run)
-                else:
-                    problems.append(f"the run in {run.folder} stopped at step {step} of {planned}. Finish it with:\n"
-                                    f"      {command} --resume auto\n    or rerun with --train-missing")
     if problems:
         raise BenchmarkError(problems)
-    return kept, runs, to_train
+    return kept
+
+
+# ---------------------------------------------------------------------------------------- the learned runs' schedules
+def learned_runs(args, config: Config, backbone: LlavaBackbone, kept: dict[float, int],
+                 eval_batches: list[dict]) -> tuple[list[LearnedRun], list[LearnedRun], dict[tuple[float, str], float]]:
+    """The learned runs (one per budget and matched method), those to train, and the matched methods' FLOPs ratios.
+
+    A run missing or unfinished is to train with ``--train-missing`` and a BenchmarkError with its command otherwise.
+    """
+    n, layers = backbone.num_vision_tokens, list(config.method_settings.pruning_layers)
+    targets = {(budget, match): flops_ratio(build_baseline(match, backbone, k, layers, args.fastv_layer, args.seed),
+                                            eval_batches)
+               for budget, k in kept.items() for match in (args.match_flops if "learned" in args.methods else [])}
+
+    def flops_of(merged: int, ratios: list[float]) -> float:
+        method = dataclasses.replace(config.method_settings, merge_budget="fixed", target_merge_tokens=merged,
+                                     merge_ratio=merged / n, pruner_keep_ratios=ratios)
+        return flops_ratio(build_pruned_model(method, backbone).eval(), eval_batches)
+
+    runs, to_train, problems = [], [], []
+    for (budget, match), target in targets.items():
+        try:
+            merged, ratios = matched_schedule(n, kept[budget], len(layers), flops_of, target)
+        except ValueError as err:
+            problems.append(f"the learned method at budget {budget:g} matched to {match}: {err}")
+            continue
+        run = LearnedRun(budget, match, args.learned_root / f"learned_{budget_name(budget)}_{match}", merged, ratios)
+        runs.append(run)
+        latest = run.latest()
+        command = shown(run.command(args.config, args.overrides, n))
+        if latest is None:
+            if args.train_missing:
+                to_train.append(run)
+            else:
+                problems.append(f"no learned checkpoint for the {budget_name(budget)}% budget at {match}'s FLOPs in "
+                                f"{run.folder}/checkpoints. Train it with:\n      {command}\n    or rerun with "
+                                "--train-missing, or leave the learned method out (--methods without learned)")
+            continue
+        step = int(latest.stem.rsplit("_", 1)[1])
+        planned = run_steps(config_from_dict(load(latest)["config"]))
+        if step < planned:
+            if args.train_missing:
+                to_train.append(run)
+            else:
+                problems.append(f"the run in {run.folder} stopped at step {step} of {planned}. Finish it with:\n"
+                                f"      {command} --resume auto\n    or rerun with --train-missing")
+    if problems:
+        raise BenchmarkError(problems)
+    return runs, to_train, targets
 
 
 def train(runs: list[LearnedRun], args, num_tokens: int) -> None:
@@ -266,7 +332,7 @@ def train(runs: list[LearnedRun], args, num_tokens: int) -> None:
         command = run.command(args.config, args.overrides, num_tokens)
         if run.latest() is not None:
             command.append("--resume=auto")
-        print(f"\n[benchmark] training the learned method for the {budget_name(run.budget)}% budget ({i}/{len(runs)}), "
+        print(f"\n[benchmark] training {run.name} for the {budget_name(run.budget)}% budget ({i}/{len(runs)}), "
               f"into {run.folder}:\n  {shown(command)}", flush=True)
         result = subprocess.run(command, cwd=ROOT)
         if result.returncode != 0:
@@ -327,17 +393,31 @@ def load_searched(run: SearchedRun, backbone: LlavaBackbone, expected_fingerprin
     return model, float(state["temperature"]), int(state["step"])
 
 
-def flops_cap(backbone: LlavaBackbone, num_keep: int, layers: list[int], eval_batches: list[dict]) -> float:
-    """The schedule search's FLOPs cap at a budget: ToMe's prefill FLOPs ratio keeping ``num_keep`` tokens, the
-    cheapest training-free method that keeps information from every token (its similarities included)."""
-    tome = build_baseline("tome", backbone, num_keep, layers)
+def flops_ratio(model: PrunedLlava, eval_batches: list[dict]) -> float:
+    """``model``'s hard-mode prefill FLOPs over the unpruned model's on the eval batches (models/flops.py, the
+    selection modules' own cost included), as the table reports them.
+
+    Token counts do not depend on trained weights, and a sample's FLOPs depend only on its real length (the prompt
+    around the question is fixed), so one sample of each length runs, weighted by how many samples have it.
+    """
+    bb = model.backbone
+    seen: dict[int, int] = {}  # real length -> samples of that length
+    picked = []  # (batch, rows): the first sample of each length
+    for batch in eval_batches:
+        lengths = batch["attention_mask"].sum(dim=1).tolist()
+        rows = [i for i, n in enumerate(lengths) if n not in seen and not seen.setdefault(n, 0)]
+        for n in lengths:
+            seen[n] += 1
+        if rows:
+            picked.append((batch, rows))
     pruned = base = 0.0
     with torch.no_grad():
-        for batch in eval_batches:
-            ids, pixels, mask = (batch["input_ids"].to(backbone.device), batch["pixel_values"].to(backbone.device, backbone.dtype),
-                                 batch["attention_mask"].to(backbone.device))
-            flops = prefill_flops(tome, tome(ids, pixels, mask, mode="hard"), mask)
-            pruned, base = pruned + flops["flops_pruned"] * len(ids), base + flops["flops_baseline"] * len(ids)
+        for batch, rows in picked:
+            ids, mask = batch["input_ids"][rows].to(bb.device), batch["attention_mask"][rows].to(bb.device)
+            pixels = batch["pixel_values"][rows].to(bb.device, bb.dtype)
+            f_base_all, f_pruned_all = sample_flops(model, model(ids, pixels, mask, mode="hard"), mask)
+            for n, f_pruned, f_base in zip(mask.sum(dim=1).tolist(), f_pruned_all, f_base_all):
+                pruned, base = pruned + seen[n] * f_pruned, base + seen[n] * f_base
     return pruned / base
 
 
@@ -475,6 +555,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.5, 0.25, 0.11],
                         help="fractions of the vision tokens left after the last stage")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--match-flops", nargs="+", default=["tome", "fastv"], choices=[m for m in METHODS if m != "learned"],
+                        metavar="METHOD", help="train one learned run per budget and METHOD, spending at most METHOD's "
+                                               "prefill FLOPs at that budget (default: tome fastv)")
     parser.add_argument("--fastv-layer", type=int, default=2, help="FastV's K: prune before decoder layer K")
     parser.add_argument("--learned-root", type=Path, default=Path("outputs/benchmark"),
                         help="holds learned_<pct>/, one main.py run per budget")
@@ -486,6 +569,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="also report the learned method with a schedule found by an N-trial Optuna search per "
                              "budget under ToMe's FLOPs (run when missing; 0: off)")
     parser.add_argument("--out", type=Path, default=Path("outputs/benchmark"))
+    parser.add_argument("--eval-size", type=int, metavar="N",
+                        help="synthetic data: draw N eval questions for the table (default: the config's "
+                             "synthetic_eval_size; the learned runs' own evaluations keep the config's)")
     parser.add_argument("--limit", type=int, help="evaluate only the first N eval questions")
     parser.add_argument("--timing-batch", type=int, default=8, help="batch size of the timed prefill")
     parser.add_argument("--repeats", type=int, default=20, help="timed prefills per setting (median)")
@@ -504,7 +590,7 @@ def main(argv: list[str] | None = None) -> int:
         problems = check_against_backbone(config, shape.num_layers, shape.num_vision_tokens, shape.image_size)
         if problems:
             raise ConfigError(problems, args.config)
-        kept, runs, to_train = plan(args, config, shape)
+        kept = plan(args, config, shape)
         searched = [SearchedRun(budget, args.learned_root / f"searched_{budget_name(budget)}")
                     for budget in kept if (args.search > 0 or args.schedules_from) and "learned" in args.methods]
         missing = [str(args.schedules_from / run.folder.name / "best_schedule.yaml") for run in searched
@@ -524,14 +610,24 @@ def main(argv: list[str] | None = None) -> int:
     backbone = LlavaBackbone.from_pretrained(settings.name_or_path, settings.dtype, settings.attn_implementation,
                                              resolve_device(settings.device))
     args.fingerprint = fingerprint(backbone, build_datasets(config.data_settings)[0])
-    eval_set = build_datasets(config.data_settings)[1]
+    eval_data = config.data_settings
+    if args.eval_size is not None:
+        eval_data = dataclasses.replace(eval_data, synthetic_eval_size=args.eval_size)
+    eval_set = build_datasets(eval_data)[1]
     size = min(len(eval_set), args.limit or len(eval_set))
     prompts = VQACollator(backbone.processor, with_answers=False)
     eval_batches = list(batches(torch.utils.data.Subset(eval_set, range(size)), prompts, config.data_settings.eval_batch_size))
+    # FLOPs targets on the whole eval split, whatever --limit says: a run's schedule does not depend on it
+    flops_batches = eval_batches if size == len(eval_set) else list(batches(eval_set, prompts, config.data_settings.eval_batch_size))
     timing_batch = prompts([eval_set[i] for i in range(min(args.timing_batch, len(eval_set)))])
     max_new = config.data_settings.max_new_tokens
     layers = list(config.method_settings.pruning_layers)
 
+    try:
+        runs, to_train, targets = learned_runs(args, config, backbone, kept, flops_batches)
+    except BenchmarkError as err:
+        print(f"error: the benchmark cannot run as asked:\n{err}", file=sys.stderr)
+        return 2
     if to_train:
         train(to_train, args, shape.num_vision_tokens)
     for run in searched:
@@ -541,10 +637,10 @@ def main(argv: list[str] | None = None) -> int:
             source = args.schedules_from / run.folder.name / "best_schedule.yaml"
             train_schedule(run, config, yaml.safe_load(source.read_text())["method_settings"], args.fingerprint)
         else:
-            search_schedule(run, config, args.search, flops_cap(backbone, kept[run.budget], layers, eval_batches),
-                            args.fingerprint)
+            cap = flops_ratio(build_baseline("tome", backbone, kept[run.budget], layers), flops_batches)
+            search_schedule(run, config, args.search, cap, args.fingerprint)
     try:
-        learned = {run.budget: load_learned(run, backbone, args.fingerprint) for run in runs}
+        learned = {(run.budget, run.match): (run, *load_learned(run, backbone, args.fingerprint)) for run in runs}
         learned_searched = {run.budget: load_searched(run, backbone, args.fingerprint) for run in searched}
     except BenchmarkError as err:
         print(f"error: the benchmark cannot run as asked:\n{err}", file=sys.stderr)
@@ -554,7 +650,7 @@ def main(argv: list[str] | None = None) -> int:
     for budget in args.budgets:
         for method in args.methods:
             if method == "learned":
-                setups.append(("learned", budget, *learned[budget][:2]))
+                setups += [(run.name, budget, model, tau) for (b, _), (run, model, tau, _) in learned.items() if b == budget]
                 if budget in learned_searched:
                     setups.append((SEARCHED, budget, *learned_searched[budget][:2]))
             else:
@@ -574,9 +670,11 @@ def main(argv: list[str] | None = None) -> int:
     header = (f"{settings.name_or_path}, {settings.dtype}, {size} eval questions ({config.data_settings.source}), "
               f"pruning layers {layers}, FastV K={args.fastv_layer}; {machine()}; prefill timed on a batch of "
               f"{timing_batch['input_ids'].shape[0]}, median of {args.repeats}")
-    steps = ", ".join(f"{budget_name(b)}%: step {step}" for b, (_, _, step) in learned.items())
+    steps = ", ".join(f"{budget_name(b)}% at {match}'s {targets[b, match]:.1%}: step {step}"
+                      for (b, match), (_, _, _, step) in learned.items())
     table = markdown_table(rows, n)
-    notes = f"\nlearned: final checkpoints of {args.learned_root}/learned_<pct> ({steps})\n" if learned else "\n"
+    notes = (f"\nlearned (<method> FLOPs): final checkpoints of {args.learned_root}/learned_<pct>_<method>, each "
+             f"trained to spend at most that method's prefill FLOPs ({steps})\n") if learned else "\n"
     if learned_searched:
         origin = (f"the schedules searched in {args.schedules_from}" if args.schedules_from else
                   f"the best schedule of a {args.search}-trial search per budget under ToMe's FLOPs")

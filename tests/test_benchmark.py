@@ -26,24 +26,50 @@ def bench_args(tmp_path, folder, *extra):
     return [*args, *extra]
 
 
-@pytest.mark.parametrize("keep, stages, merged", [(36, 3, 72), (72, 3, 144), (16, 3, 32), (29, 3, 58), (36, 1, 72)])
-def test_learned_schedule_ends_at_the_budget(keep, stages, merged):
-    got_merged, ratios = benchmark.learned_schedule(144, keep, stages)
-    assert got_merged == merged and len(ratios) == stages
-    assert stage_budgets(merged, ratios)[-1] == keep
-    assert benchmark.learned_schedule(144, keep, 0) == (keep, [])
+@pytest.mark.parametrize("keep, stages", [(36, 3), (72, 3), (16, 3), (29, 3), (36, 1), (5, 2)])
+def test_stage_ratios_keep_three_quarters_or_end_at_the_budget(keep, stages):
+    for merged in range(keep, 145):
+        ratios = benchmark.stage_ratios(merged, keep, stages)
+        budgets = stage_budgets(merged, ratios)
+        assert len(ratios) == stages and budgets[-1] <= keep
+        if stage_budgets(merged, [benchmark.STAGE_KEEP] * stages)[-1] > keep:
+            assert budgets[-1] == keep  # pruned harder than 3/4 only as far as the budget needs
+        else:
+            assert ratios == [benchmark.STAGE_KEEP] * stages
+    assert benchmark.stage_ratios(40, 36, 0) == []
 
 
-def test_missing_checkpoints_and_bad_budgets_are_named_with_their_fix(tmp_path, tiny_folder, capsys):
+def test_matched_schedule_takes_the_most_merged_tokens_within_the_flops_target():
+    def mean_tokens(merged, ratios):  # a cost that grows with every stage's count, like the FLOPs
+        return sum([merged, *stage_budgets(merged, ratios)]) / (1 + len(ratios)) / 144
+
+    for keep, target in [(36, 0.3), (36, 0.5), (16, 0.2), (72, 0.45), (72, 2.0)]:
+        merged, ratios = benchmark.matched_schedule(144, keep, 3, mean_tokens, target)
+        assert mean_tokens(merged, ratios) <= target and stage_budgets(merged, ratios)[-1] <= keep
+        if merged < 144:  # one more merged token would cost more than the target
+            assert mean_tokens(merged + 1, benchmark.stage_ratios(merged + 1, keep, 3)) > target
+    with pytest.raises(ValueError, match="no learned schedule keeping at most 36 tokens fits 10.0% of the unpruned"):
+        benchmark.matched_schedule(144, 36, 3, mean_tokens, 0.1)
+
+
+def test_bad_budgets_are_named_with_their_fix_before_any_weights_load(tmp_path, tiny_folder, capsys, monkeypatch):
+    monkeypatch.setattr(benchmark.LlavaBackbone, "from_pretrained", lambda *a, **k: pytest.fail("weights loaded"))
     assert benchmark.main(bench_args(tmp_path, tiny_folder, "--budgets", "0.25", "0.001", "0.2")) == 2
     err = capsys.readouterr().err
     assert "budget 0.001 keeps 0 of 144 vision tokens; the smallest budget that keeps one is 0.0069" in err
     assert "pooling at budget 0.2: spatial pooling cannot keep 29 tokens" in err and "28 or 30" in err
-    assert f"no learned checkpoint for the 25% budget in {tmp_path / 'bench' / 'learned_25'}/checkpoints" in err
-    assert ("--set method_settings.merge_budget=fixed --set method_settings.target_merge_tokens=72 "
-            "--set method_settings.merge_ratio=0.5") in err
-    assert "--train-missing" in err
     assert not (tmp_path / "bench" / "results.csv").exists()  # nothing ran
+
+
+def test_missing_learned_runs_are_named_with_the_command_that_trains_them(tmp_path, tiny_folder, capsys):
+    assert benchmark.main(bench_args(tmp_path, tiny_folder, "--budgets", "0.25", "--methods", "learned")) == 2
+    err = capsys.readouterr().err
+    for match in ("tome", "fastv"):
+        assert (f"no learned checkpoint for the 25% budget at {match}'s FLOPs in "
+                f"{tmp_path / 'bench' / f'learned_25_{match}'}/checkpoints") in err
+    assert "--set method_settings.merge_budget=fixed --set method_settings.target_merge_tokens=" in err
+    assert "--train-missing" in err
+    assert not (tmp_path / "bench" / "results.csv").exists()
 
 
 def test_fastv_layer_outside_the_backbone_is_refused(tmp_path, tiny_folder, capsys):
@@ -51,28 +77,34 @@ def test_fastv_layer_outside_the_backbone_is_refused(tmp_path, tiny_folder, caps
     assert "FastV's layer K=4 is outside 1..3" in capsys.readouterr().err
 
 
-def test_benchmark_trains_the_missing_run_and_writes_table_and_plot(tmp_path, tiny_folder, capsys):
+def test_benchmark_trains_the_missing_runs_within_their_flops_and_writes_table_and_plot(tmp_path, tiny_folder, capsys):
     args = bench_args(tmp_path, tiny_folder, "--budgets", "0.25", "--train-missing")
     assert benchmark.main(args) == 0
     out = tmp_path / "bench"
-    assert (out / "learned_25" / "checkpoints" / "training_state_step_2.pt").exists()
+    assert (out / "learned_25_tome" / "checkpoints" / "training_state_step_2.pt").exists()
     with (out / "results.csv").open() as f:
         rows = list(csv.DictReader(f))
-    assert [r["method"] for r in rows] == ["unpruned", *benchmark.METHODS]
-    assert [int(r["kept"]) for r in rows] == [144] + [36] * len(benchmark.METHODS)
+    learned = ["learned (tome FLOPs)", "learned (fastv FLOPs)"]
+    assert [r["method"] for r in rows] == ["unpruned", *learned, *benchmark.METHODS[1:]]
+    assert [int(r["kept"]) for r in rows[3:]] == [36] * (len(benchmark.METHODS) - 1)
     by_method = {r["method"]: r for r in rows}
-    assert by_method["learned"]["stages"] == "72 → 57 → 45 → 36 (L1, L2, L3)"
+    for match in ("tome", "fastv"):  # each learned run spends at most its method's FLOPs, and keeps at most K
+        assert float(by_method[f"learned ({match} FLOPs)"]["flops"]) <= float(by_method[match]["flops"])
+        assert int(by_method[f"learned ({match} FLOPs)"]["kept"]) <= 36
+    # more FLOPs to spend buy more tokens in the early layers
+    assert float(by_method["learned (fastv FLOPs)"]["mean_vision_tokens"]) > float(by_method["learned (tome FLOPs)"]["mean_vision_tokens"])
     assert by_method["fastv"]["stages"] == "144 → 36 (L2)"
     assert by_method["pyramiddrop"]["stages"] == "144 → 91 → 57 → 36 (L1, L2, L3)"
     assert by_method["tome"]["stages"] == "36"
     assert float(by_method["unpruned"]["flops_ratio"]) == 1.0
     assert all(0 < float(r["flops_ratio"]) < 1 for r in rows[1:])
     assert (out / "accuracy_vs_flops.png").read_bytes()[:4] == b"\x89PNG"
-    assert "| 36 / 144 (25%) | learned | 72 → 57 → 45 → 36 (L1, L2, L3) |" in (out / "results.md").read_text()
+    stages = by_method["learned (tome FLOPs)"]["stages"]
+    assert f"| learned (tome FLOPs) | {stages} |" in (out / "results.md").read_text()
 
     # a second run uses the checkpoint, unless the training data (or the backbone) changed since
     capsys.readouterr()
-    again = bench_args(tmp_path, tiny_folder, "--budgets", "0.25", "--methods", "learned", "--limit", "3")
+    again = bench_args(tmp_path, tiny_folder, "--budgets", "0.25", "--methods", "learned", "--limit", "3")  # same schedules
     assert benchmark.main(again) == 0
     assert benchmark.main([*again, "--set", "data_settings.seed=1"]) == 2
     assert "trained on other backbone weights or other training data" in capsys.readouterr().err
@@ -80,14 +112,14 @@ def test_benchmark_trains_the_missing_run_and_writes_table_and_plot(tmp_path, ti
 
 def test_searched_schedule_stays_under_tomes_flops_and_is_reported(tmp_path, tiny_folder, capsys):
     args = bench_args(tmp_path, tiny_folder, "--budgets", "0.5", "--methods", "learned", "tome", "--train-missing",
-                      "--search", "3", "--set", "manager_settings.cpu_workers=1")
+                      "--match-flops", "tome", "--search", "3", "--set", "manager_settings.cpu_workers=1")
     assert benchmark.main(args) == 0
     folder = tmp_path / "bench" / "searched_50"
     best = folder / "search" / "optuna" / "schedule_50" / "best_config.yaml"
     assert best.exists() and (folder / "run" / "checkpoints").is_dir()
     with (tmp_path / "bench" / "results.csv").open() as f:
         rows = {r["method"]: r for r in csv.DictReader(f)}
-    assert set(rows) == {"unpruned", "learned", benchmark.SEARCHED, "tome"}
+    assert set(rows) == {"unpruned", "learned (tome FLOPs)", benchmark.SEARCHED, "tome"}
     cap = yaml.safe_load((folder / "search_config.yaml").read_text())["search_settings"]["flops_budget"]
     assert float(rows[benchmark.SEARCHED]["flops_ratio"]) <= float(rows["tome"]["flops_ratio"]) + 0.01
     assert cap == pytest.approx(float(rows["tome"]["flops_ratio"]), abs=0.01)

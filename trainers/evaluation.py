@@ -87,20 +87,29 @@ def evaluate_accuracy(answer_fn, batches: Iterable[dict], desc: str = "eval", sh
     return accuracy_by_type(predictions, references, types)
 
 
-def prefill_flops(model: PrunedLlava, prefill: PrunedOutput, attention_mask: torch.Tensor) -> dict[str, float]:
-    """Mean per-sample LLM prefill multiply-adds, unpruned vs this hard-pruned prefill, from each sample's real
-    tokens."""
+def sample_flops(model: PrunedLlava, prefill: PrunedOutput, attention_mask: torch.Tensor) -> tuple[list[int], list[int]]:
+    """Per sample: LLM prefill multiply-adds unpruned, and of this hard-pruned prefill (the merger's and pruners'
+    own cost included), from each sample's real tokens."""
     bb = model.backbone
     d, m, n_layers = bb.hidden_size, bb.text_config.intermediate_size, bb.num_layers
-    n_vision = bb.num_vision_tokens
     real = attention_mask.sum(dim=1).tolist()  # per sample, unpruned
     pruned_real = torch.stack([mask.sum(dim=1) for mask in prefill.layer_attention_masks], dim=1).tolist()  # (B, L)
-    vision = torch.stack(prefill.vision_counts, dim=1).tolist()  # (B, L)
-    base = [llm_prefill_flops([n] * n_layers, d, m) for n in real]
+    first_layer_vision = prefill.vision_counts[0].tolist()  # (B,) the merger's output
     questions = prefill.question_counts.tolist()
-    pruned = [llm_prefill_flops(counts, d, m) + module_flops(model, question, per_layer[0])
-              for counts, per_layer, question in zip(pruned_real, vision, questions)]
-    vision_base = llm_prefill_flops([n_vision] * n_layers, d, m)
+    base = [llm_prefill_flops([n] * n_layers, d, m) for n in real]
+    pruned = [llm_prefill_flops(counts, d, m) + module_flops(model, question, merged)
+              for counts, merged, question in zip(pruned_real, first_layer_vision, questions)]
+    return base, pruned
+
+
+def prefill_flops(model: PrunedLlava, prefill: PrunedOutput, attention_mask: torch.Tensor) -> dict[str, float]:
+    """Mean per-sample LLM prefill multiply-adds, unpruned vs this hard-pruned prefill (:func:`sample_flops`), and
+    the reduction over vision tokens only."""
+    bb = model.backbone
+    d, m, n_layers = bb.hidden_size, bb.text_config.intermediate_size, bb.num_layers
+    base, pruned = sample_flops(model, prefill, attention_mask)
+    vision = torch.stack(prefill.vision_counts, dim=1).tolist()  # (B, L)
+    vision_base = llm_prefill_flops([bb.num_vision_tokens] * n_layers, d, m)
     vision_pruned = [llm_prefill_flops(counts, d, m) for counts in vision]
     mean = lambda xs: sum(xs) / len(xs)
     return {
