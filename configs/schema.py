@@ -88,6 +88,8 @@ class TrainerSettings:
     max_nonfinite_steps: int = num(3, ge=1)  # non-finite losses in a row before the run stops
     mixed_precision: Literal["no", "bf16"] = "no"  # bf16 autocast (GPUs)
     gradient_checkpointing: bool = False  # recompute decoder layers in backward (saves GPU memory)
+    eval_soft: bool = True  # evaluations also decode in soft mode (accuracy_soft; one forward per new token)
+    eval_baseline: bool = True  # evaluations also measure the unpruned backbone (accuracy_baseline, once per eval set)
 
 
 @dataclass(frozen=True)
@@ -351,6 +353,10 @@ def cross_check(config: Config) -> list[str]:
         hint = (f"did you mean {close[0]!r}?" if close else
                 f"losses are not measured at evaluation; choose one of {', '.join(EVAL_METRICS)}")
         problems.append(f"trainer_settings.best_metric {best!r} is not an evaluation metric; {hint}")
+    skipped = {"accuracy_soft": "eval_soft", "accuracy_baseline": "eval_baseline"}
+    if best in skipped and not getattr(config.trainer_settings, skipped[best]):
+        problems.append(f"trainer_settings.best_metric is {best!r}, which trainer_settings.{skipped[best]}: false "
+                        "does not measure; choose another metric or measure it")
     if any(not 0 < r <= 1 for r in m.pruner_keep_ratios):
         problems.append(f"method_settings.pruner_keep_ratios {m.pruner_keep_ratios}: each must be in (0, 1]")
     if m.pruner_d_internal % m.pruner_num_heads:

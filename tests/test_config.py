@@ -238,6 +238,14 @@ def test_best_metric_must_be_an_evaluation_metric(tmp_path, metric, hint):
         load_config("configs/tiny.yaml", [f"trainer_settings.best_metric={fine}"])
 
 
+@pytest.mark.parametrize("metric, key", [("accuracy_soft", "eval_soft"), ("accuracy_baseline", "eval_baseline")])
+def test_best_metric_must_be_one_the_evaluation_measures(tmp_path, metric, key):
+    problems = problems_of(write(tmp_path, f"trainer_settings: {{best_metric: {metric}, {key}: false}}\n"))
+    assert problems == [f"trainer_settings.best_metric is {metric!r}, which trainer_settings.{key}: false does not "
+                        "measure; choose another metric or measure it"]
+    load_config("configs/tiny.yaml", [f"trainer_settings.{key}=false"])  # with accuracy_hard, fine
+
+
 def test_a_disabled_search_does_not_hide_the_real_problem(tmp_path):
     path = write(tmp_path, "search_settings:\n  enable: false\n  search_space:\n"
                            "    method_settings.nonsense: {type: float, low: 1, high: 2}\n"

@@ -115,3 +115,26 @@ def test_eval_mode_keeps_the_run_config_and_measures_a_new_eval_set_s_baseline(t
     assert yaml.safe_load((out / "eval_config.yaml").read_text())["data_settings"]["synthetic_eval_size"] == 9
     # the random backbone answers no better than the most frequent answer: no accuracy target can be judged
     assert "accuracy drop: not measured, the unpruned model scores" in capsys.readouterr().out
+
+
+def test_eval_mode_can_skip_the_soft_and_baseline_evaluations(tmp_path, tiny_folder, capsys, monkeypatch):
+    import trainers.evaluation as evaluation_module
+    import trainers.trainer as trainer_module
+
+    args, out = args_for(tmp_path, tiny_folder)
+    assert entry.main(args) == 0
+    modes = []
+    original = evaluation_module.generate_pruned
+    monkeypatch.setattr(evaluation_module, "generate_pruned", lambda m, b, mode, *a: (modes.append(mode),
+                                                                                       original(m, b, mode, *a))[1])
+    monkeypatch.setattr(trainer_module, "generate_baseline_answers", lambda *a, **k: pytest.fail("baseline measured"))
+    capsys.readouterr()
+    skip, _ = args_for(tmp_path, tiny_folder, "--resume", "auto", "--set", "manager_settings.mode=eval",
+                       "--set", "data_settings.synthetic_eval_size=9", "--set", "trainer_settings.eval_soft=false",
+                       "--set", "trainer_settings.eval_baseline=false")
+    assert entry.main(skip) == 0
+    printed = capsys.readouterr().out
+    assert modes and set(modes) == {"hard"}
+    assert "  - accuracy_hard: " in printed and "accuracy_soft" not in printed
+    assert "accuracy_baseline" not in printed
+    assert "accuracy drop: not measured (trainer_settings.eval_baseline: false)" in printed

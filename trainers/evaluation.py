@@ -134,16 +134,18 @@ def module_flops(model: PrunedLlava, question_tokens: int, merged: int | None = 
 
 
 def evaluate_pruned(model: PrunedLlava, batches: Iterable[dict], tau: float, max_new_tokens: int,
-                    show_progress: bool = True) -> dict[str, float]:
+                    show_progress: bool = True, soft: bool = True) -> dict[str, float]:
     """accuracy_soft, accuracy_hard, token counts per stage and prefill FLOPs over prompt-only batches."""
     was_training = model.training
     model.eval()
-    soft, hard, types, refs = [], [], [], []
+    soft_answers, hard, types, refs = [], [], [], []
     sums: dict[str, float] = {}
     samples = 0
     lowest, highest = float("inf"), 0
-    for batch in tqdm(batches, desc="eval (soft, hard)", leave=False, disable=not show_progress):
-        soft += generate_pruned(model, batch, "soft", tau, max_new_tokens)[0]
+    for batch in tqdm(batches, desc="eval (soft, hard)" if soft else "eval (hard)", leave=False,
+                      disable=not show_progress):
+        if soft:
+            soft_answers += generate_pruned(model, batch, "soft", tau, max_new_tokens)[0]
         answers, prefill = generate_pruned(model, batch, "hard", tau, max_new_tokens)
         hard += answers
         types += batch["question_types"]
@@ -165,8 +167,10 @@ def evaluate_pruned(model: PrunedLlava, batches: Iterable[dict], tau: float, max
     metrics = {key: value / samples for key, value in sums.items()}
     metrics["merged_tokens_min"], metrics["merged_tokens_max"] = float(lowest), float(highest)
     metrics["keep_ratio_merge"] = metrics["avg_merged_tokens"] / metrics["avg_original_tokens"]
-    acc_soft, acc_hard = accuracy_by_type(soft, refs, types), accuracy_by_type(hard, refs, types)
-    metrics["accuracy_soft"], metrics["accuracy_hard"] = acc_soft["overall"], acc_hard["overall"]
+    acc_hard = accuracy_by_type(hard, refs, types)
+    if soft:
+        metrics["accuracy_soft"] = accuracy_by_type(soft_answers, refs, types)["overall"]
+    metrics["accuracy_hard"] = acc_hard["overall"]
     metrics["accuracy_majority"] = majority_accuracy(refs)
     for qtype, value in acc_hard.items():
         if qtype not in ("overall", "all"):
