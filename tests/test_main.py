@@ -138,3 +138,27 @@ def test_eval_mode_can_skip_the_soft_and_baseline_evaluations(tmp_path, tiny_fol
     assert "  - accuracy_hard: " in printed and "accuracy_soft" not in printed
     assert "accuracy_baseline" not in printed
     assert "accuracy drop: not measured (trainer_settings.eval_baseline: false)" in printed
+
+
+def test_eval_mode_takes_a_saved_pruned_model_or_a_run_folder(tmp_path, tiny_folder, capsys):
+    args, out = args_for(tmp_path, tiny_folder)
+    assert entry.main(args) == 0
+    trained = capsys.readouterr().out.split("[Eval Step 4]")[-1]
+    hard = trained.split("  - accuracy_hard: ")[1].split("\n")[0]
+    for source in (out / "pruned_final", out):
+        elsewhere = tmp_path / f"eval-{source.name}"
+        again, _ = args_for(tmp_path, tiny_folder, "--resume", str(source), "--set", "manager_settings.mode=eval",
+                            "--set", f"manager_settings.output_dir={elsewhere}")
+        assert entry.main(again) == 0
+        printed = capsys.readouterr().out
+        assert f"  - accuracy_hard: {hard}\n" in printed, source  # the trained modules, evaluated again
+        loaded = (f"Loaded the pruned model saved in {source}" if source.name == "pruned_final" else
+                  f"Resumed from {out / 'checkpoints' / 'training_state_step_4.pt'} at step 4")
+        assert loaded in printed and "[Eval Step 4]" in printed
+        assert (elsewhere / "eval_config.yaml").exists()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    bad, _ = args_for(tmp_path, tiny_folder, "--resume", str(empty), "--set", "manager_settings.mode=eval",
+                      "--set", f"manager_settings.output_dir={tmp_path / 'eval-empty'}")
+    assert entry.main(bad) == 2
+    assert "holds no saved pruned model (pruning_config.json) and no checkpoints/" in capsys.readouterr().err

@@ -109,6 +109,8 @@ def resume_state(resume: str | None, out: Path, config: Config,
         return None
     if resume == "auto":
         path, state = latest_readable(out / "checkpoints")
+    elif fresh_allowed and Path(resume).is_dir():  # eval mode: a saved pruned-model folder or another run's folder
+        path, state = _eval_source(Path(resume))
     else:
         path = Path(resume)
         if not path.is_file():
@@ -137,6 +139,26 @@ def latest_readable(folder: Path) -> tuple[Path, dict]:
                              "every step failed to load (" + "; ".join(problems) + "); start a new output_dir")
     raise PreflightError("no training_state_step_N.pt to resume", f"--resume auto in {folder}",
                          "start without --resume, or point manager_settings.output_dir at the run to continue")
+
+
+def _eval_source(folder: Path) -> tuple[Path, dict]:
+    """What eval mode evaluates for ``--resume FOLDER``: a folder written by save_pretrained (its config and the folder
+    itself as ``saved_folder``; the weights load with the model), or a run's output_dir (its latest readable step)."""
+    import json
+
+    from trainers.pruned_model import CONFIG_FILE
+
+    if (folder / CONFIG_FILE).is_file():
+        try:
+            meta = json.loads((folder / CONFIG_FILE).read_text())
+        except (OSError, ValueError) as err:
+            raise PreflightError(f"{CONFIG_FILE} cannot be read ({err})", str(folder),
+                                 "save the pruned model again (save_pretrained)") from err
+        return folder, {"config": meta["config"], "saved_folder": str(folder)}
+    if (folder / "checkpoints").is_dir():
+        return latest_readable(folder / "checkpoints")
+    raise PreflightError(f"the folder holds no saved pruned model ({CONFIG_FILE}) and no checkpoints/", str(folder),
+                         "give a pruned_best/ or pruned_final/ folder, a run's output_dir or a training_state_step_N.pt")
 
 
 def _read_state(path: Path) -> dict:

@@ -166,6 +166,13 @@ def load_pruned(path: str | Path, backbone: str | LlavaBackbone | None = None, d
     return PrunedModel(model, config)
 
 
+def read_saved_modules(folder: Path, backbone: LlavaBackbone) -> dict[str, dict[str, torch.Tensor]]:
+    """The module state_dicts of a folder written by :func:`save_pretrained`, checked against ``backbone``'s shapes."""
+    saved = _read(folder)
+    _check_shapes(saved.backbone_shape, backbone_shapes(backbone), backbone.config.name_or_path)
+    return saved.weights
+
+
 def _check_shapes(saved: dict, actual: dict, name: str) -> None:
     wrong = [f"{k} {saved[k]} (saved) vs {actual[k]}" for k in SHAPE_KEYS if k in actual and saved.get(k) != actual[k]]
     if wrong:

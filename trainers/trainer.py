@@ -134,6 +134,16 @@ class Trainer:
         """Continue from a training state (``state``: already read and checked against this config,
         trainers/preflight.resume_state)."""
         state = load(path) if state is None else state
+        if "saved_folder" in state:  # eval mode on a folder written by save_pretrained: modules only
+            from trainers.pruned_model import read_saved_modules
+
+            modules = read_saved_modules(Path(state["saved_folder"]), self.backbone)
+            self.model.pruners.load_state_dict(modules["layer_pruners"])
+            if self.model.merger is not None:
+                self.model.merger.load_state_dict(modules["token_merger"])
+            self.step = self.total_steps  # a finished run's modules: soft mode at the final temperature
+            self.log.info(f"Loaded the pruned model saved in {path}")
+            return
         modules = state["modules"]
         self.model.pruners.load_state_dict(modules["layer_pruners"])
         self.discriminator.load_state_dict(modules["discriminator"])
