@@ -91,7 +91,7 @@ def geometric_ratios(merged: int, num_keep: int, stages: int) -> list[float]:
 def stage_ratios(merged: int, num_keep: int, stages: int) -> list[float]:
     """The learned rows' rule: each stage keeps STAGE_KEEP of what enters it, or, where that would leave more than
     ``num_keep`` after the last stage, the equal ratios that end at exactly ``num_keep``."""
-    if stage_budgets(merged, [STAGE_KEEP] * stages)[-1:] <= [num_keep]:
+    if stages == 0 or stage_budgets(merged, [STAGE_KEEP] * stages)[-1] <= num_keep:
         return [STAGE_KEEP] * stages
     return geometric_ratios(merged, num_keep, stages)
 
