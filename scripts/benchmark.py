@@ -404,9 +404,11 @@ def flops_ratio(model: PrunedLlava, eval_batches: list[dict]) -> float:
     seen: dict[int, int] = {}  # real length -> samples of that length
     picked = []  # (batch, rows): the first sample of each length
     for batch in eval_batches:
-        lengths = batch["attention_mask"].sum(dim=1).tolist()
-        rows = [i for i, n in enumerate(lengths) if n not in seen and not seen.setdefault(n, 0)]
-        for n in lengths:
+        rows = []
+        for i, n in enumerate(batch["attention_mask"].sum(dim=1).tolist()):
+            if n not in seen:
+                seen[n] = 0
+                rows.append(i)
             seen[n] += 1
         if rows:
             picked.append((batch, rows))
@@ -560,7 +562,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                                "prefill FLOPs at that budget (default: tome fastv)")
     parser.add_argument("--fastv-layer", type=int, default=2, help="FastV's K: prune before decoder layer K")
     parser.add_argument("--learned-root", type=Path, default=Path("outputs/benchmark"),
-                        help="holds learned_<pct>/, one main.py run per budget")
+                        help="holds learned_<pct>_<method>/, one main.py run per budget and --match-flops method")
     parser.add_argument("--train-missing", action="store_true", help="train (or finish) missing learned runs with main.py")
     parser.add_argument("--schedules-from", type=Path, metavar="ROOT",
                         help="report 'learned (searched)' with the schedules a search under ROOT found (its "
@@ -637,7 +639,9 @@ def main(argv: list[str] | None = None) -> int:
             source = args.schedules_from / run.folder.name / "best_schedule.yaml"
             train_schedule(run, config, yaml.safe_load(source.read_text())["method_settings"], args.fingerprint)
         else:
-            cap = flops_ratio(build_baseline("tome", backbone, kept[run.budget], layers), flops_batches)
+            cap = targets.get((run.budget, "tome"))  # measured already when the learned rows match ToMe
+            if cap is None:
+                cap = flops_ratio(build_baseline("tome", backbone, kept[run.budget], layers), flops_batches)
             search_schedule(run, config, args.search, cap, args.fingerprint)
     try:
         learned = {(run.budget, run.match): (run, *load_learned(run, backbone, args.fingerprint)) for run in runs}

@@ -144,13 +144,13 @@ def latest_readable(folder: Path) -> tuple[Path, dict]:
 def _eval_source(folder: Path) -> tuple[Path, dict]:
     """What eval mode evaluates for ``--resume FOLDER``: a folder written by save_pretrained (its config and the folder
     itself as ``saved_folder``; the weights load with the model), or a run's output_dir (its latest readable step)."""
-    import json
-
-    from trainers.pruned_model import CONFIG_FILE
+    from trainers.pruned_model import CONFIG_FILE, PrunedModelError, saved_meta
 
     if (folder / CONFIG_FILE).is_file():
         try:
-            meta = json.loads((folder / CONFIG_FILE).read_text())
+            meta = saved_meta(folder)
+        except PrunedModelError as err:
+            raise PreflightError(str(err), str(folder), "load it with the project version that saved it") from err
         except (OSError, ValueError) as err:
             raise PreflightError(f"{CONFIG_FILE} cannot be read ({err})", str(folder),
                                  "save the pruned model again (save_pretrained)") from err

@@ -68,15 +68,21 @@ class _Saved:
     weights: dict[str, dict[str, torch.Tensor]]  # module name -> state_dict
 
 
+def saved_meta(folder: Path) -> dict:
+    """The ``pruning_config.json`` of a folder written by :func:`save_pretrained`, its format version checked."""
+    meta = json.loads((folder / CONFIG_FILE).read_text())
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise PrunedModelError(f"{folder / CONFIG_FILE} has format version {meta.get('format_version')}, this code "
+                               f"reads {FORMAT_VERSION}: load it with the project version that saved it")
+    return meta
+
+
 def _read(path: Path) -> _Saved:
     """The saved modules behind ``path``: a saved folder, a run folder or a training-state file."""
     if path.is_dir() and (path / CONFIG_FILE).is_file():
         from safetensors.torch import load_file
 
-        meta = json.loads((path / CONFIG_FILE).read_text())
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise PrunedModelError(f"{path / CONFIG_FILE} has format version {meta.get('format_version')}, this code "
-                                   f"reads {FORMAT_VERSION}: load it with the project version that saved it")
+        meta = saved_meta(path)
         tensors = load_file(str(path / WEIGHTS_FILE))
         weights: dict[str, dict[str, torch.Tensor]] = {}
         for key, value in tensors.items():
@@ -160,10 +166,16 @@ def load_pruned(path: str | Path, backbone: str | LlavaBackbone | None = None, d
     if saved.backbone_shape is not None:
         _check_shapes(saved.backbone_shape, backbone_shapes(backbone), backbone.config.name_or_path)
     model = build_pruned_model(config.method_settings, backbone)
-    model.pruners.load_state_dict(saved.weights["layer_pruners"])
-    if model.merger is not None:
-        model.merger.load_state_dict(saved.weights["token_merger"])
+    load_modules(model, saved.weights)
     return PrunedModel(model, config)
+
+
+def load_modules(model: PrunedLlava, weights: dict[str, dict[str, torch.Tensor]]) -> None:
+    """Load the pruners' and (when the model has one) the merger's state_dicts from ``weights`` (module name ->
+    state_dict, as a training state's ``modules`` or a saved folder holds them)."""
+    model.pruners.load_state_dict(weights["layer_pruners"])
+    if model.merger is not None:
+        model.merger.load_state_dict(weights["token_merger"])
 
 
 def read_saved_modules(folder: Path, backbone: LlavaBackbone) -> dict[str, dict[str, torch.Tensor]]:

@@ -40,7 +40,7 @@ from trainers.evaluation import evaluate_accuracy, evaluate_pruned, generate_bas
 from trainers.run_log import RunLog
 from trainers.losses import (LOSS_TERMS, distillation_loss, merge_importance_loss, next_token_positions,
                              pruner_importance_loss, task_loss, weighted_sum)
-from trainers.pruned_model import save_pretrained
+from trainers.pruned_model import load_modules, read_saved_modules, save_pretrained
 from trainers.schedules import TemperatureSchedule
 from trainers.throughput import Throughput
 from trainers.throughput import describe as describe_throughput
@@ -135,20 +135,12 @@ class Trainer:
         trainers/preflight.resume_state)."""
         state = load(path) if state is None else state
         if "saved_folder" in state:  # eval mode on a folder written by save_pretrained: modules only
-            from trainers.pruned_model import read_saved_modules
-
-            modules = read_saved_modules(Path(state["saved_folder"]), self.backbone)
-            self.model.pruners.load_state_dict(modules["layer_pruners"])
-            if self.model.merger is not None:
-                self.model.merger.load_state_dict(modules["token_merger"])
+            load_modules(self.model, read_saved_modules(Path(state["saved_folder"]), self.backbone))
             self.step = self.total_steps  # a finished run's modules: soft mode at the final temperature
             self.log.info(f"Loaded the pruned model saved in {path}")
             return
-        modules = state["modules"]
-        self.model.pruners.load_state_dict(modules["layer_pruners"])
-        self.discriminator.load_state_dict(modules["discriminator"])
-        if self.model.merger is not None:
-            self.model.merger.load_state_dict(modules["token_merger"])
+        load_modules(self.model, state["modules"])
+        self.discriminator.load_state_dict(state["modules"]["discriminator"])
         for name, opt in self.optimizers.items():
             opt.load_state_dict(state["optimizers"][name])
         self.step, self.best = state["step"], state["best"]
