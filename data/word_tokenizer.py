@@ -31,3 +31,17 @@ def build_word_tokenizer(words: list[str]) -> PreTrainedTokenizerFast:
         padding_side="left",  # batched greedy generation appends on the right
     )
     return tokenizer
+
+
+def word_level_processor(image_size: int = 96, patch_size: int = 8):
+    """The synthetic data's processor: the word-level tokenizer over its vocabulary and a CLIP image processor at
+    ``image_size`` px (the tiny backbone's by default; 336 / 14 for llava-1.5's shapes)."""
+    from transformers import CLIPImageProcessorPil, LlavaProcessor
+
+    from data.synthetic_vqa import vocabulary
+
+    image_processor = CLIPImageProcessorPil(size={"shortest_edge": image_size},
+                                            crop_size={"height": image_size, "width": image_size})
+    # num_additional_image_tokens=1: the processor counts CLS, which the `default` strategy drops.
+    return LlavaProcessor(image_processor=image_processor, tokenizer=build_word_tokenizer(vocabulary()),
+                          patch_size=patch_size, vision_feature_select_strategy="default", num_additional_image_tokens=1)

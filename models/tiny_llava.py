@@ -1,47 +1,53 @@
-"""Configurations of LLaVA backbones built from scratch: the embedded tiny one (the CPU default, no
-downloads) and llava-1.5-7b's shapes for random-init benchmarks.
+"""The one builder of LLaVA models from scratch: the embedded tiny backbone (the CPU default, no
+downloads), llava-1.5-7b's shapes for random-init benchmarks, and the tests' toy widths.
 
 Same classes as llava-1.5 (CLIP vision tower, 2-layer GELU projector, Llama decoder), same
-feature choice (second-to-last vision layer, CLS dropped), at a size that trains on 2 CPU
+feature choice (second-to-last vision layer, CLS dropped). The tiny shapes train on 2 CPU
 cores: 96 px images in 8 px patches give 144 vision tokens; the 8-layer decoder leaves room
 for three pruning stages at distinct depths (for example before layers 2, 4 and 6).
+The processor that goes with a model comes from data/word_tokenizer.word_level_processor.
 """
 
 from __future__ import annotations
 
-from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
-TINY_IMAGE_SIZE = 96
-TINY_PATCH_SIZE = 8
+# name -> (vision tower, language model) keyword arguments of CLIPVisionConfig and LlamaConfig
+SHAPES = {
+    "tiny": (dict(hidden_size=64, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4, image_size=96,
+                  patch_size=8, projection_dim=64),
+             dict(hidden_size=128, intermediate_size=384, num_hidden_layers=8, num_attention_heads=4,
+                  num_key_value_heads=4, max_position_embeddings=512, tie_word_embeddings=False)),
+    "llava-1.5-7b": (dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                          image_size=336, patch_size=14, projection_dim=768),
+                     dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                          num_key_value_heads=32, max_position_embeddings=4096)),
+    "toy": (dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, projection_dim=32),
+            dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=1024)),
+}
 
 
-def tiny_llava_config(vocab_size: int, pad_token_id: int, bos_token_id: int, eos_token_id: int,
-                      image_token_id: int, text_layers: int = 8) -> LlavaConfig:
-    vision = CLIPVisionConfig(
-        hidden_size=64, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
-        image_size=TINY_IMAGE_SIZE, patch_size=TINY_PATCH_SIZE, projection_dim=64,
-    )
-    text = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=128, intermediate_size=384, num_hidden_layers=text_layers,
-        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
-        pad_token_id=pad_token_id, bos_token_id=bos_token_id, eos_token_id=eos_token_id,
-        tie_word_embeddings=False,
-    )
-    num_patches = (TINY_IMAGE_SIZE // TINY_PATCH_SIZE) ** 2
+def llava_config(tokenizer, shapes: str = "tiny", **overrides) -> LlavaConfig:
+    """A LlavaConfig of ``SHAPES[shapes]`` for ``tokenizer`` (its vocabulary and special tokens, and its
+    ``<image>`` token). ``overrides``: ``image_size``, ``patch_size`` (vision) or ``text_layers``."""
+    vision, text = dict(SHAPES[shapes][0]), dict(SHAPES[shapes][1])
+    for key in ("image_size", "patch_size"):
+        if key in overrides:
+            vision[key] = overrides.pop(key)
+    if "text_layers" in overrides:
+        text["num_hidden_layers"] = overrides.pop("text_layers")
+    if overrides:
+        raise TypeError(f"unknown overrides {sorted(overrides)}; known: image_size, patch_size, text_layers")
+    special = dict(pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                   eos_token_id=tokenizer.eos_token_id)
     return LlavaConfig(
-        vision_config=vision, text_config=text, image_token_id=image_token_id,
-        image_seq_length=num_patches, vision_feature_layer=-2, vision_feature_select_strategy="default",
-        pad_token_id=pad_token_id,
-    )
+        vision_config=CLIPVisionConfig(**vision), text_config=LlamaConfig(vocab_size=len(tokenizer), **text, **special),
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        image_seq_length=(vision["image_size"] // vision["patch_size"]) ** 2, vision_feature_layer=-2,
+        vision_feature_select_strategy="default", pad_token_id=tokenizer.pad_token_id)
 
 
-def llava15_7b_config(vocab_size: int, pad_token_id: int, bos_token_id: int, eos_token_id: int,
-                      image_token_id: int) -> LlavaConfig:
-    """llava-1.5-7b's shapes (CLIP ViT-L/14 at 336 px, a 32-layer 4096-wide Llama) for random-init benchmarks."""
-    vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                              image_size=336, patch_size=14, projection_dim=768)
-    text = LlamaConfig(vocab_size=vocab_size, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                       num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
-                       pad_token_id=pad_token_id, bos_token_id=bos_token_id, eos_token_id=eos_token_id)
-    return LlavaConfig(vision_config=vision, text_config=text, image_token_id=image_token_id, image_seq_length=576,
-                       vision_feature_layer=-2, vision_feature_select_strategy="default", pad_token_id=pad_token_id)
+def build_llava(tokenizer, shapes: str = "tiny", **overrides) -> LlavaForConditionalGeneration:
+    """A random-init LlavaForConditionalGeneration of :func:`llava_config` (seed torch first for a fixed one)."""
+    return LlavaForConditionalGeneration(llava_config(tokenizer, shapes, **overrides))

@@ -9,13 +9,13 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 import pytest  # noqa: E402
 
 from tests.helpers import SHIPPED_BACKBONE, llava_like  # noqa: E402
-from trainers.tiny_backbone import build_processor  # noqa: E402
+from data.word_tokenizer import word_level_processor  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def processor():
     """The tiny backbone's processor: 96 px images, 8 px patches, 144 image placeholders."""
-    return build_processor()
+    return word_level_processor()
 
 
 @pytest.fixture(scope="session")

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import torch
-from transformers import (CLIPImageProcessorPil, CLIPVisionConfig, LlamaConfig, LlavaConfig,
-                          LlavaForConditionalGeneration, LlavaProcessor)
 
-from data.synthetic_vqa import vocabulary
-from data.word_tokenizer import build_word_tokenizer
+from data.word_tokenizer import word_level_processor
+from models.tiny_llava import build_llava
 
 SHIPPED_BACKBONE = "backbones/tiny-llava"
 
@@ -32,21 +30,9 @@ TINY_RUN = {
 def llava_like(image_size: int, patch_size: int, text_layers: int = 2, seed: int = 0):
     """A random-init LLaVA with llava-1.5's structure (feature layer -2, `default` strategy) at toy widths."""
     torch.manual_seed(seed)
-    tokenizer = build_word_tokenizer(vocabulary())
-    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                              image_size=image_size, patch_size=patch_size, projection_dim=32)
-    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=text_layers,
-                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                       pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                       eos_token_id=tokenizer.eos_token_id)
-    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-                         image_seq_length=(image_size // patch_size) ** 2, vision_feature_layer=-2,
-                         vision_feature_select_strategy="default")
-    image_processor = CLIPImageProcessorPil(size={"shortest_edge": image_size},
-                                            crop_size={"height": image_size, "width": image_size})
-    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size,
-                               vision_feature_select_strategy="default", num_additional_image_tokens=1)
-    return LlavaForConditionalGeneration(config).eval(), processor
+    processor = word_level_processor(image_size, patch_size)
+    model = build_llava(processor.tokenizer, "toy", image_size=image_size, patch_size=patch_size, text_layers=text_layers)
+    return model.eval(), processor
 
 
 def sharpen_attention(layers, std: float = 0.5) -> None:

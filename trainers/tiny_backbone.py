@@ -38,36 +38,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
-from transformers import CLIPImageProcessorPil, LlavaForConditionalGeneration, LlavaProcessor
+from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
 from data.collator import IGNORE_INDEX, VQACollator
 from data.collator import build_prompt
 from data.synthetic_vqa import (COLORS, GRID, REGION_PATCHES, ROW_NAMES, SHAPES, SyntheticVQADataset,
-                                patch_labels, scene_questions, vocabulary)
-from data.word_tokenizer import build_word_tokenizer
+                                patch_labels, scene_questions)
+from data.word_tokenizer import word_level_processor
 from models.llava_backbone import LlavaBackbone
-from models.tiny_llava import TINY_IMAGE_SIZE, TINY_PATCH_SIZE, tiny_llava_config
+from models.tiny_llava import build_llava
 from data.scoring import accuracy_by_type
 from trainers.evaluation import evaluate_accuracy, generate_baseline_answers
 from trainers.losses import task_loss
 from trainers.timing import machine
-
-
-def build_processor() -> LlavaProcessor:
-    tokenizer = build_word_tokenizer(vocabulary())
-    image_processor = CLIPImageProcessorPil(
-        size={"shortest_edge": TINY_IMAGE_SIZE}, crop_size={"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE}
-    )
-    # num_additional_image_tokens=1: the processor counts CLS, which the `default` strategy drops.
-    return LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=TINY_PATCH_SIZE,
-                          vision_feature_select_strategy="default", num_additional_image_tokens=1)
-
-
-def build_model(processor: LlavaProcessor, text_layers: int) -> LlavaForConditionalGeneration:
-    tok = processor.tokenizer
-    config = tiny_llava_config(len(tok), tok.pad_token_id, tok.bos_token_id, tok.eos_token_id,
-                               tok.convert_tokens_to_ids("<image>"), text_layers=text_layers)
-    return LlavaForConditionalGeneration(config)
 
 
 class PatchHeads(nn.Module):
@@ -294,8 +277,8 @@ def main(argv: list[str] | None = None) -> dict:
         processor = LlavaProcessor.from_pretrained(args.init_from, local_files_only=True)
         model = LlavaForConditionalGeneration.from_pretrained(args.init_from, local_files_only=True)
     else:
-        processor = build_processor()
-        model = build_model(processor, args.text_layers)
+        processor = word_level_processor()
+        model = build_llava(processor.tokenizer, "tiny", text_layers=args.text_layers)
     device = torch.device(args.device)
     backbone = LlavaBackbone(model.to(device), processor, freeze=False)
     heads = PatchHeads(backbone.vision_hidden_size).to(device)
