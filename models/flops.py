@@ -114,3 +114,22 @@ def compare_prefill(baseline_tokens: Sequence[int], pruned_tokens: Sequence[int]
     _check_count("extra_pruned", extra_pruned)
     return PrefillFlops(baseline=llm_prefill_flops(baseline_tokens, d, m),
                         pruned=llm_prefill_flops(pruned_tokens, d, m) + extra_pruned)
+
+
+def vision_tower_flops(n: int, d: int, m: int, num_layers: int) -> int:
+    """Multiply-adds of a CLIP-style ViT encoder on n tokens: num_layers * (4*n*d^2 + 2*n^2*d + 2*n*d*m).
+
+    The decoder layer's terms with CLIP's two-matrix MLP (Radford et al. 2021); the patch embedding
+    (a convolution once per image) is left out like the LLM's embeddings. Checked against torch's
+    FlopCounterMode on transformers' CLIPEncoderLayer (tests/test_flops.py).
+    """
+    for name, value in (("n", n), ("d", d), ("m", m), ("num_layers", num_layers)):
+        _check_count(name, value)
+    return num_layers * (4 * n * d * d + 2 * n * n * d + 2 * n * d * m)
+
+
+def projector_flops(n: int, d_vision: int, d: int) -> int:
+    """Multiply-adds of LLaVA's two-layer MLP projector on n tokens: n * (d_vision*d + d*d)."""
+    for name, value in (("n", n), ("d_vision", d_vision), ("d", d)):
+        _check_count(name, value)
+    return n * (d_vision * d + d * d)

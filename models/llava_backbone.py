@@ -9,7 +9,9 @@ Facts this file relies on (transformers 5.x):
   and ``.language_model`` (a ``LlamaModel``: ``.embed_tokens``, ``.layers``, ``.norm``,
   ``.rotary_emb``); ``model.lm_head`` maps to the vocabulary.
 - LLaVA reads vision features at ``vision_feature_layer`` and, with the ``default`` strategy,
-  drops the CLS token; the projector maps them to the LLM width.
+  drops the CLS token; the projector maps them to the LLM width. The CLIP tower is flat
+  (``.embeddings``, ``.pre_layrnorm``, ``.encoder.layers``; a layer is called as ``layer(hidden,
+  None)``), so the layers after the selected one can be skipped.
 - A decoder layer is called as ``layer(hidden, attention_mask=..., position_ids=...,
   position_embeddings=(cos, sin), use_cache=False)`` and returns the hidden states. A 4D float
   mask is used as given (SDPA does not add causality to it, so the mask must hold the
@@ -23,6 +25,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from models.flops import projector_flops, vision_tower_flops
 
 
 class BackboneNotFoundError(FileNotFoundError):
@@ -145,6 +149,14 @@ class LlavaBackbone(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.lm_head.weight.dtype
 
+    def encoder_flops(self, projected: int) -> int:
+        """Multiply-adds of the vision tower on one image (the layers that run, CLS token included) and of the
+        projector on ``projected`` tokens: what the LLM-only count (models/flops.llm_prefill_flops) leaves out."""
+        vision = self.config.vision_config
+        tokens = (vision.image_size // vision.patch_size) ** 2 + 1
+        return (vision_tower_flops(tokens, vision.hidden_size, vision.intermediate_size, self.vision_layers_run)
+                + projector_flops(projected, vision.hidden_size, self.hidden_size))
+
     # ----- pieces -----
     @property
     def vision_tower(self) -> nn.Module:
@@ -170,11 +182,27 @@ class LlavaBackbone(nn.Module):
     def lm_head(self) -> nn.Module:
         return self.model.lm_head
 
+    @property
+    def vision_layers_run(self) -> int:
+        """CLIP encoder layers up to the one whose output LLaVA reads (``vision_feature_layer``, -2 for llava-1.5):
+        the layers after it are not run (stock LLaVA runs and discards them)."""
+        layers = self.config.vision_config.num_hidden_layers
+        return self.config.vision_feature_layer % (layers + 1)
+
+    def _vision_hidden_states(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
+        """CLIP's hidden states up to the selected one: [embeddings after pre_layrnorm, output of layers[0], ...],
+        indexed as the stock ``output_hidden_states`` (``hidden_states[i]`` is the output of ``layers[i - 1]``)."""
+        tower = self.vision_tower
+        hidden = tower.pre_layrnorm(tower.embeddings(pixel_values.to(self.dtype)))  # (B, 1 + P, Dv)
+        states = [hidden]
+        for layer in tower.encoder.layers[:self.vision_layers_run]:
+            hidden = layer(hidden, None)
+            states.append(hidden)
+        return states
+
     def vision_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Pre-projector vision features as LLaVA selects them: (B, N, Dv), N = num_vision_tokens."""
-        out = self.vision_tower(pixel_values.to(self.dtype), output_hidden_states=True, return_dict=True)
-        features = out.hidden_states[self.config.vision_feature_layer]  # (B, 1 + P, Dv)
-        return self._select_vision_tokens(features)
+        return self._select_vision_tokens(self._vision_hidden_states(pixel_values)[-1])
 
     def _select_vision_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         """(B, 1 + P, ...) -> (B, N, ...): LLaVA's ``vision_feature_select_strategy`` (``default`` drops CLS)."""
@@ -189,20 +217,20 @@ class LlavaBackbone(nn.Module):
         computes inside the layer, so the tower keeps running with SDPA. For llava-1.5 (feature layer -2)
         this is the penultimate layer's attention, the one VisionZip reads.
         """
-        out = self.vision_tower(pixel_values.to(self.dtype), output_hidden_states=True, return_dict=True)
-        index = self.config.vision_feature_layer % len(out.hidden_states)
+        hidden_states = self._vision_hidden_states(pixel_values)
+        index = len(hidden_states) - 1
         if index == 0:
             raise ValueError("vision_feature_layer selects the patch embeddings, which no attention layer produced")
         layer = self.vision_tower.encoder.layers[index - 1]
         attn = layer.self_attn
-        x = layer.layer_norm1(out.hidden_states[index - 1])  # (B, 1 + P, Dv), what the layer's attention reads
+        x = layer.layer_norm1(hidden_states[index - 1])  # (B, 1 + P, Dv), what the layer's attention reads
         B, T, _ = x.shape
         query = attn.q_proj(x[:, :1]).view(B, 1, attn.num_heads, attn.head_dim).transpose(1, 2)  # (B, h, 1, hd)
         keys = attn.k_proj(x)  # (B, 1 + P, Dv)
         heads = keys.view(B, T, attn.num_heads, attn.head_dim).transpose(1, 2)  # (B, h, 1 + P, hd)
         probs = torch.softmax(query @ heads.transpose(2, 3) * attn.scale, dim=-1, dtype=torch.float32)  # (B, h, 1, 1 + P)
         cls_attention = probs.mean(dim=1)[:, 0]  # (B, 1 + P), mean over heads
-        return VisionAttention(self._select_vision_tokens(out.hidden_states[index]),
+        return VisionAttention(self._select_vision_tokens(hidden_states[index]),
                                self._select_vision_tokens(cls_attention), self._select_vision_tokens(keys))
 
     def project(self, features: torch.Tensor) -> torch.Tensor:

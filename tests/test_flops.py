@@ -2,7 +2,8 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from models.flops import PrefillFlops, compare_prefill, decoder_layer_flops, llm_prefill_flops
+from models.flops import (PrefillFlops, compare_prefill, decoder_layer_flops, llm_prefill_flops, projector_flops,
+                          vision_tower_flops)
 from models.layer_pruner import build_pruner
 from models.token_merger import TokenMerger
 
@@ -96,3 +97,30 @@ def test_token_merger_formula_matches_the_flop_counter_on_the_module(kind):
     features, question, mask = torch.randn(1, n, dv), torch.randn(1, 9, dt), torch.ones(1, 9, dtype=torch.bool)
     counted = multiply_adds(lambda: merger(features, 0.5, question=question, question_mask=mask))
     assert counted == merger.flops(n, k, 9)
+
+
+def test_vision_tower_and_projector_formulas_by_hand():
+    # n=3, d=2, m=5, 2 layers: 2 * (4*3*4 + 2*9*2 + 2*3*2*5) = 2 * (48 + 36 + 60)
+    assert vision_tower_flops(3, 2, 5, num_layers=2) == 288
+    assert projector_flops(3, 2, 4) == 3 * (2 * 4 + 4 * 4)
+    with pytest.raises(ValueError, match="num_layers must be a non-negative integer"):
+        vision_tower_flops(3, 2, 5, num_layers=-1)
+
+
+def test_encoder_flops_match_the_flop_counter_on_the_backbones_vision_tower_and_projector():
+    """The whole vision side of the tiny LLaVA (CLIP with its CLS token, every layer, then the projector), eager
+    attention so that FlopCounterMode sees the matmuls; the patch convolution is the only term left out."""
+    from models.llava_backbone import LlavaBackbone
+    from tests.helpers import llava_like
+
+    model, _ = llava_like(96, 8, text_layers=1)
+    model.set_attn_implementation("eager")
+    backbone = LlavaBackbone(model)
+    vision = model.config.vision_config
+    pixels = torch.randn(1, 3, 96, 96)
+    conv = (96 // 8) ** 2 * vision.hidden_size * 3 * 8 * 8  # the patch embedding's multiply-adds
+    counted_tower = multiply_adds(lambda: backbone.vision_features(pixels)) - conv
+    features = torch.randn(1, 37, vision.hidden_size)
+    counted_projector = multiply_adds(lambda: backbone.project(features))
+    assert counted_tower + counted_projector == backbone.encoder_flops(37)
+    assert counted_projector == projector_flops(37, vision.hidden_size, backbone.hidden_size)
