@@ -93,3 +93,15 @@ def stage_budgets(num_tokens: int, keep_ratios: list[float]) -> list[int]:
         n = max(1, round(n * ratio))
         budgets.append(n)
     return budgets
+
+
+def geometric_ratios(merged: int, num_keep: int, stages: int) -> list[float]:
+    """Equal keep ratios, the last one rounded so that the budgets (:func:`stage_budgets`) go
+    from ``merged`` tokens to exactly ``num_keep`` after ``stages`` stages."""
+    if stages == 0:
+        return []
+    ratio = round((num_keep / merged) ** (1 / stages), 6)
+    before_last = stage_budgets(merged, [ratio] * (stages - 1))[-1] if stages > 1 else merged
+    ratios = [ratio] * (stages - 1) + [round(num_keep / before_last, 6)]
+    assert stage_budgets(merged, ratios)[-1] == num_keep, (merged, ratios, num_keep)
+    return ratios

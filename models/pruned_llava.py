@@ -30,6 +30,7 @@ forward (tests/test_pruned_llava.py).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 from torch import nn
@@ -88,12 +89,13 @@ class _Sequence:
             take(self.labels),
         )
 
-    @property
+    # Cached: the masks of a sequence never change (a stage builds a new sequence), only its hidden states do.
+    @cached_property
     def vision_index(self) -> torch.Tensor:
         """(B, n) sequence positions of the vision slots; every sample holds the same n (unused ones masked)."""
         return rows_nonzero(self.is_vision)
 
-    @property
+    @cached_property
     def vision_counts(self) -> torch.Tensor:
         """(B,) real vision tokens per sample (slots that are not masked out)."""
         return (self.is_vision & self.attention_mask.bool()).sum(dim=1)

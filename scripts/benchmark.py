@@ -49,13 +49,13 @@ from data.build import batches, build_datasets  # noqa: E402
 from data.collator import VQACollator  # noqa: E402
 from data.scoring import accuracy_by_type  # noqa: E402
 from models.baselines import build_baseline, check_baseline, kept_tokens  # noqa: E402
-from models.layer_pruner import stage_budgets  # noqa: E402
+from models.layer_pruner import geometric_ratios, stage_budgets  # noqa: E402
 from models.llava_backbone import BackboneNotFoundError, BackboneShape, LlavaBackbone, read_backbone_shape  # noqa: E402
 from models.pruned_llava import PrunedLlava  # noqa: E402
 from trainers.build import build_pruned_model  # noqa: E402
 from trainers.pruned_model import load_pruned  # noqa: E402
 from trainers.checkpoint import Checkpointer, load  # noqa: E402
-from trainers.evaluation import generate_pruned, prefill_flops, sample_flops  # noqa: E402
+from trainers.evaluation import generate_pruned, prefill_flops, sample_flops, stage_counts  # noqa: E402
 from trainers.timing import machine, timed_interleaved  # noqa: E402
 from trainers.trainer import planned_steps  # noqa: E402
 from trainers.world import resolve_device  # noqa: E402
@@ -74,18 +74,6 @@ class BenchmarkError(ValueError):
 
 # ---------------------------------------------------------------------------------------- the learned method's runs
 STAGE_KEEP = 0.75  # what each pruning stage of a learned row keeps of the tokens entering it (unless it must keep less)
-
-
-def geometric_ratios(merged: int, num_keep: int, stages: int) -> list[float]:
-    """Equal keep ratios, the last one rounded so that the trainer's budgets (models/layer_pruner.stage_budgets) go
-    from ``merged`` tokens to exactly ``num_keep`` after ``stages`` stages."""
-    if stages == 0:
-        return []
-    ratio = round((num_keep / merged) ** (1 / stages), 6)
-    before_last = stage_budgets(merged, [ratio] * (stages - 1))[-1] if stages > 1 else merged
-    ratios = [ratio] * (stages - 1) + [round(num_keep / before_last, 6)]
-    assert stage_budgets(merged, ratios)[-1] == num_keep, (merged, ratios, num_keep)
-    return ratios
 
 
 def stage_ratios(merged: int, num_keep: int, stages: int) -> list[float]:
@@ -441,15 +429,6 @@ def evaluate(model: PrunedLlava, eval_batches: list[dict], tau: float, max_new_t
     accuracy = accuracy_by_type(predictions, references, types)
     return {"accuracy": accuracy, "flops": flops["flops_pruned"] / len(predictions),
             "flops_baseline": flops["flops_baseline"] / len(predictions), "vision_tokens_per_layer": per_layer}
-
-
-def stage_counts(model: PrunedLlava, per_layer: list[int]) -> str:
-    """Vision tokens entering the LLM, then after each pruning layer: '72 → 57 → 45 → 36 (L2, L4, L6)'."""
-    layers = sorted(model.stage_of_layer)
-    if not layers:
-        return f"{per_layer[0]:g}"
-    return " → ".join(f"{c:g}" for c in [per_layer[0], *(per_layer[layer] for layer in layers)]) + \
-        f" ({', '.join(f'L{layer}' for layer in layers)})"
 
 
 def measure(name: str, budget: float | None, model: PrunedLlava, tau: float, eval_batches: list[dict],

@@ -87,17 +87,20 @@ def evaluate_accuracy(answer_fn, batches: Iterable[dict], desc: str = "eval", sh
     return accuracy_by_type(predictions, references, types)
 
 
-def sample_flops(model: PrunedLlava, prefill: PrunedOutput, attention_mask: torch.Tensor) -> tuple[list[int], list[int]]:
+def sample_flops(model: PrunedLlava, prefill: PrunedOutput, attention_mask: torch.Tensor,
+                 with_encoder: bool = False) -> tuple[list[int], list[int]]:
     """Per sample: LLM prefill multiply-adds unpruned, and of this hard-pruned prefill (the merger's and pruners'
-    own cost included), from each sample's real tokens."""
+    own cost included), from each sample's real tokens. ``with_encoder``: the whole prefill, the vision tower and
+    the projector included (on all N tokens unpruned, on the merged ones pruned)."""
     bb = model.backbone
     d, m, n_layers = bb.hidden_size, bb.text_config.intermediate_size, bb.num_layers
     real = attention_mask.sum(dim=1).tolist()  # per sample, unpruned
     pruned_real = torch.stack([mask.sum(dim=1) for mask in prefill.layer_attention_masks], dim=1).tolist()  # (B, L)
     first_layer_vision = prefill.vision_counts[0].tolist()  # (B,) the merger's output
     questions = prefill.question_counts.tolist()
-    base = [llm_prefill_flops([n] * n_layers, d, m) for n in real]
-    pruned = [llm_prefill_flops(counts, d, m) + module_flops(model, question, merged)
+    encoder = bb.encoder_flops if with_encoder else lambda projected: 0
+    base = [llm_prefill_flops([n] * n_layers, d, m) + encoder(bb.num_vision_tokens) for n in real]
+    pruned = [llm_prefill_flops(counts, d, m) + module_flops(model, question, merged) + encoder(merged)
               for counts, merged, question in zip(pruned_real, first_layer_vision, questions)]
     return base, pruned
 
@@ -116,6 +119,15 @@ def prefill_flops(model: PrunedLlava, prefill: PrunedOutput, attention_mask: tor
         "flops_baseline": mean(base), "flops_pruned": mean(pruned), "flops_reduction": 1 - mean(pruned) / mean(base),
         "vision_flops_reduction": 1 - mean(vision_pruned) / vision_base,
     }
+
+
+def stage_counts(model: PrunedLlava, per_layer: list[float]) -> str:
+    """Vision tokens entering the LLM, then after each pruning layer: '72 → 57 → 45 → 36 (L2, L4, L6)'."""
+    layers = sorted(model.stage_of_layer)
+    if not layers:
+        return f"{per_layer[0]:g}"
+    return " → ".join(f"{c:g}" for c in [per_layer[0], *(per_layer[layer] for layer in layers)]) + \
+        f" ({', '.join(f'L{layer}' for layer in layers)})"
 
 
 def module_flops(model: PrunedLlava, question_tokens: int, merged: int | None = None) -> int:

@@ -20,6 +20,17 @@ def timed_interleaved(fns: list, repeats: int, device: torch.device) -> list[flo
 
     On a shared machine a slow spell then lands on every setting alike instead of on one.
     """
+    return [statistics.median(samples) for samples in timed_rounds(fns, repeats, device)]
+
+
+def speedups(rounds: list[list[float]]) -> list[float]:
+    """Per fn, the median over rounds of (first fn's seconds / this fn's seconds) in the same round: a ratio that a
+    slow spell lasting longer than one round leaves alone."""
+    return [statistics.median(base / t for base, t in zip(rounds[0], samples)) for samples in rounds]
+
+
+def timed_rounds(fns: list, repeats: int, device: torch.device) -> list[list[float]]:
+    """Seconds of each of ``fns`` in each of ``repeats`` rounds that run every fn once, after one warm-up each."""
     for fn in fns:
         fn()
     times = [[] for _ in fns]
@@ -32,7 +43,7 @@ def timed_interleaved(fns: list, repeats: int, device: torch.device) -> list[flo
             if device.type == "cuda":
                 torch.cuda.synchronize()
             samples.append(time.perf_counter() - start)
-    return [statistics.median(samples) for samples in times]
+    return times
 
 
 def machine(device: torch.device | None = None) -> str:
