@@ -1,0 +1,149 @@
+"""The prepared GPU check: training steps, the largest batch that fits, and the prefill table, in one command.
+
+    python scripts/gpu_check.py                       # one CUDA GPU, llava-1.5-7b's shapes, random init
+    python scripts/gpu_check.py --shapes tiny --device cpu --batch-size 2 --max-batch 4 --steps 1 --repeats 1
+
+With llava-1.5-7b's shapes (CLIP-L/336, 576 vision tokens, a 32-layer 4096-wide Llama, bf16
+weights; configs/vision_token_pruning.yaml's merger, pruners and pruning layers) nothing is
+downloaded: the weights are random, which is all that speed and memory depend on. It prints
+1. the trainer's step (trainers/trainer.Trainer.training_step, the one main.py runs) at
+   ``--batch-size`` with bf16 autocast, without and with gradient checkpointing: seconds per
+   step, samples/s, tokens/s, the split into teacher, student, discriminator and optimizer,
+   and peak device memory;
+2. the largest batch that fits, each way (doubling from ``--batch-size`` up to ``--max-batch``);
+3. scripts/benchmark_pruning.py's prefill table with cached generation of ``--new-tokens``.
+About 6 minutes on one H200. The second line runs the same code at the tiny backbone's size on
+the CPU (the test suite does), so the script cannot rot. ``--json`` also writes the figures to a file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+from configs.schema import load_config  # noqa: E402
+from data.synthetic_vqa import SyntheticVQADataset  # noqa: E402
+from scripts import benchmark_pruning  # noqa: E402
+from trainers.run_log import RunLog  # noqa: E402
+from trainers.throughput import PHASES  # noqa: E402
+from trainers.timing import machine  # noqa: E402
+from trainers.trainer import Trainer  # noqa: E402
+
+
+def out_of_memory(err: BaseException) -> bool:
+    return isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in str(err).lower()
+
+
+def training_figures(config, backbone, batch_size: int, checkpointing: bool, steps: int) -> dict:
+    """Throughput of ``steps`` trainer steps at ``batch_size`` after one warm-up step (trainers/throughput.py)."""
+    trainer_settings = dataclasses.replace(
+        config.trainer_settings, gradient_checkpointing=checkpointing,
+        mixed_precision="bf16" if backbone.device.type == "cuda" else "no",
+        dl_settings=dataclasses.replace(config.trainer_settings.dl_settings, batch_size=batch_size))
+    config = dataclasses.replace(config, trainer_settings=trainer_settings)
+    data = SyntheticVQADataset(batch_size, "train", seed=0)
+    with tempfile.TemporaryDirectory() as out:
+        trainer = Trainer(config, backbone, data, data, RunLog(None, echo=False), out)
+        batch = trainer.collate([data[i] for i in range(batch_size)])
+        try:
+            for step in range(steps + 1):
+                if step == 1:
+                    trainer.throughput.report()  # the warm-up step does not count
+                if trainer.training_step(batch) is None:
+                    raise RuntimeError("a non-finite loss skipped the update")
+            return trainer.throughput.report()
+        finally:
+            del trainer
+            if backbone.device.type == "cuda":
+                torch.cuda.empty_cache()
+
+
+def largest_batch(config, backbone, start: int, limit: int, checkpointing: bool) -> tuple[int | None, str]:
+    """The largest of start, 2 start, 4 start, ... <= limit whose training step fits in memory."""
+    fits, batch = None, start
+    while batch <= limit:
+        try:
+            training_figures(config, backbone, batch, checkpointing, steps=0)
+        except RuntimeError as err:
+            if not out_of_memory(err):
+                raise
+            torch.cuda.empty_cache()
+            return fits, f"batch {batch} ran out of memory"
+        fits, batch = batch, 2 * batch
+    return fits, f"--max-batch {limit} reached"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shapes", choices=list(benchmark_pruning.DEFAULT_CONFIG), default="llava-1.5-7b")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--batch-size", type=int, default=12, help="the training batch measured (the seed's 12)")
+    parser.add_argument("--steps", type=int, default=3, help="timed training steps per setting, after one warm-up")
+    parser.add_argument("--max-batch", type=int, default=96, help="where the search for the largest batch stops")
+    parser.add_argument("--repeats", type=int, default=5, help="interleaved rounds of the prefill table")
+    parser.add_argument("--new-tokens", type=int, default=32, help="tokens of cached generation in the prefill table")
+    parser.add_argument("--json", type=Path, help="also write every figure to this file")
+    args = parser.parse_args(argv)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error("--device cuda but no CUDA device is visible; on a CPU machine pass --shapes tiny --device cpu")
+
+    started = time.perf_counter()
+    config = load_config(benchmark_pruning.DEFAULT_CONFIG[args.shapes])
+    dtype = "bfloat16" if args.device.startswith("cuda") else "float32"
+    torch.manual_seed(0)
+    backbone = benchmark_pruning.load_backbone(args.shapes, config.backbone_settings.name_or_path, dtype, args.device)
+    device = machine(backbone.device)
+    print(f"{args.shapes} shapes, {dtype} weights, {device}", file=sys.stderr)
+
+    results = {"device": device, "shapes": args.shapes, "training": [], "largest_batch": {}}
+    for checkpointing in (False, True):
+        print(f"training step, batch {args.batch_size}, gradient checkpointing {checkpointing}...", file=sys.stderr)
+        try:
+            figures = training_figures(config, backbone, args.batch_size, checkpointing, args.steps)
+        except RuntimeError as err:
+            if not out_of_memory(err):
+                raise
+            figures = {"out_of_memory": True}
+        results["training"].append({"batch": args.batch_size, "gradient_checkpointing": checkpointing, **figures})
+        fits, why = largest_batch(config, backbone, args.batch_size, args.max_batch, checkpointing)
+        results["largest_batch"]["on" if checkpointing else "off"] = {"batch": fits, "stopped": why}
+
+    print(f"\nTraining step (trainers/trainer.py), {args.shapes} shapes, {device}, mean of {args.steps} steps\n")
+    print("| batch | gradient checkpointing | s/step | samples/s | tokens/s | " + " | ".join(PHASES) + " | peak memory |")
+    print("|---|---|---|---|---|" + "---|" * len(PHASES) + "---|")
+    for row in results["training"]:
+        if row.get("out_of_memory"):
+            print(f"| {row['batch']} | {'on' if row['gradient_checkpointing'] else 'off'} | out of memory |")
+            continue
+        memory = f"{row['peak_memory_gib']:.1f} GiB" if "peak_memory_gib" in row else "n/a (CPU)"
+        print(f"| {row['batch']} | {'on' if row['gradient_checkpointing'] else 'off'} | {row['step_s']:.2f} "
+              f"| {row['samples_per_s']:.1f} | {row['tokens_per_s']:,.0f} | "
+              + " | ".join(f"{row[f'{phase}_s']:.2f} s" for phase in PHASES) + f" | {memory} |")
+    for way, found in results["largest_batch"].items():
+        print(f"\nLargest training batch that fits, gradient checkpointing {way}: {found['batch']} ({found['stopped']})")
+
+    table = ["--shapes", args.shapes, "--device", args.device, "--dtype", dtype, "--repeats", str(args.repeats),
+             "--new-tokens", str(args.new_tokens)]
+    rows = benchmark_pruning.main(table, backbone)
+    results["prefill"] = [{k: v for k, v in row.items() if k != "model"} for row in rows]
+    results["seconds"] = time.perf_counter() - started
+    print(f"\ngpu check done in {results['seconds']:.0f} s")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=2))
+    return results
+
+
+if __name__ == "__main__":
+    main()
