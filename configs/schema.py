@@ -146,7 +146,7 @@ class Objective:
 EVAL_METRICS = ("accuracy_baseline", "accuracy_soft", "accuracy_hard", "accuracy_majority", "keep_ratio_merge",
                 "avg_original_tokens", "avg_merged_tokens", "merged_tokens_min", "merged_tokens_max",
                 "avg_vision_tokens_per_layer", "flops_baseline", "flops_pruned", "flops_reduction",
-                "vision_flops_reduction")
+                "vision_flops_reduction", "prefill_ms_per_sample")
 
 
 def is_eval_metric(name: str) -> bool:

@@ -63,6 +63,7 @@ class PrunedOutput:
     question_counts: torch.Tensor | None = None  # (B,) question tokens the merger and pruners read
     kept_positions: list[torch.Tensor] = field(default_factory=list)  # hard: (B, k) sequence positions of the vision
     #   tokens entering the LLM, then after each stage (unused adaptive slots hold their slot's position)
+    prefill_seconds: float | None = None  # wall-clock seconds of this pass, when the caller timed it (evaluation)
 
     @property
     def vision_tokens_per_layer(self) -> list[float]:
@@ -355,11 +356,22 @@ class PrunedLlava(nn.Module):
     def generate(self, input_ids: torch.Tensor, pixel_values: torch.Tensor, attention_mask: torch.Tensor,
                  max_new_tokens: int, eos_token_id: int, pad_token_id: int, mode: str = "hard") -> tuple[torch.Tensor, PrunedOutput]:
         """Greedy answers (B, <= max_new_tokens) after a pruned prefill; decoding reads each layer's KV cache."""
+        prefill, cache = self.prefill(input_ids, pixel_values, attention_mask, mode)
+        return self.decode(prefill, cache, input_ids.shape[1], max_new_tokens, eos_token_id, pad_token_id), prefill
+
+    @torch.no_grad()
+    def prefill(self, input_ids: torch.Tensor, pixel_values: torch.Tensor, attention_mask: torch.Tensor,
+                mode: str = "hard") -> tuple[PrunedOutput, object]:
+        """The pruned prompt pass that fills a new KV cache: (its output, the cache) for :meth:`decode`."""
+        cache = self.backbone.new_cache()
+        return self.forward(input_ids, pixel_values, attention_mask, mode=mode, cache=cache), cache
+
+    @torch.no_grad()
+    def decode(self, prefill: PrunedOutput, cache, prompt_length: int, max_new_tokens: int, eos_token_id: int,
+               pad_token_id: int) -> torch.Tensor:
+        """Greedy tokens (B, <= max_new_tokens) after :meth:`prefill` of a prompt ``prompt_length`` tokens long."""
         bb = self.backbone
-        cache = bb.new_cache()
-        prefill = self.forward(input_ids, pixel_values, attention_mask, mode=mode, cache=cache)
         token = prefill.logits[:, -1].argmax(-1)  # (B,)
-        next_position = input_ids.shape[1]  # original positions continue after the prompt
         done = torch.zeros_like(token, dtype=torch.bool)
         key_masks = list(prefill.layer_attention_masks)  # per layer: its cached keys, 1 = real
         generated = []
@@ -370,11 +382,11 @@ class PrunedLlava(nn.Module):
             if bool(done.all()) or step == max_new_tokens - 1:
                 break
             hidden = bb.embed_tokens(token[:, None])  # (B, 1, D)
-            position_ids = torch.full_like(token[:, None], next_position + step)
+            position_ids = torch.full_like(token[:, None], prompt_length + step)  # original positions continue
             cos_sin = bb.rotary(hidden, position_ids)
             for layer in range(bb.num_layers):
                 key_masks[layer] = torch.cat([key_masks[layer], torch.ones_like(key_masks[layer][:, :1])], dim=1)
                 mask = key_padding_mask(key_masks[layer], hidden.dtype)  # (B, 1, 1, S): the new token sees all real keys
                 hidden = bb.run_layer(layer, hidden, mask, position_ids, cos_sin, cache=cache)
             token = bb.lm_head(bb.norm(hidden))[:, -1].argmax(-1)
-        return torch.stack(generated, dim=1), prefill
+        return torch.stack(generated, dim=1)

@@ -42,7 +42,7 @@ def test_main_trains_logs_and_writes_the_seed_outputs(tmp_path, tiny_folder, cap
                   "[Step 2] Throughput: ", " samples/s, ", " tokens/s, ", " s/step (teacher ",
                   "[Eval Step 4]\n  - accuracy_baseline: ", "  - accuracy_soft: ", "  - accuracy_hard: ",
                   "  - keep_ratio_merge: 0.500", "  - avg_original_tokens: 144", "  - avg_merged_tokens: 72",
-                  "  - tokens_after_layer_3: 25", "  - flops_reduction: ", "[Summary] targets of the quick-start guide"]:
+                  "  - tokens_after_layer_3: 25", "  - flops_reduction: ", "  - prefill_ms_per_sample: ", "[Summary] targets of the quick-start guide"]:
         assert block in printed, block
     assert (out / "logs" / "training.log").read_text() == printed  # mirrored
     resolved = yaml.safe_load((out / "resolved_config.yaml").read_text())
@@ -58,7 +58,7 @@ def test_main_trains_logs_and_writes_the_seed_outputs(tmp_path, tiny_folder, cap
             "loss/discriminator/real_loss", "loss/discriminator/fake_loss", "temperature",
             "discriminator/disc_prob_real", "discriminator/disc_prob_fake", "eval/accuracy_baseline",
             "eval/accuracy_soft", "eval/accuracy_hard", "eval/keep_ratio_merge", "eval/avg_merged_tokens",
-            "eval/tokens_after_layer_1", "eval/flops_reduction", "throughput/samples_per_s",
+            "eval/tokens_after_layer_1", "eval/flops_reduction", "eval/prefill_ms_per_sample", "throughput/samples_per_s",
             "throughput/tokens_per_s", "throughput/teacher_s", "throughput/optimizer_s"} <= tags
 
     # A second run into the same folder refuses instead of overwriting; --resume auto continues.

@@ -9,7 +9,8 @@
   layer L and ``avg_vision_tokens_per_layer``, all counted from the hard-mode prefill's tensors;
 - FLOPs of the LLM prefill (models/flops.py), baseline vs hard-pruned, per sample on its real
   (unpadded) tokens: ``flops_*`` over all tokens, ``vision_flops_reduction`` over vision tokens only;
-  the pruned side includes the merger's and pruners' own cost.
+  the pruned side includes the merger's and pruners' own cost; ``prefill_ms_per_sample``, the hard prefill's
+  wall-clock time over the batch size (the eval batch, so it compares between runs at the same eval_batch_size).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from data.scoring import accuracy_by_type, normalize_answer
 from models.flops import llm_prefill_flops
 from models.llava_backbone import LlavaBackbone
 from models.pruned_llava import IGNORE_INDEX, PrunedLlava, PrunedOutput
+from trainers.timing import stopwatch
 
 
 def _to_device(batch: dict, backbone: LlavaBackbone) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -45,11 +47,14 @@ def generate_baseline_answers(backbone: LlavaBackbone, batch: dict, max_new_toke
 @torch.no_grad()
 def generate_pruned(model: PrunedLlava, batch: dict, mode: str, tau: float,
                     max_new_tokens: int) -> tuple[list[str], PrunedOutput]:
-    """Greedy answers under soft or hard pruning, and the prefill's output (token counts)."""
+    """Greedy answers under soft or hard pruning, and the prefill's output (token counts), with the hard
+    prefill's seconds in ``prefill.prefill_seconds``."""
     tok = model.backbone.processor.tokenizer
     ids, pixels, mask = _to_device(batch, model.backbone)
     if mode == "hard":
-        tokens, prefill = model.generate(ids, pixels, mask, max_new_tokens, tok.eos_token_id, tok.pad_token_id)
+        (prefill, cache), seconds = stopwatch(lambda: model.prefill(ids, pixels, mask), model.backbone.device)
+        prefill.prefill_seconds = seconds
+        tokens = model.decode(prefill, cache, ids.shape[1], max_new_tokens, tok.eos_token_id, tok.pad_token_id)
         return tok.batch_decode(tokens, skip_special_tokens=True), prefill
     # Soft masks have no cache form: each step reruns the soft forward over prompt + answer so far. The answer
     # so far is labelled (not IGNORE_INDEX), so the pruners read the question only, as in training.
@@ -169,6 +174,7 @@ def evaluate_pruned(model: PrunedLlava, batches: Iterable[dict], tau: float, max
         for layer in model.stage_of_layer:
             counts[f"tokens_after_layer_{layer}"] = prefill.vision_tokens_per_layer[layer]
         counts.update(prefill_flops(model, prefill, batch["attention_mask"].to(model.backbone.device)))
+        counts["prefill_ms_per_sample"] = prefill.prefill_seconds * 1e3 / n
         for key, value in counts.items():
             sums[key] = sums.get(key, 0.0) + value * n
         samples += n

@@ -10,6 +10,17 @@ import time
 import torch
 
 
+def stopwatch(fn, device: torch.device):
+    """(fn(), its seconds), the device synchronised before and after."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    result = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return result, time.perf_counter() - start
+
+
 def timed(fn, repeats: int, device: torch.device) -> float:
     """Median seconds of ``fn()`` over ``repeats`` runs after one warm-up."""
     return timed_interleaved([fn], repeats, device)[0]
@@ -36,13 +47,7 @@ def timed_rounds(fns: list, repeats: int, device: torch.device) -> list[list[flo
     times = [[] for _ in fns]
     for _ in range(repeats):
         for fn, samples in zip(fns, times):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            samples.append(time.perf_counter() - start)
+            samples.append(stopwatch(fn, device)[1])
     return times
 
 
