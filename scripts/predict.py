@@ -22,30 +22,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from PIL import Image  # noqa: E402
 
 from trainers.evaluation import prefill_flops  # noqa: E402
+from trainers.pictures import darkened, kept_patch_grids, model_view  # noqa: E402
 from trainers.pruned_model import PrunedModelError, load_pruned  # noqa: E402
-
-
-def kept_patch_grids(prefill, input_ids, image_token_id: int, num_patches: int) -> list:
-    """Per stage (the LLM's input, then after each pruning layer): a (side, side) bool grid of the kept patches."""
-    import torch
-
-    side = int(num_patches ** 0.5)
-    first = int((input_ids[0] == image_token_id).nonzero()[0])  # the first image placeholder's position
-    grids = []
-    for positions in prefill.kept_positions:
-        grid = torch.zeros(num_patches, dtype=torch.bool)
-        grid[(positions[0] - first).clamp(0, num_patches - 1)] = True
-        grids.append(grid.view(side, side))
-    return grids
-
-
-def model_view(pixel_values, image_processor):
-    """(H, W, 3) in [0, 1]: the image as the vision tower sees it (resized and cropped), de-normalised."""
-    import numpy as np
-
-    mean = np.asarray(image_processor.image_mean, dtype=np.float32)
-    std = np.asarray(image_processor.image_std, dtype=np.float32)
-    return (pixel_values[0].float().cpu().numpy().transpose(1, 2, 0) * std + mean).clip(0, 1)
 
 
 def draw(pixels, grids, titles: list[str], path: Path) -> None:
@@ -53,16 +31,12 @@ def draw(pixels, grids, titles: list[str], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
     fig, axes = plt.subplots(1, len(grids) + 1, figsize=(3 * (len(grids) + 1), 3.2))
     axes[0].imshow(pixels)
     axes[0].set_title("image", fontsize=9)
     for ax, grid, title in zip(axes[1:], grids, titles):
-        cells = np.kron(grid.numpy().astype(np.float32), np.ones((pixels.shape[0] // grid.shape[0],
-                                                                  pixels.shape[1] // grid.shape[1]), np.float32))
-        shown = pixels[:cells.shape[0], :cells.shape[1]] * (0.2 + 0.8 * cells[..., None])
-        ax.imshow(shown)
+        ax.imshow(darkened(pixels, grid))
         ax.set_title(title, fontsize=9)
     for ax in axes:
         ax.axis("off")
@@ -99,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
           + f" (merger, then before layers {layers})")
     print(f"LLM prefill FLOPs: {flops['flops_pruned']:.4g} of {flops['flops_baseline']:.4g} "
           f"({flops['flops_reduction']:.1%} saved, the pruning modules' own cost included)")
-    grids = kept_patch_grids(prefill, inputs["input_ids"], model.backbone.image_token_id, model.backbone.num_vision_tokens)
+    grids = kept_patch_grids(prefill.kept_positions, inputs["input_ids"], model.backbone.image_token_id,
+                             model.backbone.num_vision_tokens)
     titles = [f"after the merger: {counts[0]:g}"] + [f"layer {layer}: {c:g}" for layer, c in zip(layers, counts[1:])]
     draw(model_view(inputs["pixel_values"], pruned.processor.image_processor), grids, titles, args.out)
     print(f"wrote {args.out}")

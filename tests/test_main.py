@@ -60,6 +60,9 @@ def test_main_trains_logs_and_writes_the_seed_outputs(tmp_path, tiny_folder, cap
             "eval/accuracy_soft", "eval/accuracy_hard", "eval/keep_ratio_merge", "eval/avg_merged_tokens",
             "eval/tokens_after_layer_1", "eval/flops_reduction", "eval/prefill_ms_per_sample", "throughput/samples_per_s",
             "throughput/tokens_per_s", "throughput/teacher_s", "throughput/optimizer_s"} <= tags
+    assert set(events.Tags()["images"]) == {f"kept_tokens/{i}" for i in range(4)}  # 4 of the 6 eval samples
+    picture = events.Images("kept_tokens/0")[-1]
+    assert picture.step == 4 and (picture.height, picture.width) == (96, 96 * 5 + 2 * 4)  # image + merger + 3 stages
 
     # A second run into the same folder refuses instead of overwriting; --resume auto continues.
     assert entry.main(args) == 2

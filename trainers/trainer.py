@@ -40,6 +40,7 @@ from trainers.evaluation import evaluate_accuracy, evaluate_pruned, generate_bas
 from trainers.run_log import RunLog
 from trainers.losses import (LOSS_TERMS, distillation_loss, merge_importance_loss, next_token_positions,
                              pruner_importance_loss, task_loss, weighted_sum)
+from trainers.pictures import kept_patch_grids, model_view, strip
 from trainers.pruned_model import load_modules, read_saved_modules, save_pretrained
 from trainers.schedules import TemperatureSchedule
 from trainers.throughput import Throughput
@@ -62,6 +63,9 @@ def planned_steps(config: Config, train_size: int, world_size: int = 1) -> tuple
     per_epoch = full + (rest > 0 and rest % world_size == 0)
     total = per_epoch * trainer.dl_settings.epochs
     return per_epoch, total if trainer.max_steps is None else min(total, trainer.max_steps)
+
+
+PICTURE_SAMPLES = 4  # eval samples whose kept tokens each evaluation draws to TensorBoard
 
 
 class NonFiniteLossError(RuntimeError):
@@ -334,7 +338,28 @@ class Trainer:
             lines.append(f"  - {key}: {shown}")
             self.writer.add_scalar(f"eval/{key}", value, self.step)
         self.log.block("\n".join(lines))
+        self.log_kept_tokens()
         self.writer.flush()
+
+    def log_kept_tokens(self) -> None:
+        """TensorBoard images ``kept_tokens/<i>`` of the first PICTURE_SAMPLES eval samples: the image, then the
+        patches left after the merger and after each pruning stage (hard mode), so one sees what they learn to keep."""
+        bb = self.backbone
+        if round(bb.num_vision_tokens ** 0.5) ** 2 != bb.num_vision_tokens:
+            return  # the vision tokens are no square grid of patches (e.g. the `full` strategy's CLS): no picture
+        samples = [self.eval_set[i] for i in range(min(PICTURE_SAMPLES, len(self.eval_set)))]
+        batch = VQACollator(bb.processor, with_answers=False)(samples)
+        ids, mask = batch["input_ids"].to(bb.device), batch["attention_mask"].to(bb.device)
+        pixels = batch["pixel_values"].to(bb.device, bb.dtype)
+        was_training = self.model.training
+        self.model.eval()
+        with torch.no_grad():
+            kept = self.model(ids, pixels, mask, mode="hard").kept_positions
+        self.model.train(was_training)
+        for i in range(len(samples)):
+            grids = kept_patch_grids(kept, ids, bb.image_token_id, bb.num_vision_tokens, sample=i)
+            picture = strip(model_view(pixels, bb.processor.image_processor, sample=i), grids)
+            self.writer.add_image(f"kept_tokens/{i}", picture, self.step, dataformats="HWC")
 
     # ------------------------------------------------------------------ the loop
     def train(self, on_eval: Callable[[int, dict[str, float]], None] | None = None) -> dict[str, float]:
