@@ -29,6 +29,7 @@ from models.llava_backbone import BackboneNotFoundError, BackboneShape, read_bac
 from trainers.checkpoint import CheckpointError  # noqa: E402
 from trainers.distributed import DataParallel  # noqa: E402
 from trainers.manager import run_search  # noqa: E402
+from trainers.metrics_log import summary  # noqa: E402
 from trainers.preflight import PreflightError, check_backbone_folder, check_output_dir, load_data, resume_state  # noqa: E402
 from trainers.run_log import RunLog  # noqa: E402
 from trainers.trainer import NonFiniteLossError  # noqa: E402
@@ -77,7 +78,7 @@ def run(config: Config, log: RunLog, resume: tuple[Path, dict] | None, out: Path
     if config.manager_settings.mode == "eval":
         metrics = trainer.evaluate()
         trainer.log_eval(metrics)
-        log.block(trainer.summary(metrics))
+        log.block(summary(metrics))
         trainer.close()
         return metrics
     return trainer.train()

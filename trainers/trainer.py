@@ -38,13 +38,13 @@ from trainers.checkpoint import STATE, Checkpointer, load, restore_rng_state, rn
 from trainers.distributed import DataParallel
 from trainers.evaluation import evaluate_accuracy, evaluate_pruned, generate_baseline_answers
 from trainers.run_log import RunLog
-from trainers.losses import (LOSS_TERMS, distillation_loss, merge_importance_loss, next_token_positions,
+from trainers.losses import (distillation_loss, merge_importance_loss, next_token_positions,
                              pruner_importance_loss, task_loss, weighted_sum)
 from trainers.pictures import kept_patch_grids, model_view, strip
 from trainers.pruned_model import load_modules, read_saved_modules, save_pretrained
 from trainers.schedules import TemperatureSchedule
+from trainers.metrics_log import MetricsLog, summary
 from trainers.throughput import Throughput
-from trainers.throughput import describe as describe_throughput
 
 
 def eval_set_identity(data) -> dict:
@@ -115,7 +115,7 @@ class Trainer:
         self.accuracy_baseline: float | None = None
         self.baseline_eval_set: dict | None = None  # the eval set accuracy_baseline was measured on
         self.throughput = Throughput(backbone.device)
-        self._writer = None
+        self.metrics = MetricsLog(log, self.out / "logs" / "tensorboard")
 
     # ------------------------------------------------------------------ state
     def module_states(self) -> dict[str, dict]:
@@ -297,56 +297,20 @@ class Trainer:
                                        soft=trainer.eval_soft))
         return metrics
 
-    # ------------------------------------------------------------------ logging
-    @property
-    def writer(self):
-        if self._writer is None:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self._writer = SummaryWriter(str(self.out / "logs" / "tensorboard"))
-        return self._writer
-
+    # ------------------------------------------------------------------ logging (trainers/metrics_log.py)
     def log_step(self, values: dict[str, float]) -> None:
-        lines = [f"[Step {self.step}] Losses:"]
-        for group in dict.fromkeys(t.group for t in LOSS_TERMS):
-            present = [t.name for t in LOSS_TERMS if t.group == group and t.name in values]
-            if present:
-                lines.append(f"  {group}:")
-                lines += [f"    - {n}: {values[n]:.4f}" for n in present]
-            for n in present:
-                self.writer.add_scalar(f"loss/{group}/{n}", values[n], self.step)
-        self.log.block("\n".join(lines))
-        self.log.block(f"[Step {self.step}] Temperature: {values['temperature']:.2f}")
-        self.log.info(f"disc_prob_real: {values['disc_prob_real']:.3f}")
-        self.log.info(f"disc_prob_fake: {values['disc_prob_fake']:.3f}")
-        speed = self.throughput.report()
-        self.log.block(f"[Step {self.step}] Throughput: {describe_throughput(speed)}")
-        for key, value in speed.items():
-            self.writer.add_scalar(f"throughput/{key}", value, self.step)
-        self.writer.add_scalar("temperature", values["temperature"], self.step)
-        self.writer.add_scalar("discriminator/disc_prob_real", values["disc_prob_real"], self.step)
-        self.writer.add_scalar("discriminator/disc_prob_fake", values["disc_prob_fake"], self.step)
+        self.metrics.training_step(self.step, values, self.throughput.report())
 
     def log_eval(self, metrics: dict[str, float]) -> None:
-        integers = ("avg_original_tokens", "avg_merged_tokens", "merged_tokens_min", "merged_tokens_max")
-        lines = [f"[Eval Step {self.step}]"]
-        first = ["accuracy_baseline", "accuracy_soft", "accuracy_hard", "keep_ratio_merge", *integers]  # the seed's order
-        for key in sorted(metrics, key=lambda k: first.index(k) if k in first else len(first)):
-            value = metrics[key]
-            shown = f"{value:.0f}" if key in integers or key.startswith("tokens_after") else (
-                f"{value:.4g}" if "flops_baseline" in key or "flops_pruned" in key else f"{value:.3f}")
-            lines.append(f"  - {key}: {shown}")
-            self.writer.add_scalar(f"eval/{key}", value, self.step)
-        self.log.block("\n".join(lines))
-        self.log_kept_tokens()
-        self.writer.flush()
+        self.metrics.evaluation(self.step, metrics, self.kept_token_pictures())
 
-    def log_kept_tokens(self) -> None:
-        """TensorBoard images ``kept_tokens/<i>`` of the first PICTURE_SAMPLES eval samples: the image, then the
-        patches left after the merger and after each pruning stage (hard mode), so one sees what they learn to keep."""
+    def kept_token_pictures(self) -> list:
+        """The first PICTURE_SAMPLES eval samples, each the image and then the patches left after the merger and after
+        each pruning stage (hard mode), so one sees what the modules learn to keep; none when the vision tokens are no
+        square grid of patches (e.g. the `full` strategy's CLS)."""
         bb = self.backbone
         if round(bb.num_vision_tokens ** 0.5) ** 2 != bb.num_vision_tokens:
-            return  # the vision tokens are no square grid of patches (e.g. the `full` strategy's CLS): no picture
+            return []
         samples = [self.eval_set[i] for i in range(min(PICTURE_SAMPLES, len(self.eval_set)))]
         batch = VQACollator(bb.processor, with_answers=False)(samples)
         ids, mask = batch["input_ids"].to(bb.device), batch["attention_mask"].to(bb.device)
@@ -356,10 +320,9 @@ class Trainer:
         with torch.no_grad():
             kept = self.model(ids, pixels, mask, mode="hard").kept_positions
         self.model.train(was_training)
-        for i in range(len(samples)):
-            grids = kept_patch_grids(kept, ids, bb.image_token_id, bb.num_vision_tokens, sample=i)
-            picture = strip(model_view(pixels, bb.processor.image_processor, sample=i), grids)
-            self.writer.add_image(f"kept_tokens/{i}", picture, self.step, dataformats="HWC")
+        return [strip(model_view(pixels, bb.processor.image_processor, sample=i),
+                      kept_patch_grids(kept, ids, bb.image_token_id, bb.num_vision_tokens, sample=i))
+                for i in range(len(samples))]
 
     # ------------------------------------------------------------------ the loop
     def train(self, on_eval: Callable[[int, dict[str, float]], None] | None = None) -> dict[str, float]:
@@ -408,14 +371,12 @@ class Trainer:
         finally:
             bar.close()
             self.close()
-        self.log.block(self.summary(metrics))
+        self.log.block(summary(metrics))
         return metrics
 
     def close(self) -> None:
         """Flush and close the TensorBoard writer (train and eval modes both end here)."""
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
+        self.metrics.close()
 
     def _budget_trajectory(self) -> list[int]:
         merged = self.model.merger.num_keep if self.model.merger is not None else self.backbone.num_vision_tokens
@@ -432,27 +393,3 @@ class Trainer:
             self.best = value
             self.save(tag="best")
             save_pretrained(self.model, self.config, self.out / "pruned_best")
-
-    def summary(self, metrics: dict[str, float]) -> str:
-        """Whether the quick-start guide's three targets were met."""
-        if not metrics:
-            return "[Summary] no evaluation ran"
-        tokens = 1 - metrics["avg_vision_tokens_per_layer"] / metrics["avg_original_tokens"]
-        flops = metrics["flops_reduction"]
-        check = lambda ok: "met" if ok else "NOT met"
-        chance = metrics.get("accuracy_majority", 0.0)
-        baseline = metrics.get("accuracy_baseline")
-        if baseline is None:
-            accuracy = "  - accuracy drop: not measured (trainer_settings.eval_baseline: false)"
-        elif baseline > chance:
-            drop = baseline - metrics["accuracy_hard"]
-            accuracy = f"  - accuracy drop (baseline - hard) {drop:.3f} < 0.03: {check(drop < 0.03)}"
-        else:
-            accuracy = (f"  - accuracy drop: not measured, the unpruned model scores {baseline:.3f}, no better than "
-                        f"always giving the most frequent answer ({chance:.3f}); check the backbone and the data")
-        return "\n".join([
-            "[Summary] targets of the quick-start guide:",
-            accuracy,
-            f"  - vision tokens in the LLM reduced by {tokens:.1%} (mean over layers) > 60%: {check(tokens > 0.6)}",
-            f"  - LLM prefill FLOPs reduced by {flops:.1%} > 60%: {check(flops > 0.6)}",
-        ])
