@@ -9,7 +9,7 @@ from data.synthetic_vqa import SyntheticVQADataset
 from models.llava_backbone import LlavaBackbone
 from trainers.evaluation import evaluate_accuracy, generate_baseline_answers
 from data.synthetic_vqa import ROW_NAMES, make_sample, patch_labels
-from trainers.tiny_backbone import (background_visibility, hide_background, lr_at, main as build_tiny,
+from scripts.pretrain_tiny_backbone import (background_visibility, hide_background, lr_at, main as build_tiny,
                                     patch_word_targets)
 
 SHIPPED = Path(__file__).resolve().parents[1] / "backbones" / "tiny-llava"

@@ -1,7 +1,7 @@
 """Build and pretrain the embedded tiny LLaVA backbone on the synthetic VQA data.
 
-    python -m trainers.tiny_backbone --out backbones/tiny-llava            # the shipped model
-    python -m trainers.tiny_backbone --out /tmp/tiny --steps 5 --eval-size 20   # a smoke run
+    python scripts/pretrain_tiny_backbone.py --out backbones/tiny-llava                 # the shipped model
+    python scripts/pretrain_tiny_backbone.py --out /tmp/tiny --steps 5 --eval-size 20   # a smoke run
 
 Everything is trained (vision tower, projector, language model), LLaVA's two stages folded
 into one, with three things that make a small model learn in minutes instead of hours:
@@ -31,26 +31,29 @@ import math
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-import torch
-import torch.nn.functional as F
-from torch import nn
-from tqdm import tqdm
-from transformers import LlavaForConditionalGeneration, LlavaProcessor
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
-from data.collator import IGNORE_INDEX, VQACollator
-from data.collator import build_prompt
-from data.synthetic_vqa import (COLORS, GRID, REGION_PATCHES, ROW_NAMES, SHAPES, SyntheticVQADataset,
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+from transformers import LlavaForConditionalGeneration, LlavaProcessor  # noqa: E402
+
+from data.collator import IGNORE_INDEX, VQACollator, build_prompt  # noqa: E402
+from data.scoring import accuracy_by_type  # noqa: E402
+from data.synthetic_vqa import (COLORS, GRID, REGION_PATCHES, ROW_NAMES, SHAPES, SyntheticVQADataset,  # noqa: E402
                                 patch_labels, scene_questions)
-from data.word_tokenizer import word_level_processor
-from models.llava_backbone import LlavaBackbone
-from models.tiny_llava import build_llava
-from data.scoring import accuracy_by_type
-from trainers.evaluation import evaluate_accuracy, generate_baseline_answers
-from trainers.losses import task_loss
-from trainers.timing import machine
+from data.word_tokenizer import word_level_processor  # noqa: E402
+from models.llava_backbone import LlavaBackbone  # noqa: E402
+from models.tiny_llava import build_llava  # noqa: E402
+from trainers.evaluation import evaluate_accuracy, generate_baseline_answers  # noqa: E402
+from trainers.losses import task_loss  # noqa: E402
+from trainers.timing import machine  # noqa: E402
 
 
 class PatchHeads(nn.Module):
@@ -241,7 +244,7 @@ def majority_baseline(dataset: SyntheticVQADataset) -> float:
     return max(counts.values()) / len(dataset)
 
 
-def main(argv: list[str] | None = None) -> dict:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="folder to save the backbone into")
     parser.add_argument("--steps", type=int, default=3000)
@@ -269,8 +272,28 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     if args.steps < 1 or args.batch_size < 1 or args.eval_size < 1:
         parser.error("--steps, --batch-size and --eval-size must be positive")
+    return args
 
-    commit = source_commit()  # at the start: the code this phase runs, even if the checkout moves on meanwhile
+@dataclass
+class Pretraining:
+    """What the phases share: the model being pretrained, its processor and heads, the optimizer and the data."""
+
+    model: LlavaForConditionalGeneration
+    processor: LlavaProcessor
+    backbone: LlavaBackbone
+    heads: PatchHeads
+    optimizer: torch.optim.Optimizer
+    train: SyntheticVQADataset
+    eval_set: SyntheticVQADataset
+    device: torch.device
+
+    @property
+    def params(self) -> list[torch.Tensor]:
+        return [*self.model.parameters(), *self.heads.parameters()]
+
+
+def build(args: argparse.Namespace) -> Pretraining:
+    """A new tiny LLaVA (or the one ``--init-from`` names), its auxiliary heads, AdamW and the datasets."""
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
     if args.init_from is not None:  # a further phase of pretraining, from a saved backbone
@@ -282,75 +305,100 @@ def main(argv: list[str] | None = None) -> dict:
     device = torch.device(args.device)
     backbone = LlavaBackbone(model.to(device), processor, freeze=False)
     heads = PatchHeads(backbone.vision_hidden_size).to(device)
-    params = [*model.parameters(), *heads.parameters()]
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
-
+    optimizer = torch.optim.AdamW([*model.parameters(), *heads.parameters()], lr=args.lr, weight_decay=0.01)
     train = SyntheticVQADataset(args.sample_offset + args.steps * args.batch_size, "train", args.seed)
     eval_set = SyntheticVQADataset(args.eval_size, "eval", args.seed)
-    collate = VQACollator(processor)
-    probe = [collate([eval_set[j] for j in range(i, min(i + 64, len(eval_set)))])
-             for i in range(0, min(320, len(eval_set)), 64)]
-    args.out.mkdir(parents=True, exist_ok=True)
+    return Pretraining(model, processor, backbone, heads, optimizer, train, eval_set, device)
 
+
+def pretraining_step(run: Pretraining, batch: dict, step: int, args: argparse.Namespace,
+                     curriculum_rng: torch.Generator) -> dict[str, float]:
+    """One update: the answers' loss plus the patch and alignment losses, background hidden by the curriculum."""
+    backbone, device = run.backbone, run.device
+    colors, shapes, ids = batch["colors"], batch["shapes"], batch["input_ids"]
+    visible = background_visibility(step, args.steps, args.curriculum_start, args.curriculum_end)
+    mask = hide_background(batch["attention_mask"], backbone.image_token_mask(ids), colors, visible, curriculum_rng)
+    words = patch_word_targets(colors, shapes, run.processor.tokenizer, args.position_words)
+    ids, mask, colors, shapes = ids.to(device), mask.to(device), colors.to(device), shapes.to(device)
+
+    run.model.train()
+    features = backbone.vision_features(batch["pixel_values"].to(device))  # (B, N, Dv)
+    projected = backbone.project(features)  # (B, N, D)
+    embeds = backbone.merge_image_embeddings(ids, projected)
+    logits = backbone.lm_head(backbone.decode(embeds, mask))
+    task = task_loss(logits, batch["labels"].to(device))
+    aux = run.heads.loss(features, colors, shapes) + alignment_loss(
+        projected, backbone.language_model.embed_tokens.weight, [w.to(device) for w in words])
+    loss = task + args.aux_weight * aux
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"non-finite loss at step {step}: task {task.item()}, aux {aux.item()}")
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
+    run.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.params, 1.0)
+    run.optimizer.step()
+    return {"task": task.item(), "aux": aux.item(), "gnorm": float(grad_norm), "bg": visible}
+
+
+def save(run: Pretraining, out: Path) -> None:
+    run.model.save_pretrained(out)
+    run.processor.save_pretrained(out)
+
+
+def pretrain(run: Pretraining, args: argparse.Namespace) -> tuple[int, float]:
+    """The training loop, probing and saving every ``--probe-every`` steps; (steps run, wall seconds)."""
+    collate = VQACollator(run.processor)
+    probe = [collate([run.eval_set[j] for j in range(i, min(i + 64, len(run.eval_set)))])
+             for i in range(0, min(320, len(run.eval_set)), 64)]
     curriculum_rng = torch.Generator().manual_seed(args.seed)
     start = time.time()
     n_steps = min(args.steps, args.stop_after or args.steps)
-    loader = torch.utils.data.DataLoader(PretrainBatches(processor, train, args), batch_size=None,
+    loader = torch.utils.data.DataLoader(PretrainBatches(run.processor, run.train, args), batch_size=None,
                                          sampler=range(n_steps), num_workers=args.workers)
     bar = tqdm(loader, total=n_steps, desc="pretraining tiny-llava")
     for step, batch in enumerate(bar):
-        colors, shapes, ids = batch["colors"], batch["shapes"], batch["input_ids"]
-        visible = background_visibility(step, args.steps, args.curriculum_start, args.curriculum_end)
-        mask = hide_background(batch["attention_mask"], backbone.image_token_mask(ids), colors, visible, curriculum_rng)
-        words = patch_word_targets(colors, shapes, processor.tokenizer, args.position_words)
-        ids, mask, colors, shapes = ids.to(device), mask.to(device), colors.to(device), shapes.to(device)
-
-        model.train()
-        features = backbone.vision_features(batch["pixel_values"].to(device))  # (B, N, Dv)
-        projected = backbone.project(features)  # (B, N, D)
-        embeds = backbone.merge_image_embeddings(ids, projected)
-        logits = backbone.lm_head(backbone.decode(embeds, mask))
-        task = task_loss(logits, batch["labels"].to(device))
-        aux = heads.loss(features, colors, shapes) + alignment_loss(
-            projected, backbone.language_model.embed_tokens.weight, [w.to(device) for w in words])
-        loss = task + args.aux_weight * aux
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite loss at step {step}: task {task.item()}, aux {aux.item()}")
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        bar.set_postfix(task=f"{task.item():.3f}", aux=f"{aux.item():.3f}", gnorm=f"{grad_norm:.2f}", bg=f"{visible:.2f}")
-
+        values = pretraining_step(run, batch, step, args, curriculum_rng)
+        bar.set_postfix({key: f"{value:.3f}" if key != "bg" else f"{value:.2f}" for key, value in values.items()})
         if (step + 1) % args.probe_every == 0 or step + 1 == n_steps:
-            model.eval()
-            acc = first_token_accuracy(backbone, probe)
+            run.model.eval()
+            acc = first_token_accuracy(run.backbone, probe)
             tqdm.write(f"[step {step + 1}] {(time.time() - start) / 60:.1f} min, probe accuracy "
                        + ", ".join(f"{k} {v:.2f}" for k, v in acc.items()))
-            model.save_pretrained(args.out)  # nothing lost if the run is stopped
-            processor.save_pretrained(args.out)
-    wall = time.time() - start
+            save(run, args.out)  # nothing lost if the run is stopped
+    return n_steps, time.time() - start
 
-    model.eval()
-    prompts = VQACollator(processor, with_answers=False)
-    batches = (prompts([eval_set[j] for j in range(i, min(i + 64, len(eval_set)))])
-               for i in range(0, len(eval_set), 64))
-    accuracy = evaluate_accuracy(lambda b: generate_baseline_answers(backbone, b), batches, desc="final eval")
+
+def final_report(run: Pretraining, args: argparse.Namespace, argv: list[str] | None, n_steps: int, wall: float,
+                 commit: str) -> dict:
+    """The final evaluation (stock generate) and the phase's record, appended to the earlier phases'."""
+    run.model.eval()
+    prompts = VQACollator(run.processor, with_answers=False)
+    eval_set = run.eval_set
+    batches = (prompts([eval_set[j] for j in range(i, min(i + 64, len(eval_set)))]) for i in range(0, len(eval_set), 64))
+    accuracy = evaluate_accuracy(lambda b: generate_baseline_answers(run.backbone, b), batches, desc="final eval")
     report = {
         "steps": n_steps, "wall_time_s": round(wall, 1), "eval_size": args.eval_size,
         "accuracy": {k: round(v, 4) for k, v in sorted(accuracy.items())},
         "majority_baseline": round(majority_baseline(eval_set), 4),
-        "machine": machine(device),
-        "command": "python -m trainers.tiny_backbone " + " ".join(sys.argv[1:] if argv is None else argv),
+        "machine": machine(run.device),
+        "command": "python scripts/pretrain_tiny_backbone.py " + " ".join(sys.argv[1:] if argv is None else argv),
     }
     report["phases"] = earlier_phases(args.init_from)
     report["commit"] = commit
     report["phases"].append({key: report[key] for key in ("command", "steps", "wall_time_s", "machine", "commit")})
-    model.save_pretrained(args.out)
-    processor.save_pretrained(args.out)
-    write_model_card(args.out, args, model, report)
+    return report
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    commit = source_commit()  # at the start: the code this phase runs, even if the checkout moves on meanwhile
+    run = build(args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    n_steps, wall = pretrain(run, args)
+    report = final_report(run, args, argv, n_steps, wall, commit)
+    save(run, args.out)
+    write_model_card(args.out, args, run.model, report)
     print(json.dumps(report, indent=2))
     return report
 
