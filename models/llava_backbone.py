@@ -29,6 +29,9 @@ from torch import nn
 from models.flops import projector_flops, vision_tower_flops
 
 
+SUPPORTED_MODEL_TYPES = ("llava",)  # config.json's model_type this adapter runs
+
+
 class BackboneNotFoundError(FileNotFoundError):
     pass
 
@@ -59,9 +62,10 @@ def read_backbone_shape(name_or_path: str) -> BackboneShape:
         config = AutoConfig.from_pretrained(name_or_path, local_files_only=True)
     except OSError as err:
         raise BackboneNotFoundError(missing_backbone_message(name_or_path, err)) from err
-    if not hasattr(config, "vision_config") or not hasattr(config, "text_config"):
-        raise ValueError(f"{name_or_path!r} is a {config.model_type!r} model, not a LLaVA model "
-                         "(LlavaForConditionalGeneration with a vision_config and a text_config)")
+    if config.model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(f"{name_or_path!r} is a {config.model_type!r} model; supported model types: "
+                         f"{', '.join(SUPPORTED_MODEL_TYPES)} (LlavaForConditionalGeneration, llava-1.5's layout). "
+                         "Other families (llava_next, qwen2_vl, ...) need an adapter of their own")
     return BackboneShape.from_config(config)
 
 
