@@ -53,6 +53,8 @@ class MergeOutput:
     sparsity_loss: torch.Tensor  # scalar
     scores: torch.Tensor | None = None  # (B, N) the scorer's s_i (None for training-free mergers)
     valid: torch.Tensor | None = None  # (B, K) bool, False at the slots beyond an image's adaptive K; None: all valid
+    assignment: torch.Tensor | None = None  # (B, N) output slot each token went into (a centre its own, a merged token
+    #   its largest weight's), -1 where it was dropped; None for training-free mergers
 
 
 class SimpleScorer(nn.Module):
@@ -147,13 +149,15 @@ class TokenMerger(nn.Module):
         selection = top_k_mask(centres, N, valid)  # (B, N), 1 at the valid centres
         if torch.is_grad_enabled() and scores.requires_grad:  # the relaxation only carries gradients: skip it in eval
             selection = straight_through(selection, relaxed_top_k(noisy, counts, tau))
-        merged = soft_assignment_merge(features, centres, selection, tau, valid, self.similarity_threshold)
+        merged, slots = soft_assignment_merge(features, centres, selection, tau, valid, self.similarity_threshold,
+                                              return_slots=True)
         sparsity = (keep_prob.mean() - self.merge_ratio) ** 2
-        return MergeOutput(merged, centres, keep_prob, sparsity, scores, None if bool(valid.all()) else valid)
+        return MergeOutput(merged, centres, keep_prob, sparsity, scores, None if bool(valid.all()) else valid, slots)
 
 
 def soft_assignment_merge(features: torch.Tensor, centres: torch.Tensor, selection: torch.Tensor, tau: float,
-                          valid: torch.Tensor | None = None, similarity_threshold: float = -1.0) -> torch.Tensor:
+                          valid: torch.Tensor | None = None, similarity_threshold: float = -1.0,
+                          return_slots: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Weighted mean of each centre and the non-centre tokens softly assigned to it.
 
     a_jk = softmax_k(cos(x_j, c_k) / tau) over the valid centres k with cos(x_j, c_k) >= theta
@@ -163,6 +167,7 @@ def soft_assignment_merge(features: torch.Tensor, centres: torch.Tensor, selecti
     sum_j (1 - selection_j) a_jk); an invalid slot (``valid`` False) comes out as zeros.
     ``selection`` is 0/1 in value; its straight-through gradient reaches the scorer. Computed in
     float32 (a softmax of cos / tau at small tau loses too much in bf16), returned in the features' dtype.
+    ``return_slots``: also (B, N) the output each token went into (MergeOutput.assignment).
     """
     dtype = features.dtype
     features, selection = features.float(), selection.float()
@@ -178,4 +183,11 @@ def soft_assignment_merge(features: torch.Tensor, centres: torch.Tensor, selecti
     centre_weight = selection.gather(1, centres)  # (B, K), 1 in value at valid centres, 0 at invalid slots
     numerator = centre_weight.unsqueeze(-1) * centre_feats + assign.transpose(1, 2) @ features  # (B, K, D)
     denominator = (centre_weight + assign.sum(dim=1)).clamp_min(torch.finfo(sim.dtype).tiny)  # (B, K)
-    return (numerator / denominator.unsqueeze(-1)).to(dtype)
+    merged = (numerator / denominator.unsqueeze(-1)).to(dtype)
+    if not return_slots:
+        return merged
+    slots = assign.argmax(dim=-1).masked_fill(assign.sum(dim=-1) == 0, -1)  # (B, N)
+    own = torch.arange(centres.shape[1], device=centres.device).expand_as(centres)
+    # a valid centre is its own slot; an unused adaptive slot's position stays the ordinary token it is
+    slots = slots.scatter(1, centres, torch.where(centre_weight > 0, own, slots.gather(1, centres)))
+    return merged, slots

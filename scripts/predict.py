@@ -4,8 +4,9 @@ picture of the patches that survive each stage.
     python scripts/predict.py --model outputs --image photo.jpg --question "what color is the object in the top row ?"
 
 ``--model``: a run's output_dir, a folder written by save_pretrained, or a training_state_*.pt
-(trainers/pruned_model.py). Writes ``--out`` (default kept_tokens.png): the image, then the merger's
-output and each pruning stage, with the dropped patches darkened.
+(trainers/pruned_model.py). Writes ``--out`` (default kept_tokens.png): the image, what each patch
+merged into (one colour per merged token), then the merger's output and each pruning stage, with
+the dropped patches darkened.
 """
 
 from __future__ import annotations
@@ -22,20 +23,25 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from PIL import Image  # noqa: E402
 
 from trainers.evaluation import prefill_flops  # noqa: E402
-from trainers.pictures import darkened, kept_patch_grids, model_view  # noqa: E402
+from trainers.pictures import darkened, kept_patch_grids, merged_into, model_view  # noqa: E402
 from trainers.pruned_model import PrunedModelError, load_pruned  # noqa: E402
 
 
-def draw(pixels, grids, titles: list[str], path: Path) -> None:
+def draw(pixels, grids, titles: list[str], path: Path, slots=None) -> None:
+    """The image, what each patch merged into (``slots``: MergeOutput.assignment of the image), each stage's patches."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(grids) + 1, figsize=(3 * (len(grids) + 1), 3.2))
-    axes[0].imshow(pixels)
-    axes[0].set_title("image", fontsize=9)
-    for ax, grid, title in zip(axes[1:], grids, titles):
+    panels = [(pixels, "image")]
+    if slots is not None:
+        panels.append((merged_into(pixels, slots), "merged into (a colour per token)"))
+    fig, axes = plt.subplots(1, len(grids) + len(panels), figsize=(3 * (len(grids) + len(panels)), 3.2))
+    for ax, (shown, title) in zip(axes, panels):
+        ax.imshow(shown)
+        ax.set_title(title, fontsize=9)
+    for ax, grid, title in zip(axes[len(panels):], grids, titles):
         ax.imshow(darkened(pixels, grid))
         ax.set_title(title, fontsize=9)
     for ax in axes:
@@ -76,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     grids = kept_patch_grids(prefill.kept_positions, inputs["input_ids"], model.backbone.image_token_id,
                              model.backbone.num_vision_tokens)
     titles = [f"after the merger: {counts[0]:g}"] + [f"layer {layer}: {c:g}" for layer, c in zip(layers, counts[1:])]
-    draw(model_view(inputs["pixel_values"], pruned.processor.image_processor), grids, titles, args.out)
+    slots = prefill.merge.assignment[0] if prefill.merge is not None and prefill.merge.assignment is not None else None
+    draw(model_view(inputs["pixel_values"], pruned.processor.image_processor), grids, titles, args.out, slots)
     print(f"wrote {args.out}")
     return 0
 

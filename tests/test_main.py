@@ -62,7 +62,8 @@ def test_main_trains_logs_and_writes_the_seed_outputs(tmp_path, tiny_folder, cap
             "throughput/tokens_per_s", "throughput/teacher_s", "throughput/optimizer_s"} <= tags
     assert set(events.Tags()["images"]) == {f"kept_tokens/{i}" for i in range(4)}  # 4 of the 6 eval samples
     picture = events.Images("kept_tokens/0")[-1]
-    assert picture.step == 4 and (picture.height, picture.width) == (96, 96 * 5 + 2 * 4)  # image + merger + 3 stages
+    # the image, what each patch merged into, the merger's output and 3 stages, 2 px apart
+    assert picture.step == 4 and (picture.height, picture.width) == (96, 96 * 6 + 2 * 5)
 
     # A second run into the same folder refuses instead of overwriting; --resume auto continues.
     assert entry.main(args) == 2

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from trainers.pictures import DROPPED_BRIGHTNESS, kept_patch_grids, strip
+from trainers.pictures import DROPPED_BRIGHTNESS, PALETTE, kept_patch_grids, merged_into, strip
 
 
 def test_kept_patch_grids_place_each_kept_position_on_its_patch():
@@ -24,3 +24,13 @@ def test_strip_darkens_exactly_the_dropped_patches():
     assert (panel[:2, :2] == 128).all()  # kept: as in the image
     assert (panel[2:, :] == round(0.5 * DROPPED_BRIGHTNESS * 255)).all() and (panel[:2, 2:] == 26).all()
     assert (picture[:, 4] == 255).all() and (picture[:, :4] == 128).all()
+
+
+def test_merged_into_tints_each_patch_with_its_tokens_colour_and_darkens_the_dropped():
+    pixels = np.full((4, 4, 3), 0.5, np.float32)
+    shown = merged_into(pixels, torch.tensor([0, 0, 1, -1]))  # a 2 x 2 grid: two patches into token 0, one dropped
+    np.testing.assert_allclose(shown[0, 0], 0.25 + 0.5 * PALETTE[0])
+    np.testing.assert_allclose(shown[0, 3], 0.25 + 0.5 * PALETTE[0])  # same token, same colour
+    np.testing.assert_allclose(shown[3, 0], 0.25 + 0.5 * PALETTE[1])
+    np.testing.assert_allclose(shown[3, 3], 0.5 * DROPPED_BRIGHTNESS)
+    assert strip(pixels, [], gap=1, slots=torch.tensor([0, 0, 1, -1])).shape == (4, 9, 3)

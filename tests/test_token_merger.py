@@ -44,8 +44,9 @@ def test_low_temperature_assigns_each_token_to_its_most_similar_centre():
     centres = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
     x = torch.stack([centres[0], centres[1], torch.tensor([2.0, 0.1]), torch.tensor([0.1, 3.0])])[None]  # (1, 4, 2)
     sel = torch.tensor([[1.0, 1.0, 0.0, 0.0]])
-    out = soft_assignment_merge(x, torch.tensor([[0, 1]]), sel, tau=0.01)
+    out, slots = soft_assignment_merge(x, torch.tensor([[0, 1]]), sel, tau=0.01, return_slots=True)
     torch.testing.assert_close(out[0], torch.stack([(x[0, 0] + x[0, 2]) / 2, (x[0, 1] + x[0, 3]) / 2]))
+    assert slots.tolist() == [[0, 1, 0, 1]]
 
 
 @pytest.mark.parametrize("kind", ["simple", "question_aware"])
@@ -86,6 +87,9 @@ def test_similarity_threshold_merges_near_duplicates_and_drops_the_rest():
     sel = torch.tensor([[1.0, 1.0, 0.0, 0.0]])
     kept = soft_assignment_merge(x, torch.tensor([[0, 1]]), sel, tau=0.01, similarity_threshold=0.9)
     torch.testing.assert_close(kept[0], torch.stack([(centres[0] + near) / 2, centres[1]]))
+    _, slots = soft_assignment_merge(x, torch.tensor([[0, 1]]), sel, tau=0.01, similarity_threshold=0.9,
+                                     return_slots=True)
+    assert slots.tolist() == [[0, 1, 0, -1]], "the far token is dropped"
     everything = soft_assignment_merge(x, torch.tensor([[0, 1]]), sel, tau=1.0, similarity_threshold=-1.0)
     assert not torch.allclose(everything[0, 1], centres[1]), "without a threshold the far token merges too"
 
@@ -131,3 +135,15 @@ def test_sparsity_weight_holds_the_mean_adaptive_budget(weight):
         assert mean_k > 6
     else:
         assert abs(float(mean_k) - 4) <= 1
+
+
+def test_assignment_names_each_tokens_slot_and_an_adaptive_mergers_unused_slots_are_nobodys():
+    m = adaptive().eval()
+    x = torch.randn(5, 16, 8)
+    out = m(x, tau=0.01)
+    for b in range(5):
+        valid = out.valid[b] if out.valid is not None else torch.ones(out.positions.shape[1], dtype=torch.bool)
+        slots = out.assignment[b]
+        centres = out.positions[b][valid]
+        assert slots[centres].tolist() == torch.arange(len(valid))[valid].tolist(), "each centre is its own slot"
+        assert set(slots.tolist()) <= set(torch.arange(len(valid))[valid].tolist()) | {-1}, "no unused slot"

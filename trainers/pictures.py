@@ -1,8 +1,9 @@
 """Pictures of what pruning keeps: the image, then the patches that survive the merger and each pruning stage.
 
 ``kept_patch_grids`` reads a hard prefill's ``kept_positions`` (PrunedOutput); ``model_view`` gives the
-image as the vision tower sees it; ``strip`` lays them side by side with the dropped patches darkened
-(the array TensorBoard's ``add_image`` takes); scripts/predict.py draws the same grids with titles.
+image as the vision tower sees it; ``merged_into`` tints each patch by the merged token it went into;
+``strip`` lays them side by side with the dropped patches darkened (the array TensorBoard's
+``add_image`` takes); scripts/predict.py draws the same panels with titles.
 """
 
 from __future__ import annotations
@@ -45,10 +46,34 @@ def darkened(pixels: np.ndarray, grid: torch.Tensor) -> np.ndarray:
     return shown
 
 
-def strip(pixels: np.ndarray, grids: list[torch.Tensor], gap: int = 2) -> np.ndarray:
-    """(H, W * (1 + stages) + gaps, 3) uint8: the image, then each stage's kept patches, separated by white."""
+# twelve well-separated colours (a merged token's patches share one; neighbours in slot order differ)
+PALETTE = np.array([[0.90, 0.10, 0.10], [0.10, 0.45, 0.90], [0.10, 0.75, 0.20], [0.95, 0.60, 0.00],
+                    [0.60, 0.20, 0.80], [0.00, 0.80, 0.80], [0.95, 0.35, 0.70], [0.55, 0.35, 0.15],
+                    [0.60, 0.80, 0.10], [0.15, 0.15, 0.55], [1.00, 0.90, 0.20], [0.45, 0.45, 0.45]], np.float32)
+
+
+def merged_into(pixels: np.ndarray, slots: torch.Tensor) -> np.ndarray:
+    """``pixels`` with each patch tinted by the merged token it went into (``slots`` (N,): MergeOutput.assignment
+    of one image; one colour per token), the dropped ones (-1) darkened."""
+    side = int(len(slots) ** 0.5)
+    slots = slots.cpu().view(side, side).numpy()
+    colours = np.where(slots[..., None] >= 0, PALETTE[slots % len(PALETTE)], 0.0)  # (side, side, 3)
+    cell_h, cell_w = pixels.shape[0] // side, pixels.shape[1] // side
+    tint = np.kron(colours, np.ones((cell_h, cell_w, 1), np.float32))
+    kept = np.kron((slots >= 0).astype(np.float32), np.ones((cell_h, cell_w), np.float32))[..., None]
+    shown = pixels.copy()
+    region = shown[:tint.shape[0], :tint.shape[1]]
+    region[:] = kept * (0.5 * region + 0.5 * tint) + (1 - kept) * DROPPED_BRIGHTNESS * region
+    return shown
+
+
+def strip(pixels: np.ndarray, grids: list[torch.Tensor], gap: int = 2, slots: torch.Tensor | None = None) -> np.ndarray:
+    """(H, W * panels + gaps, 3) uint8: the image, what each patch merged into (with ``slots``), then each stage's
+    kept patches, separated by white."""
     separator = np.ones((pixels.shape[0], gap, 3), np.float32)
     panels = [pixels]
+    if slots is not None:
+        panels += [separator, merged_into(pixels, slots)]
     for grid in grids:
         panels += [separator, darkened(pixels, grid)]
     return (np.concatenate(panels, axis=1) * 255).round().astype(np.uint8)

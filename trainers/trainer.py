@@ -305,9 +305,9 @@ class Trainer:
         self.metrics.evaluation(self.step, metrics, self.kept_token_pictures())
 
     def kept_token_pictures(self) -> list:
-        """The first PICTURE_SAMPLES eval samples, each the image and then the patches left after the merger and after
-        each pruning stage (hard mode), so one sees what the modules learn to keep; none when the vision tokens are no
-        square grid of patches (e.g. the `full` strategy's CLS)."""
+        """The first PICTURE_SAMPLES eval samples, each the image, what each patch merged into, and the patches left
+        after the merger and after each pruning stage (hard mode), so one sees what the modules learn to keep; none
+        when the vision tokens are no square grid of patches (e.g. the `full` strategy's CLS)."""
         bb = self.backbone
         if round(bb.num_vision_tokens ** 0.5) ** 2 != bb.num_vision_tokens:
             return []
@@ -318,10 +318,12 @@ class Trainer:
         was_training = self.model.training
         self.model.eval()
         with torch.no_grad():
-            kept = self.model(ids, pixels, mask, mode="hard").kept_positions
+            out = self.model(ids, pixels, mask, mode="hard")
         self.model.train(was_training)
+        slots = out.merge.assignment if out.merge is not None else None
         return [strip(model_view(pixels, bb.processor.image_processor, sample=i),
-                      kept_patch_grids(kept, ids, bb.image_token_id, bb.num_vision_tokens, sample=i))
+                      kept_patch_grids(out.kept_positions, ids, bb.image_token_id, bb.num_vision_tokens, sample=i),
+                      slots=None if slots is None else slots[i])
                 for i in range(len(samples))]
 
     # ------------------------------------------------------------------ the loop
