@@ -96,6 +96,8 @@ def main(argv: list[str] | None = None, backbone: LlavaBackbone | None = None) -
     args = parser.parse_args(argv)
     if any(not 0 < keep <= 1 for keep in args.keep):
         parser.error(f"--keep takes fractions in (0, 1], got {args.keep}")
+    if args.batch_size < 1 or args.repeats < 1 or args.new_tokens < 1:
+        parser.error("--batch-size, --repeats and --new-tokens must be at least 1")
 
     config = load_config(args.config or DEFAULT_CONFIG[args.shapes], args.overrides)
     if args.threads:

@@ -95,6 +95,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--new-tokens", type=int, default=32, help="tokens of cached generation in the prefill table")
     parser.add_argument("--json", type=Path, help="also write every figure to this file")
     args = parser.parse_args(argv)
+    if args.batch_size < 1 or args.steps < 1 or args.repeats < 1 or args.new_tokens < 1:
+        parser.error("--batch-size, --steps, --repeats and --new-tokens must be at least 1")
+    if args.max_batch < args.batch_size:
+        parser.error(f"--max-batch ({args.max_batch}) is below --batch-size ({args.batch_size})")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("--device cuda but no CUDA device is visible; on a CPU machine pass --shapes tiny --device cpu")
 

@@ -45,3 +45,13 @@ def test_largest_batch_lets_other_errors_through(monkeypatch):
     monkeypatch.setattr(gpu_check, "training_figures", broken)
     with pytest.raises(RuntimeError, match="shape mismatch"):
         gpu_check.largest_batch(None, None, 12, 96, False)
+
+
+@pytest.mark.parametrize("args, message", [(["--batch-size", "0"], "must be at least 1"),
+                                           (["--batch-size", "16", "--max-batch", "8"], "is below --batch-size"),
+                                           (["--shapes", "tiny", "--device", "cuda"] if not torch.cuda.is_available()
+                                            else ["--steps", "0"], "CUDA" if not torch.cuda.is_available() else "at least")])
+def test_bad_arguments_are_refused_before_any_model_loads(args, message, capsys):
+    with pytest.raises(SystemExit) as err:
+        gpu_check.main(args)
+    assert err.value.code == 2 and message in capsys.readouterr().err
