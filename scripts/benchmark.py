@@ -73,18 +73,19 @@ class BenchmarkError(ValueError):
 
 
 # ---------------------------------------------------------------------------------------- the learned method's runs
-STAGE_KEEP = 0.75  # what each pruning stage of a learned row keeps of the tokens entering it (unless it must keep less)
+STAGE_KEEP = 0.75  # default share of the tokens entering it that each pruning stage of a learned row keeps
 
 
-def stage_ratios(merged: int, num_keep: int, stages: int) -> list[float]:
-    """The learned rows' rule: each stage keeps STAGE_KEEP of what enters it, or, where that would leave more than
+def stage_ratios(merged: int, num_keep: int, stages: int, stage_keep: float = STAGE_KEEP) -> list[float]:
+    """The learned rows' rule: each stage keeps ``stage_keep`` of what enters it, or, where that would leave more than
     ``num_keep`` after the last stage, the equal ratios that end at exactly ``num_keep``."""
-    if stages == 0 or stage_budgets(merged, [STAGE_KEEP] * stages)[-1] <= num_keep:
-        return [STAGE_KEEP] * stages
+    if stages == 0 or stage_budgets(merged, [stage_keep] * stages)[-1] <= num_keep:
+        return [stage_keep] * stages
     return geometric_ratios(merged, num_keep, stages)
 
 
-def matched_schedule(num_tokens: int, num_keep: int, stages: int, flops_of, target: float) -> tuple[int, list[float]]:
+def matched_schedule(num_tokens: int, num_keep: int, stages: int, flops_of, target: float,
+                     stage_keep: float = STAGE_KEEP) -> tuple[int, list[float]]:
     """(merger tokens, pruner keep ratios) of the learned row that spends at most ``target`` prefill FLOPs.
 
     The merger keeps the most tokens m in [K, N] whose schedule (:func:`stage_ratios`: m tokens, then the stages
@@ -92,7 +93,7 @@ def matched_schedule(num_tokens: int, num_keep: int, stages: int, flops_of, targ
     bisection. Raises ValueError when even m = K costs more.
     """
     def fits(m: int) -> bool:
-        return flops_of(m, stage_ratios(m, num_keep, stages)) <= target
+        return flops_of(m, stage_ratios(m, num_keep, stages, stage_keep)) <= target
 
     if not fits(num_keep):
         raise ValueError(f"no learned schedule keeping at most {num_keep} tokens fits {target:.1%} of the unpruned "
@@ -101,7 +102,7 @@ def matched_schedule(num_tokens: int, num_keep: int, stages: int, flops_of, targ
     while low < high:
         mid = (low + high + 1) // 2
         low, high = (mid, high) if fits(mid) else (low, mid - 1)
-    return low, stage_ratios(low, num_keep, stages)
+    return low, stage_ratios(low, num_keep, stages, stage_keep)
 
 
 def budget_name(budget: float) -> str:
@@ -248,6 +249,8 @@ def plan(args, config: Config, shape: BackboneShape) -> dict[float, int]:
     """Kept tokens per budget, every budget and baseline checked; every problem in one BenchmarkError."""
     problems, kept = [], {}
     n, layers = shape.num_vision_tokens, list(config.method_settings.pruning_layers)
+    if not 0 < args.stage_keep <= 1:
+        problems.append(f"--stage-keep {args.stage_keep:g}: a stage keeps a share of its tokens in (0, 1]")
     baselines = [m for m in args.methods if m != "learned"]
     baselines += [m for m in args.match_flops if "learned" in args.methods and m not in baselines]
     for budget in args.budgets:
@@ -286,7 +289,7 @@ def learned_runs(args, config: Config, backbone: LlavaBackbone, kept: dict[float
     runs, to_train, problems = [], [], []
     for (budget, match), target in targets.items():
         try:
-            merged, ratios = matched_schedule(n, kept[budget], len(layers), flops_of, target)
+            merged, ratios = matched_schedule(n, kept[budget], len(layers), flops_of, target, args.stage_keep)
         except ValueError as err:
             problems.append(f"the learned method at budget {budget:g} matched to {match}: {err}")
             continue
@@ -539,6 +542,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--match-flops", nargs="+", default=["tome", "fastv"], choices=[m for m in METHODS if m != "learned"],
                         metavar="METHOD", help="train one learned run per budget and METHOD, spending at most METHOD's "
                                                "prefill FLOPs at that budget (default: tome fastv)")
+    parser.add_argument("--stage-keep", type=float, default=STAGE_KEEP, metavar="R",
+                        help="share of the tokens entering it that each pruning stage of a learned row keeps "
+                             f"(less only where needed to end at the budget; default {STAGE_KEEP})")
     parser.add_argument("--fastv-layer", type=int, default=2, help="FastV's K: prune before decoder layer K")
     parser.add_argument("--learned-root", type=Path, default=Path("outputs/benchmark"),
                         help="holds learned_<pct>_<method>/, one main.py run per budget and --match-flops method")

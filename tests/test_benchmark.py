@@ -26,17 +26,18 @@ def bench_args(tmp_path, folder, *extra):
     return [*args, *extra]
 
 
+@pytest.mark.parametrize("stage_keep", [benchmark.STAGE_KEEP, 0.6, 0.9])
 @pytest.mark.parametrize("keep, stages", [(36, 3), (72, 3), (16, 3), (29, 3), (36, 1), (5, 2)])
-def test_stage_ratios_keep_three_quarters_or_end_at_the_budget(keep, stages):
+def test_stage_ratios_keep_the_stage_share_or_end_at_the_budget(keep, stages, stage_keep):
     for merged in range(keep, 145):
-        ratios = benchmark.stage_ratios(merged, keep, stages)
+        ratios = benchmark.stage_ratios(merged, keep, stages, stage_keep)
         budgets = stage_budgets(merged, ratios)
         assert len(ratios) == stages and budgets[-1] <= keep
-        if stage_budgets(merged, [benchmark.STAGE_KEEP] * stages)[-1] > keep:
-            assert budgets[-1] == keep  # pruned harder than 3/4 only as far as the budget needs
+        if stage_budgets(merged, [stage_keep] * stages)[-1] > keep:
+            assert budgets[-1] == keep  # pruned harder than the stage share only as far as the budget needs
         else:
-            assert ratios == [benchmark.STAGE_KEEP] * stages
-    assert benchmark.stage_ratios(40, 36, 0) == []
+            assert ratios == [stage_keep] * stages
+    assert benchmark.stage_ratios(40, 36, 0, stage_keep) == []
 
 
 def test_matched_schedule_takes_the_most_merged_tokens_within_the_flops_target():
@@ -50,12 +51,17 @@ def test_matched_schedule_takes_the_most_merged_tokens_within_the_flops_target()
             assert mean_tokens(merged + 1, benchmark.stage_ratios(merged + 1, keep, 3)) > target
     with pytest.raises(ValueError, match="no learned schedule keeping at most 36 tokens fits 10.0% of the unpruned"):
         benchmark.matched_schedule(144, 36, 3, mean_tokens, 0.1)
+    # a gentler stage share keeps fewer tokens at the merger and more after the last stage at the same cost
+    gentle, steep = (benchmark.matched_schedule(144, 72, 3, mean_tokens, 0.45, keep) for keep in (0.9, 0.6))
+    assert gentle[0] < steep[0] and stage_budgets(*gentle)[-1] > stage_budgets(*steep)[-1]
 
 
 def test_bad_budgets_are_named_with_their_fix_before_any_weights_load(tmp_path, tiny_folder, capsys, monkeypatch):
     monkeypatch.setattr(benchmark.LlavaBackbone, "from_pretrained", lambda *a, **k: pytest.fail("weights loaded"))
-    assert benchmark.main(bench_args(tmp_path, tiny_folder, "--budgets", "0.25", "0.001", "0.2")) == 2
+    assert benchmark.main(bench_args(tmp_path, tiny_folder, "--budgets", "0.25", "0.001", "0.2",
+                                     "--stage-keep", "1.5")) == 2
     err = capsys.readouterr().err
+    assert "--stage-keep 1.5: a stage keeps a share of its tokens in (0, 1]" in err
     assert "budget 0.001 keeps 0 of 144 vision tokens; the smallest budget that keeps one is 0.0069" in err
     assert "pooling at budget 0.2: spatial pooling cannot keep 29 tokens" in err and "28 or 30" in err
     assert not (tmp_path / "bench" / "results.csv").exists()  # nothing ran
