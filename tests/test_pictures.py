@@ -2,7 +2,12 @@ import numpy as np
 import pytest
 import torch
 
-from trainers.pictures import DROPPED_BRIGHTNESS, PALETTE, kept_patch_grids, merged_into, strip
+from trainers.pictures import DROPPED_BRIGHTNESS, PALETTE, grid_side, kept_patch_grids, merged_into, strip
+
+
+def test_grid_side_is_the_square_grids_side_or_none():
+    assert [grid_side(n) for n in (1, 4, 144, 576)] == [1, 2, 12, 24]
+    assert [grid_side(n) for n in (2, 5, 143, 577)] == [None] * 4
 
 
 def test_kept_patch_grids_place_each_kept_position_on_its_patch():

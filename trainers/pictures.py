@@ -14,12 +14,18 @@ import torch
 DROPPED_BRIGHTNESS = 0.2  # a dropped patch is shown at 20% of its brightness
 
 
+def grid_side(num_patches: int) -> int | None:
+    """The side of the square grid ``num_patches`` patches form, or None when they form none."""
+    side = round(num_patches ** 0.5)
+    return side if side * side == num_patches else None
+
+
 def kept_patch_grids(kept_positions: list[torch.Tensor], input_ids: torch.Tensor, image_token_id: int,
                      num_patches: int, sample: int = 0) -> list[torch.Tensor]:
     """Per stage (the LLM's input, then after each pruning layer): a (side, side) bool grid of ``sample``'s kept
     patches. ``kept_positions``: per stage (B, k) sequence positions of the kept vision tokens."""
-    side = int(num_patches ** 0.5)
-    if side * side != num_patches:
+    side = grid_side(num_patches)
+    if side is None:
         raise ValueError(f"{num_patches} vision tokens do not form a square grid of patches")
     first = int((input_ids[sample] == image_token_id).nonzero()[0])  # the sample's first image placeholder
     grids = []

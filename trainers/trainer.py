@@ -40,7 +40,7 @@ from trainers.evaluation import evaluate_accuracy, evaluate_pruned, generate_bas
 from trainers.run_log import RunLog
 from trainers.losses import (distillation_loss, merge_importance_loss, next_token_positions,
                              pruner_importance_loss, task_loss, weighted_sum)
-from trainers.pictures import kept_patch_grids, model_view, strip
+from trainers.pictures import grid_side, kept_patch_grids, model_view, strip
 from trainers.pruned_model import load_modules, read_saved_modules, save_pretrained
 from trainers.schedules import TemperatureSchedule
 from trainers.metrics_log import MetricsLog, summary
@@ -309,7 +309,7 @@ class Trainer:
         after the merger and after each pruning stage (hard mode), so one sees what the modules learn to keep; none
         when the vision tokens are no square grid of patches (e.g. the `full` strategy's CLS)."""
         bb = self.backbone
-        if round(bb.num_vision_tokens ** 0.5) ** 2 != bb.num_vision_tokens:
+        if grid_side(bb.num_vision_tokens) is None:
             return []
         samples = [self.eval_set[i] for i in range(min(PICTURE_SAMPLES, len(self.eval_set)))]
         batch = VQACollator(bb.processor, with_answers=False)(samples)
