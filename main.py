@@ -114,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     log = RunLog(out / "logs" / "training.log" if data_parallel.is_main else None, echo=data_parallel.is_main)
     try:
         run(config, log, resume, out, data, data_parallel)
+        data_parallel.finish()
     except NonFiniteLossError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -213,9 +213,12 @@ def test_ctrl_c_stops_cleanly_and_queues_the_running_trial(tmp_path, tiny_folder
     path = tmp_path / "search.yaml"
     path.write_text(yaml.safe_dump(config_to_dict(config)))
     study = study_of(config)
-    # Its own process group, like a terminal's foreground job: Ctrl-C reaches the manager and its workers.
+    # Its own process group, like a terminal's foreground job: Ctrl-C reaches the manager and its workers. SIGINT at
+    # its default too, as in a terminal: a background job of a non-interactive shell (a CI script) ignores SIGINT,
+    # and a child would inherit that.
     process = subprocess.Popen([sys.executable, "main.py", "--config", str(path)], cwd=PROJECT_ROOT,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True, text=True)
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     victim = wait_for_running_trial(study, lambda: process.poll() is None)
     os.killpg(process.pid, signal.SIGINT)
     out, _ = process.communicate()

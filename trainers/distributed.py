@@ -11,7 +11,7 @@
   whole batch, for losses that are means over samples;
 - agrees across ranks on skipping a non-finite update;
 - logs, evaluates and writes checkpoints on rank 0 only (the other ranks wait for it at their
-  next collective call).
+  next collective call, and at the end in :meth:`DataParallel.finish`).
 
 The frozen backbone needs no synchronisation; the trainable modules start equal on every rank
 (broadcast from rank 0). Every rank seeds the same RNG and, with equal shards, draws the same
@@ -97,6 +97,16 @@ class DataParallel:
         sums = self._tensor([values[k] * local_samples for k in keys] + [local_samples])
         dist.all_reduce(sums)
         return {k: (sums[i] / sums[-1]).item() for i, k in enumerate(keys)}
+
+    def finish(self) -> None:
+        """Every rank waits for rank 0's last evaluation and checkpoint, then the process group closes.
+
+        A rank that left while the others still held its connections could abort on exit ("terminate called
+        without an active exception" in gloo), failing a run that had succeeded."""
+        if not self.enabled or not dist.is_initialized():
+            return
+        dist.barrier()
+        dist.destroy_process_group()
 
     def broadcast_parameters(self, modules: Iterable[nn.Module | None]) -> None:
         """Rank 0's parameters and buffers on every rank."""
