@@ -16,8 +16,8 @@ accuracy_vs_flops.png to --out.
 The learned method is compared at equal FLOPs: at budget K, for each method M of ``--match-flops``
 (default ToMe, the cheapest strong baseline, and FastV), one run of ``main.py`` in
 ``<learned-root>/learned_<pct>_<M>`` (its final step) whose schedule spends at most M's measured
-prefill FLOPs at K (``matched_schedule``): each pruning stage keeps 3/4 of what enters it (more
-pruning only where needed to end at K at most), and the merger keeps the most tokens that fit.
+prefill FLOPs at K (``matched_schedule``): each pruning stage keeps 3/4 of what enters it (``--stage-keep``;
+more pruning only where needed to end at K at most), and the merger keeps the most tokens that fit.
 The command that trains a missing run is printed; ``--train-missing`` runs it (about 2 minutes
 per run on 2 CPU cores for the tiny default).
 """
