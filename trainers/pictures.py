@@ -8,6 +8,8 @@ image as the vision tower sees it; ``merged_into`` tints each patch by the merge
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
@@ -16,17 +18,22 @@ DROPPED_BRIGHTNESS = 0.2  # a dropped patch is shown at 20% of its brightness
 
 def grid_side(num_patches: int) -> int | None:
     """The side of the square grid ``num_patches`` patches form, or None when they form none."""
-    side = round(num_patches ** 0.5)
+    side = math.isqrt(num_patches)
     return side if side * side == num_patches else None
+
+
+def _square_side(num_patches: int) -> int:
+    side = grid_side(num_patches)
+    if side is None:
+        raise ValueError(f"{num_patches} vision tokens do not form a square grid of patches")
+    return side
 
 
 def kept_patch_grids(kept_positions: list[torch.Tensor], input_ids: torch.Tensor, image_token_id: int,
                      num_patches: int, sample: int = 0) -> list[torch.Tensor]:
     """Per stage (the LLM's input, then after each pruning layer): a (side, side) bool grid of ``sample``'s kept
     patches. ``kept_positions``: per stage (B, k) sequence positions of the kept vision tokens."""
-    side = grid_side(num_patches)
-    if side is None:
-        raise ValueError(f"{num_patches} vision tokens do not form a square grid of patches")
+    side = _square_side(num_patches)
     first = int((input_ids[sample] == image_token_id).nonzero()[0])  # the sample's first image placeholder
     grids = []
     for positions in kept_positions:
@@ -61,7 +68,7 @@ PALETTE = np.array([[0.90, 0.10, 0.10], [0.10, 0.45, 0.90], [0.10, 0.75, 0.20], 
 def merged_into(pixels: np.ndarray, slots: torch.Tensor) -> np.ndarray:
     """``pixels`` with each patch tinted by the merged token it went into (``slots`` (N,): MergeOutput.assignment
     of one image; one colour per token), the dropped ones (-1) darkened."""
-    side = int(len(slots) ** 0.5)
+    side = _square_side(len(slots))
     slots = slots.cpu().view(side, side).numpy()
     colours = np.where(slots[..., None] >= 0, PALETTE[slots % len(PALETTE)], 0.0)  # (side, side, 3)
     cell_h, cell_w = pixels.shape[0] // side, pixels.shape[1] // side
