@@ -17,7 +17,8 @@ The learned method is compared at equal FLOPs: at budget K, for each method M of
 (default ToMe, the cheapest strong baseline, and FastV), one run of ``main.py`` in
 ``<learned-root>/learned_<pct>_<M>`` (its final step) whose schedule spends at most M's measured
 prefill FLOPs at K (``matched_schedule``): each pruning stage keeps 3/4 of what enters it (``--stage-keep``;
-more pruning only where needed to end at K at most), and the merger keeps the most tokens that fit.
+more pruning only where needed to end at K at most), and the merger keeps the most tokens that fit (when it
+keeps all N and FLOPs are left, the stages keep more, up to the FLOPs).
 The command that trains a missing run is printed; ``--train-missing`` runs it (about 2 minutes
 per run on 2 CPU cores for the tiny default).
 """
@@ -88,12 +89,14 @@ def matched_schedule(num_tokens: int, num_keep: int, stages: int, flops_of, targ
                      stage_keep: float = STAGE_KEEP) -> tuple[int, list[float]]:
     """(merger tokens, pruner keep ratios) of the learned row that spends at most ``target`` prefill FLOPs.
 
-    The merger keeps the most tokens m in [K, N] whose schedule (:func:`stage_ratios`: m tokens, then the stages
-    down to at most K) costs ``flops_of(m, ratios)`` <= ``target``; the cost grows with m, so m is found by
-    bisection. Raises ValueError when even m = K costs more.
+    The FLOPs go to the early layers first. The merger keeps the most tokens m in [K, N] whose schedule
+    (:func:`stage_ratios`: m tokens, then the stages down to at most K) costs ``flops_of(m, ratios)`` <= ``target``;
+    the cost grows with m, so m is found by bisection. When even m = N leaves FLOPs over, the stages keep more:
+    the largest share in [``stage_keep``, 1], in steps of 1/200, that still fits. Raises ValueError when even
+    m = K costs more.
     """
-    def fits(m: int) -> bool:
-        return flops_of(m, stage_ratios(m, num_keep, stages, stage_keep)) <= target
+    def fits(m: int, keep: float = stage_keep) -> bool:
+        return flops_of(m, stage_ratios(m, num_keep, stages, keep)) <= target
 
     if not fits(num_keep):
         raise ValueError(f"no learned schedule keeping at most {num_keep} tokens fits {target:.1%} of the unpruned "
@@ -102,7 +105,15 @@ def matched_schedule(num_tokens: int, num_keep: int, stages: int, flops_of, targ
     while low < high:
         mid = (low + high + 1) // 2
         low, high = (mid, high) if fits(mid) else (low, mid - 1)
-    return low, stage_ratios(low, num_keep, stages, stage_keep)
+    keep = stage_keep
+    if low == num_tokens and stages:
+        steps = [stage_keep + (1 - stage_keep) * i / 200 for i in range(201)]
+        first, last = 0, 200  # fits(N, steps[first]) holds
+        while first < last:
+            mid = (first + last + 1) // 2
+            first, last = (mid, last) if fits(num_tokens, steps[mid]) else (first, mid - 1)
+        keep = round(steps[first], 6)
+    return low, stage_ratios(low, num_keep, stages, keep)
 
 
 def budget_name(budget: float) -> str:

@@ -56,6 +56,29 @@ def test_matched_schedule_takes_the_most_merged_tokens_within_the_flops_target()
     assert gentle[0] < steep[0] and stage_budgets(*gentle)[-1] > stage_budgets(*steep)[-1]
 
 
+@pytest.mark.parametrize("keep, target", [(72, 0.6), (72, 0.75), (36, 0.5), (16, 0.9)])
+def test_flops_left_with_every_token_merged_go_to_the_stages(keep, target):
+    def mean_tokens(merged, ratios):
+        return sum([merged, *stage_budgets(merged, ratios)]) / (1 + len(ratios)) / 144
+
+    merged, ratios = benchmark.matched_schedule(144, keep, 3, mean_tokens, target, 0.5)
+    end = stage_budgets(merged, ratios)[-1]
+    assert merged == 144 and mean_tokens(merged, ratios) <= target and end <= keep
+    if end < keep:  # the stages keep more than the rule's share, up to the target: 1/200 more costs too much
+        assert ratios[0] > 0.5
+        assert mean_tokens(144, benchmark.stage_ratios(144, keep, 3, ratios[0] + 0.5 / 200 + 1e-9)) > target
+    else:  # the budget binds first
+        assert ratios == benchmark.stage_ratios(144, keep, 3, 1.0)
+
+
+def test_the_stages_keep_the_rule_share_while_the_merger_is_short_of_every_token():
+    def mean_tokens(merged, ratios):
+        return sum([merged, *stage_budgets(merged, ratios)]) / (1 + len(ratios)) / 144
+
+    merged, ratios = benchmark.matched_schedule(144, 72, 3, mean_tokens, 0.3, 0.5)
+    assert merged < 144 and ratios == [0.5] * 3
+
+
 def test_bad_budgets_are_named_with_their_fix_before_any_weights_load(tmp_path, tiny_folder, capsys, monkeypatch):
     monkeypatch.setattr(benchmark.LlavaBackbone, "from_pretrained", lambda *a, **k: pytest.fail("weights loaded"))
     assert benchmark.main(bench_args(tmp_path, tiny_folder, "--budgets", "0.25", "0.001", "0.2",
