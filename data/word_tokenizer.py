@@ -45,3 +45,17 @@ def word_level_processor(image_size: int = 96, patch_size: int = 8):
     # num_additional_image_tokens=1: the processor counts CLS, which the `default` strategy drops.
     return LlavaProcessor(image_processor=image_processor, tokenizer=build_word_tokenizer(vocabulary()),
                           patch_size=patch_size, vision_feature_select_strategy="default", num_additional_image_tokens=1)
+
+
+def word_level_next_processor(crop_size: int, patch_size: int, pinpoints: list[list[int]]):
+    """:func:`word_level_processor` for a LLaVA-NeXT model: crops of ``crop_size`` px on the ``pinpoints`` grid."""
+    from transformers import LlavaNextImageProcessorPil, LlavaNextProcessor
+
+    from data.synthetic_vqa import vocabulary
+
+    image_processor = LlavaNextImageProcessorPil(size={"shortest_edge": crop_size},
+                                                 crop_size={"height": crop_size, "width": crop_size},
+                                                 image_grid_pinpoints=pinpoints)
+    return LlavaNextProcessor(image_processor=image_processor, tokenizer=build_word_tokenizer(vocabulary()),
+                              patch_size=patch_size, vision_feature_select_strategy="default",
+                              num_additional_image_tokens=1)

@@ -1,8 +1,11 @@
-"""The one adapter between this project and `transformers`' LLaVA (written against 5.x).
+"""The backbone interface, and its adapter for `transformers`' LLaVA-1.5 layout (written against 5.x).
 
 Everything that knows attribute paths, the decoder-layer call signature, rotary embeddings
 and mask conventions of `LlavaForConditionalGeneration` lives here; the pruning modules and
-the trainer only call the methods below. A new backbone family is a new adapter.
+the trainer only call the methods below. A new backbone family is a subclass in a file of its
+own that overrides what differs (models/llava_next_backbone.py); ``LlavaBackbone.from_pretrained``
+and ``read_backbone_shape`` pick the family from the checkpoint's ``model_type`` before any
+weight loads.
 
 Facts this file relies on (transformers 5.x):
 - ``model.model`` is a ``LlavaModel`` with ``.vision_tower`` (CLIP), ``.multi_modal_projector``
@@ -29,7 +32,20 @@ from torch import nn
 from models.flops import projector_flops, vision_tower_flops
 
 
-SUPPORTED_MODEL_TYPES = ("llava",)  # config.json's model_type this adapter runs
+def _families() -> dict[str, type["LlavaBackbone"]]:
+    """config.json's model_type -> the adapter that runs it."""
+    from models.llava_next_backbone import LlavaNextBackbone
+
+    return {"llava": LlavaBackbone, "llava_next": LlavaNextBackbone}
+
+
+def backbone_class(model_type: str, name_or_path: str = "the backbone") -> type["LlavaBackbone"]:
+    families = _families()
+    if model_type not in families:
+        raise ValueError(f"{name_or_path!r} is a {model_type!r} model; supported model types: {', '.join(families)} "
+                         "(LlavaForConditionalGeneration, LlavaNextForConditionalGeneration); other families need an "
+                         "adapter of their own")
+    return families[model_type]
 
 
 class BackboneNotFoundError(FileNotFoundError):
@@ -54,23 +70,37 @@ class BackboneShape:
                    getattr(config.text_config, "max_position_embeddings", None))
 
 
-def read_backbone_shape(name_or_path: str) -> BackboneShape:
-    """The backbone's shape from its config.json (local folder or local HF cache), weights untouched."""
+def read_backbone_shape(name_or_path: str, max_vision_tokens: int | None = None,
+                        image_max_size: int | None = None) -> BackboneShape:
+    """The backbone's shape from its config.json (local folder or local HF cache), weights untouched; for a family
+    whose token count follows the image, within the bounds (``data_settings.max_vision_tokens`` / ``image_max_size``:
+    LlavaBackbone.apply_bounds)."""
     from transformers import AutoConfig
 
     try:
         config = AutoConfig.from_pretrained(name_or_path, local_files_only=True)
     except OSError as err:
         raise BackboneNotFoundError(missing_backbone_message(name_or_path, err)) from err
-    if config.model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(f"{name_or_path!r} is a {config.model_type!r} model; supported model types: "
-                         f"{', '.join(SUPPORTED_MODEL_TYPES)} (LlavaForConditionalGeneration, llava-1.5's layout). "
-                         "Other families (llava_next, qwen2_vl, ...) need an adapter of their own")
-    return BackboneShape.from_config(config)
+    family = backbone_class(config.model_type, name_or_path)
+    family.bound_config(config, max_vision_tokens, image_max_size)
+    return family.shape_from_config(config)
+
+
+@dataclass
+class ImageFeatures:
+    """Pre-projector vision features of a batch, one image per sample."""
+
+    features: torch.Tensor  # (B, N, Dv); a sample with fewer than N tokens is padded at the end
+    valid: torch.Tensor | None = None  # (B, N) bool, False at the padding; None: every sample holds N
 
 
 class LlavaBackbone(nn.Module):
     """A frozen (or, for the tiny builder, trainable) LLaVA model, exposed piece by piece."""
+
+    model_class = "LlavaForConditionalGeneration"  # the transformers class this family loads
+    image_input_keys: tuple[str, ...] = ()  # processor outputs besides pixel_values that the vision path reads
+    one_patch_grid = True  # the vision tokens are one image's patch grid, in order (pictures of what is kept)
+    variable_token_count = False  # the number of vision tokens follows the image (num_vision_tokens: the most)
 
     def __init__(self, model: nn.Module, processor=None, freeze: bool = True):
         super().__init__()
@@ -98,18 +128,34 @@ class LlavaBackbone(nn.Module):
     @classmethod
     def from_pretrained(cls, name_or_path: str, dtype: str = "float32", attn_implementation: str = "sdpa",
                         device: str | torch.device = "cpu") -> "LlavaBackbone":
-        """Load a llava-hf checkpoint from a local folder or the local Hugging Face cache, never the network."""
-        from transformers import AutoProcessor, LlavaForConditionalGeneration
+        """Load a checkpoint from a local folder or the local Hugging Face cache, never the network, with the adapter
+        of its family (its config.json's ``model_type``)."""
+        import transformers
+        from transformers import AutoConfig, AutoProcessor
 
         kwargs = dict(local_files_only=True)
         try:
-            model = LlavaForConditionalGeneration.from_pretrained(
+            family = backbone_class(AutoConfig.from_pretrained(name_or_path, **kwargs).model_type, name_or_path)
+            model = getattr(transformers, family.model_class).from_pretrained(
                 name_or_path, dtype=getattr(torch, dtype), attn_implementation=attn_implementation, **kwargs
             )
             processor = AutoProcessor.from_pretrained(name_or_path, **kwargs)
         except OSError as err:
             raise BackboneNotFoundError(missing_backbone_message(name_or_path, err)) from err
-        return cls(model.to(device), processor, freeze=True)
+        return family(model.to(device), processor, freeze=True)
+
+    @staticmethod
+    def shape_from_config(config) -> BackboneShape:
+        return BackboneShape.from_config(config)
+
+    @staticmethod
+    def bound_config(config, max_vision_tokens: int | None, image_max_size: int | None) -> None:
+        """Bound the vision tokens per image and the input resolution in ``config`` where the family lets the image
+        decide them; LLaVA-1.5's are fixed (configs/schema.py checks them against the bounds instead)."""
+
+    def apply_bounds(self, max_vision_tokens: int | None, image_max_size: int | None) -> None:
+        """:meth:`bound_config` on this model's config and whatever the processor reads of it."""
+        self.bound_config(self.config, max_vision_tokens, image_max_size)
 
     # ----- shapes -----
     @property
@@ -122,7 +168,7 @@ class LlavaBackbone(nn.Module):
 
     @property
     def shape(self) -> BackboneShape:
-        return BackboneShape.from_config(self.config)
+        return self.shape_from_config(self.config)
 
     @property
     def num_layers(self) -> int:
@@ -221,6 +267,12 @@ class LlavaBackbone(nn.Module):
         computes inside the layer, so the tower keeps running with SDPA. For llava-1.5 (feature layer -2)
         this is the penultimate layer's attention, the one VisionZip reads.
         """
+        features, cls_attention, keys = self._vision_tokens_with_attention(pixel_values)
+        return VisionAttention(features, cls_attention, keys)
+
+    def _vision_tokens_with_attention(self, pixel_values: torch.Tensor
+                                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(features (B, N, Dv), CLS attention (B, N), keys (B, N, Dv)) of each image of the tower (a crop)."""
         hidden_states = self._vision_hidden_states(pixel_values)
         index = len(hidden_states) - 1
         if index == 0:
@@ -234,8 +286,26 @@ class LlavaBackbone(nn.Module):
         heads = keys.view(B, T, attn.num_heads, attn.head_dim).transpose(1, 2)  # (B, h, 1 + P, hd)
         probs = torch.softmax(query @ heads.transpose(2, 3) * attn.scale, dim=-1, dtype=torch.float32)  # (B, h, 1, 1 + P)
         cls_attention = probs.mean(dim=1)[:, 0]  # (B, 1 + P), mean over heads
-        return VisionAttention(self._select_vision_tokens(hidden_states[index]),
-                               self._select_vision_tokens(cls_attention), self._select_vision_tokens(keys))
+        return (self._select_vision_tokens(hidden_states[index]), self._select_vision_tokens(cls_attention),
+                self._select_vision_tokens(keys))
+
+    # ----- the images' place in the sequence (what a family with another layout overrides) -----
+    def image_inputs(self, batch: dict) -> dict[str, torch.Tensor]:
+        """The processor outputs besides ``pixel_values`` that this family's vision path reads, on the device."""
+        return {key: batch[key].to(self.device) for key in self.image_input_keys}
+
+    def image_features(self, pixel_values: torch.Tensor, **image_inputs) -> ImageFeatures:
+        """The pre-projector features the merger reads, in the order of :meth:`feature_slots`."""
+        return ImageFeatures(self.vision_features(pixel_values))
+
+    def feature_slots(self, input_ids: torch.Tensor, **image_inputs) -> torch.Tensor:
+        """(B, T) bool: the image placeholders that take a vision feature (all of them for LLaVA-1.5)."""
+        return self.image_token_mask(input_ids)
+
+    def embed_prompt(self, input_ids: torch.Tensor, **image_inputs) -> torch.Tensor:
+        """(B, T, D) token embeddings, with any image structure that is not a vision feature in place (LLaVA-1.5:
+        none); the feature slots are filled later."""
+        return self.embed_tokens(input_ids)
 
     def project(self, features: torch.Tensor) -> torch.Tensor:
         """(B, N, Dv) vision features -> (B, N, D) LLM-space embeddings."""
@@ -247,18 +317,22 @@ class LlavaBackbone(nn.Module):
     def image_token_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
         return input_ids == self.image_token_id
 
-    def merge_image_embeddings(self, input_ids: torch.Tensor, image_embeds: torch.Tensor) -> torch.Tensor:
-        """Token embeddings with the image placeholders replaced, in order, by ``image_embeds`` (B, N, D)."""
-        embeds = self.embed_tokens(input_ids)  # (B, T, D)
-        mask = self.image_token_mask(input_ids)  # (B, T)
+    def merge_image_embeddings(self, input_ids: torch.Tensor, image_embeds: torch.Tensor,
+                               valid: torch.Tensor | None = None, **image_inputs) -> torch.Tensor:
+        """Prompt embeddings with the feature slots replaced, in order, by ``image_embeds`` (B, N, D) (a sample's
+        first ``valid.sum()`` of them when ``valid`` (B, N) is given)."""
+        embeds = self.embed_prompt(input_ids, **image_inputs)  # (B, T, D)
+        mask = self.feature_slots(input_ids, **image_inputs)  # (B, T)
         per_sample = mask.sum(dim=1)
-        if not bool((per_sample == image_embeds.shape[1]).all()):
+        expected = valid.sum(dim=1) if valid is not None else torch.full_like(per_sample, image_embeds.shape[1])
+        if not bool((per_sample == expected).all()):
             raise ValueError(
                 f"image placeholders and image features do not match: placeholders per sample "
-                f"{per_sample.tolist()}, features per sample {image_embeds.shape[1]}; "
+                f"{per_sample.tolist()}, features per sample {expected.tolist()}; "
                 "the processor's patch_size / num_additional_image_tokens disagree with the model"
             )
-        return embeds.masked_scatter(mask.unsqueeze(-1), image_embeds.to(embeds.dtype))
+        tokens = image_embeds if valid is None else image_embeds[valid]
+        return embeds.masked_scatter(mask.unsqueeze(-1), tokens.to(embeds.dtype))
 
     def rotary(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(cos, sin) for ``position_ids`` (B, T)."""
@@ -328,11 +402,12 @@ class LlavaBackbone(nn.Module):
             hidden = self.run_layer(i, hidden, mask, position_ids, cos_sin)
         return self.norm(hidden)
 
-    def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor, attention_mask: torch.Tensor,
+                **image_inputs) -> torch.Tensor:
         """Unpruned logits (B, T, V), computed piece by piece; equals the stock forward."""
-        image_embeds = self.project(self.vision_features(pixel_values))
-        hidden = self.decode(self.merge_image_embeddings(input_ids, image_embeds), attention_mask)
-        return self.lm_head(hidden)
+        images = self.image_features(pixel_values, **image_inputs)
+        embeds = self.merge_image_embeddings(input_ids, self.project(images.features), images.valid, **image_inputs)
+        return self.lm_head(self.decode(embeds, attention_mask))
 
 
 @dataclass
@@ -342,6 +417,7 @@ class VisionAttention:
     features: torch.Tensor  # (B, N, Dv), as LlavaBackbone.vision_features returns them
     cls_attention: torch.Tensor  # (B, N) the CLS query's attention to each token, mean over heads
     keys: torch.Tensor  # (B, N, Dv) that layer's attention keys of each token, heads concatenated
+    valid: torch.Tensor | None = None  # (B, N) bool, False at the padding of smaller images; None: none
 
 
 def causal_padding_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -14,8 +14,12 @@ models/llava_backbone.py) so that a pruner can act before any chosen decoder lay
   stays fixed and gradients reach every m_j.
 - Hard mode (inference): at each pruning layer the top-k vision tokens by keep logit stay;
   hidden states, position ids and masks are gathered, so later layers run on shorter
-  sequences. Every sample keeps the same number of vision slots, so the batch stays a batch;
-  an adaptive merger's unused slots are masked out like padding and ranked last.
+  sequences.
+- Samples may hold different numbers of vision tokens (an adaptive merger's K per image, or a
+  backbone whose token count follows the image): every gather is batched (``compact``), a
+  shorter row is padded with masked-out slots, and each stage keeps the same share of every
+  sample's tokens (the stage budgets are counts for a sample with the reference number of
+  merged tokens, scaled to each sample's own count).
 - Text tokens are never pruned; every token keeps its original position id (RoPE positions
   do not shift), in both modes.
 - Token counts are read off the tensors as they pass each layer.
@@ -37,7 +41,6 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from models.gumbel import gumbel_log_sigmoid
-from models.layer_pruner import hard_keep
 from models.llava_backbone import LlavaBackbone, causal_padding_mask, key_padding_mask
 from models.token_merger import MergeOutput, TokenMerger
 
@@ -61,8 +64,9 @@ class PrunedOutput:
     layer_attention_masks: list[torch.Tensor] = field(default_factory=list)  # (B, T_l) keys each layer saw
     vision_attention: torch.Tensor | None = None  # (B, n) with record_attention: see PrunedLlava.forward
     question_counts: torch.Tensor | None = None  # (B,) question tokens the merger and pruners read
+    image_tokens: torch.Tensor | None = None  # (B,) each image's vision tokens before the merger
     kept_positions: list[torch.Tensor] = field(default_factory=list)  # hard: (B, k) sequence positions of the vision
-    #   tokens entering the LLM, then after each stage (unused adaptive slots hold their slot's position)
+    #   tokens entering the LLM, then after each stage (-1 at the padding of a sample with fewer)
     prefill_seconds: float | None = None  # wall-clock seconds of this pass, when the caller timed it (evaluation)
 
     @property
@@ -82,19 +86,32 @@ class _Sequence:
     is_vision: torch.Tensor  # (B, T) bool
     labels: torch.Tensor | None  # (B, T)
 
-    def gather(self, index: torch.Tensor) -> "_Sequence":
+    def gather(self, index: torch.Tensor, valid: torch.Tensor) -> "_Sequence":
+        """The tokens at ``index`` (B, T'); where ``valid`` (B, T') is False, a masked-out padding slot."""
         take = lambda x: None if x is None else x.gather(1, index)
         return _Sequence(
             self.hidden.gather(1, index.unsqueeze(-1).expand(-1, -1, self.hidden.shape[-1])),
-            take(self.position_ids), take(self.attention_mask), take(self.question_mask), take(self.is_vision),
-            take(self.labels),
+            take(self.position_ids), take(self.attention_mask) * valid, take(self.question_mask) & valid,
+            take(self.is_vision) & valid,
+            None if self.labels is None else take(self.labels).masked_fill(~valid, IGNORE_INDEX),
         )
 
     # Cached: the masks of a sequence never change (a stage builds a new sequence), only its hidden states do.
     @cached_property
+    def vision_slots(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, n) sequence positions of the vision tokens and (B, n) bool: False where a sample holds fewer than n
+        (those slots point at other tokens and must be ignored)."""
+        return compact(self.is_vision)
+
+    @property
     def vision_index(self) -> torch.Tensor:
-        """(B, n) sequence positions of the vision slots; every sample holds the same n (unused ones masked)."""
-        return rows_nonzero(self.is_vision)
+        return self.vision_slots[0]
+
+    @cached_property
+    def vision_alive(self) -> torch.Tensor:
+        """(B, n) bool: the slot holds a real vision token (valid and not masked out)."""
+        index, valid = self.vision_slots
+        return valid & self.attention_mask.gather(1, index).bool()
 
     @cached_property
     def vision_counts(self) -> torch.Tensor:
@@ -135,11 +152,17 @@ class _AnswerAttention:
 
     def add(self, layer: int, seq: _Sequence, cos_sin: tuple[torch.Tensor, torch.Tensor]) -> None:
         probs = self.backbone.attention_probs(layer, seq.hidden, seq.attention_mask, cos_sin, self.query)  # (B, H, 1, T)
-        self.total = self.total + probs.mean(dim=1)[:, 0].gather(1, seq.vision_index)  # (B, n)
+        self.total = self.total + probs.mean(dim=1)[:, 0].gather(1, seq.vision_index) * seq.vision_alive  # (B, n)
 
     def result(self) -> torch.Tensor:
         """(B, n) averaged over heads and layers, normalised over the vision tokens."""
         return self.total / self.total.sum(dim=1, keepdim=True)
+
+
+def vision_positions(seq: _Sequence) -> torch.Tensor:
+    """(B, n) original sequence positions of the vision slots, -1 at a shorter sample's padding slots."""
+    index, valid = seq.vision_slots
+    return seq.position_ids.gather(1, index).masked_fill(~valid, -1)
 
 
 def question_tokens(hidden: torch.Tensor, question_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -164,12 +187,36 @@ def soft_keep_mask(attention_mask: torch.Tensor, log_keep: torch.Tensor, dtype: 
     return mask.clamp_min(torch.finfo(dtype).min).to(dtype)
 
 
-def rows_nonzero(mask: torch.Tensor) -> torch.Tensor:
-    """(B, T) bool with the same count c per row -> (B, c) column indices, ascending."""
-    counts = mask.sum(dim=1)
-    if not bool((counts == counts[0]).all()):
-        raise ValueError(f"rows hold different counts {counts.tolist()}; a batch needs the same number per sample")
-    return mask.nonzero()[:, 1].view(mask.shape[0], -1)
+def compact(mask: torch.Tensor, right: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T) bool -> the columns where it holds, in order, (B, c) with c the largest count of a row, and (B, c) bool
+    ``valid``. A row with fewer is padded with some of its other columns (distinct, marked invalid): after its own
+    (left-aligned, the default) or, with ``right=True``, before them, so that the last column stays last (what a
+    left-padded sequence needs: its last slot predicts the next token). Batched: no loop over rows."""
+    counts = mask.sum(dim=1)  # (B,)
+    width = int(counts.max()) if mask.numel() else 0
+    slots = torch.arange(width, device=mask.device)
+    if right:
+        index = mask.int().argsort(dim=1, stable=True)[:, mask.shape[1] - width:]  # unselected first, then selected
+        return index, slots >= (width - counts).unsqueeze(1)
+    index = (~mask).int().argsort(dim=1, stable=True)[:, :width]  # selected first, in order
+    return index, slots < counts.unsqueeze(1)
+
+
+def sorted_positions(index: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """:func:`compact`'s (left-aligned) columns with the padding slots moved past every column, so that each row
+    stays ascending (for ``torch.searchsorted``)."""
+    if not index.numel():
+        return index
+    beyond = int(index.max()) + 1 + torch.arange(index.shape[1], device=index.device)  # (c,) past every column
+    return torch.where(valid, index, beyond)
+
+
+def scaled_budgets(budget: int, reference: int, entering: torch.Tensor, available: torch.Tensor) -> torch.Tensor:
+    """(B,) tokens a stage keeps per sample: ``budget`` for a sample that entered the LLM with ``reference`` vision
+    tokens, the same share of what each sample entered with (``entering``, (B,)) otherwise; rounded, at least 1 and
+    at most the ``available`` (B,) tokens it still holds."""
+    share = torch.round(entering.double() * budget / reference).long()
+    return torch.minimum(share.clamp_min(1), available.clamp_min(1))
 
 
 def question_token_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor, image_token_id: int,
@@ -210,19 +257,28 @@ class PrunedLlava(nn.Module):
         return self.merger.num_keep if self.merger is not None else self.backbone.num_vision_tokens
 
     # ------------------------------------------------------------------ building the sequence
-    def _initial_sequence(self, input_ids, pixel_values, attention_mask, labels, tau, generator):
+    def _initial_sequence(self, input_ids, pixel_values, attention_mask, labels, tau, generator, image_inputs):
         bb = self.backbone
         merger_inputs = {}
         with torch.no_grad():  # the backbone is frozen
             if getattr(self.merger, "reads_vision_attention", False):  # training-free mergers (models/baselines)
-                merger_inputs["vision_attention"] = bb.vision_features_with_attention(pixel_values)
-                features = merger_inputs["vision_attention"].features  # (B, N, Dv)
+                merger_inputs["vision_attention"] = bb.vision_features_with_attention(pixel_values, **image_inputs)
+                features, valid = merger_inputs["vision_attention"].features, merger_inputs["vision_attention"].valid
             else:
-                features = bb.vision_features(pixel_values)  # (B, N, Dv)
+                images = bb.image_features(pixel_values, **image_inputs)
+                features, valid = images.features, images.valid  # (B, N, Dv), (B, N) | None
+        if valid is not None:
+            merger_inputs["valid"] = valid
         question_mask = question_token_mask(input_ids, attention_mask, bb.image_token_id, labels)
-        embeds = bb.embed_tokens(input_ids)  # (B, T, D)
-        merge = None
-        alive = None  # (B, K) False at an adaptive merger's unused slots
+        embeds = bb.embed_prompt(input_ids, **image_inputs)  # (B, T, D)
+        is_feature = bb.feature_slots(input_ids, **image_inputs)  # (B, T) placeholders that take a feature
+        image_slots, slot_valid = compact(is_feature)  # (B, N)
+        B, N = features.shape[:2]
+        counts = valid.sum(dim=1) if valid is not None else torch.full((B,), N, device=features.device)  # (B,)
+        if image_slots.shape[1] != features.shape[1] or not bool((slot_valid.sum(1) == counts).all()):
+            raise ValueError(f"image placeholders and image features do not match: {slot_valid.sum(1).tolist()} "
+                             f"placeholders per sample, {counts.tolist()} features")
+        merge, alive = None, valid  # alive: (B, K) the slots that hold a token
         if self.merger is not None:
             question, in_question = question_tokens(embeds, question_mask)  # (B, Tq, D), (B, Tq)
             merge = self.merger(features, tau, question=question, question_mask=in_question, generator=generator,
@@ -231,43 +287,43 @@ class PrunedLlava(nn.Module):
         else:
             vision = features
             kept = torch.arange(features.shape[1], device=features.device).expand(features.shape[0], -1)
-        is_image = bb.image_token_mask(input_ids)  # (B, T)
-        image_slots = rows_nonzero(is_image)  # (B, N)
-        if image_slots.shape[1] != features.shape[1]:
-            raise ValueError(f"image placeholders and image features do not match: {image_slots.shape[1]} "
-                             f"placeholders per sample, {features.shape[1]} features")
-        kept_slots = image_slots.gather(1, kept)  # (B, K)
+        kept_slots = image_slots.gather(1, kept)  # (B, K), distinct per row
+        alive = torch.ones_like(kept_slots, dtype=torch.bool) if alive is None else alive
+        index = kept_slots.unsqueeze(-1).expand(-1, -1, embeds.shape[-1])
         projected = bb.project(vision).to(embeds.dtype)  # (B, K, D)
-        embeds = embeds.scatter(1, kept_slots.unsqueeze(-1).expand(-1, -1, embeds.shape[-1]), projected)
-        is_vision = torch.zeros_like(is_image).scatter(1, kept_slots, True)
-        if alive is not None:  # unused slots stay in the sequence as padding: same length for every sample
-            attention_mask = attention_mask.scatter(1, kept_slots, alive.to(attention_mask.dtype))
+        embeds = embeds.scatter(1, index, torch.where(alive.unsqueeze(-1), projected, embeds.gather(1, index)))
+        is_vision = torch.zeros_like(is_feature).scatter(1, kept_slots, alive)  # unused slots leave the sequence
         B, T = input_ids.shape
         full = _Sequence(embeds, torch.arange(T, device=input_ids.device).expand(B, T), attention_mask,
                          question_mask, is_vision, labels)
-        return full.gather(rows_nonzero(~is_image | is_vision)), merge
+        return full.gather(*compact(~is_feature | is_vision, right=True)), merge, counts
 
     # ------------------------------------------------------------------ forward
     def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor, attention_mask: torch.Tensor,
                 labels: torch.Tensor | None = None, mode: str = "soft", tau: float = 1.0,
-                generator: torch.Generator | None = None, cache=None, record_attention: bool = False) -> PrunedOutput:
+                generator: torch.Generator | None = None, cache=None, record_attention: bool = False,
+                image_inputs: dict | None = None) -> PrunedOutput:
         """Soft (``mode="soft"``) or hard (``"hard"``) pruned forward. Noise only in training mode.
 
         ``labels`` (B, T) mark the answer (not IGNORE_INDEX): those tokens are not question tokens
         for the pruners. ``record_attention``: also return ``vision_attention`` (B, n), the attention
         the last instruction token (the one that predicts the answer) pays to each vision token,
         averaged over heads and decoder layers and normalised over the vision tokens: the teacher's
-        importance of each token, the merger's and pruners' training target.
+        importance of each token, the merger's and pruners' training target. ``image_inputs``: what the
+        backbone's vision path reads besides the pixels (``backbone.image_inputs(batch)``; LLaVA-NeXT's image sizes).
         """
         self._check_call(mode, record_attention)
         bb = self.backbone
-        seq, merge = self._initial_sequence(input_ids, pixel_values, attention_mask, labels, tau, generator)
-        stats = PrunedOutput(hidden=None, logits=None, attention_mask=None, labels=None, merge=merge)  # filled below
+        seq, merge, image_tokens = self._initial_sequence(input_ids, pixel_values, attention_mask, labels, tau,
+                                                          generator, image_inputs or {})
+        stats = PrunedOutput(hidden=None, logits=None, attention_mask=None, labels=None, merge=merge,
+                             image_tokens=image_tokens)  # filled below
         mask = causal_padding_mask(seq.attention_mask, seq.hidden.dtype)
         cos_sin = bb.rotary(seq.hidden, seq.position_ids)
         log_keep = torch.zeros(seq.hidden.shape[:2], device=seq.hidden.device)  # soft: (B, T) float32 log m_j
+        entering = seq.vision_counts  # (B,) vision tokens each sample brings into the LLM
         if mode == "hard":
-            stats.kept_positions.append(seq.position_ids.gather(1, seq.vision_index))
+            stats.kept_positions.append(vision_positions(seq))
         previous_input = None  # the hidden states that entered the previous layer (same tokens as seq)
         recorder = _AnswerAttention(bb, seq) if record_attention else None
 
@@ -276,8 +332,8 @@ class PrunedLlava(nn.Module):
                 stage = self.stage_of_layer[layer]
                 logits = self._keep_logits(stage, layer, seq, cos_sin, previous_input)  # (B, n)
                 if mode == "hard":
-                    seq = self._drop(seq, logits, self.stage_budgets[stage])
-                    stats.kept_positions.append(seq.position_ids.gather(1, seq.vision_index))
+                    seq = self._drop(seq, logits, self.stage_budgets[stage], entering)
+                    stats.kept_positions.append(vision_positions(seq))
                     mask = causal_padding_mask(seq.attention_mask, seq.hidden.dtype)
                     cos_sin = bb.rotary(seq.hidden, seq.position_ids)
                 else:
@@ -325,46 +381,51 @@ class PrunedLlava(nn.Module):
         else:
             vision = seq.hidden.gather(1, vision_index.unsqueeze(-1).expand(-1, -1, seq.hidden.shape[-1]))  # (B, n, D)
             logits = pruner(vision, *question_tokens(seq.hidden, seq.question_mask))
-        alive = seq.attention_mask.gather(1, vision_index).bool()  # (B, n)
-        return logits.masked_fill(~alive, DEAD_LOGIT)
+        return logits.masked_fill(~seq.vision_alive, DEAD_LOGIT)
 
-    def _drop(self, seq: _Sequence, logits: torch.Tensor, budget: int) -> _Sequence:
-        """Hard mode: keep the ``budget`` vision tokens with the largest keep logits; the sequence shrinks."""
+    def _drop(self, seq: _Sequence, logits: torch.Tensor, budget: int, entering: torch.Tensor) -> _Sequence:
+        """Hard mode: each sample keeps its share of the vision tokens (``budget`` for one that entered the LLM with
+        the reference count, see :func:`scaled_budgets`) with the largest keep logits; the sequence shrinks."""
         vision_index = seq.vision_index  # (B, n)
-        kept = vision_index.gather(1, hard_keep(logits, min(budget, vision_index.shape[1])))  # (B, k)
-        stay = (~seq.is_vision).scatter(1, kept, True)
-        return seq.gather(rows_nonzero(stay))
+        keep = scaled_budgets(budget, self.merged_tokens, entering, seq.vision_alive.sum(dim=1))  # (B,)
+        width = int(keep.max())
+        ranked = logits.topk(width, dim=-1).indices  # (B, width), best first; padding slots rank last
+        take = torch.arange(width, device=logits.device) < keep.unsqueeze(1)  # (B, width) each sample's first k_b
+        kept = torch.zeros_like(seq.is_vision).scatter(1, vision_index.gather(1, ranked), take)
+        return seq.gather(*compact(~seq.is_vision | kept, right=True))
 
     def _soft_keep(self, stage: int, seq: _Sequence, logits: torch.Tensor, log_keep: torch.Tensor, tau: float,
                    generator: torch.Generator | None, stats: PrunedOutput) -> torch.Tensor:
         """Soft mode: log m_j += log q_j for the stage's keep gate q_j (a Gumbel-sigmoid, in log space); records
         what the losses read."""
-        vision_index = seq.vision_index  # (B, n)
+        vision_index, valid = seq.vision_slots  # (B, n)
         log_q = gumbel_log_sigmoid(logits, tau, noise=self.training, generator=generator)  # (B, n) float32
-        log_keep = log_keep.scatter_add(1, vision_index, log_q)
-        cumulative = log_keep.gather(1, vision_index).exp()  # (B, n) m_j
-        alive = seq.attention_mask.gather(1, vision_index).to(cumulative.dtype)  # (B, n)
+        log_keep = log_keep.scatter_add(1, vision_index, log_q.masked_fill(~valid, 0.0))  # padding slots add nothing
+        cumulative = log_keep.gather(1, vision_index).exp() * valid  # (B, n) m_j
+        alive = seq.vision_alive.to(cumulative.dtype)  # (B, n)
         target = self.stage_budgets[stage] / self.merged_tokens
         stats.stage_keep_probs.append(cumulative)
         stats.stage_logits.append(logits)
-        stats.stage_positions.append(seq.position_ids.gather(1, vision_index))
+        stats.stage_positions.append(vision_positions(seq))
         stats.pruner_sparsity_losses.append(((cumulative * alive).sum() / alive.sum() - target) ** 2)
         return log_keep
 
     # ------------------------------------------------------------------ generation
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, pixel_values: torch.Tensor, attention_mask: torch.Tensor,
-                 max_new_tokens: int, eos_token_id: int, pad_token_id: int, mode: str = "hard") -> tuple[torch.Tensor, PrunedOutput]:
+                 max_new_tokens: int, eos_token_id: int, pad_token_id: int, mode: str = "hard",
+                 image_inputs: dict | None = None) -> tuple[torch.Tensor, PrunedOutput]:
         """Greedy answers (B, <= max_new_tokens) after a pruned prefill; decoding reads each layer's KV cache."""
-        prefill, cache = self.prefill(input_ids, pixel_values, attention_mask, mode)
+        prefill, cache = self.prefill(input_ids, pixel_values, attention_mask, mode, image_inputs)
         return self.decode(prefill, cache, input_ids.shape[1], max_new_tokens, eos_token_id, pad_token_id), prefill
 
     @torch.no_grad()
     def prefill(self, input_ids: torch.Tensor, pixel_values: torch.Tensor, attention_mask: torch.Tensor,
-                mode: str = "hard") -> tuple[PrunedOutput, object]:
+                mode: str = "hard", image_inputs: dict | None = None) -> tuple[PrunedOutput, object]:
         """The pruned prompt pass that fills a new KV cache: (its output, the cache) for :meth:`decode`."""
         cache = self.backbone.new_cache()
-        return self.forward(input_ids, pixel_values, attention_mask, mode=mode, cache=cache), cache
+        return self.forward(input_ids, pixel_values, attention_mask, mode=mode, cache=cache,
+                            image_inputs=image_inputs), cache
 
     @torch.no_grad()
     def decode(self, prefill: PrunedOutput, cache, prompt_length: int, max_new_tokens: int, eos_token_id: int,

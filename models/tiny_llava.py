@@ -10,7 +10,8 @@ The processor that goes with a model comes from data/word_tokenizer.word_level_p
 
 from __future__ import annotations
 
-from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaNextConfig,
+                          LlavaNextForConditionalGeneration)
 
 # name -> (vision tower, language model) keyword arguments of CLIPVisionConfig and LlamaConfig
 SHAPES = {
@@ -52,3 +53,19 @@ def llava_config(tokenizer, shapes: str = "tiny", **overrides) -> LlavaConfig:
 def build_llava(tokenizer, shapes: str = "tiny", **overrides) -> LlavaForConditionalGeneration:
     """A random-init LlavaForConditionalGeneration of :func:`llava_config` (seed torch first for a fixed one)."""
     return LlavaForConditionalGeneration(llava_config(tokenizer, shapes, **overrides))
+
+
+def llava_next_config(tokenizer, pinpoints: list[list[int]], shapes: str = "toy", **overrides) -> LlavaNextConfig:
+    """A LlavaNextConfig with :func:`llava_config`'s towers (``image_size`` is one crop's side) and the any-resolution
+    grid ``pinpoints`` ((height, width) pairs, multiples of the crop side)."""
+    base = llava_config(tokenizer, shapes, **overrides)
+    return LlavaNextConfig(vision_config=base.vision_config, text_config=base.text_config,
+                           image_token_id=base.image_token_id, image_grid_pinpoints=pinpoints,
+                           image_seq_length=base.image_seq_length, vision_feature_layer=-2,
+                           vision_feature_select_strategy="default", pad_token_id=tokenizer.pad_token_id)
+
+
+def build_llava_next(tokenizer, pinpoints: list[list[int]], shapes: str = "toy",
+                     **overrides) -> LlavaNextForConditionalGeneration:
+    """A random-init LlavaNextForConditionalGeneration of :func:`llava_next_config`."""
+    return LlavaNextForConditionalGeneration(llava_next_config(tokenizer, pinpoints, shapes, **overrides))

@@ -90,6 +90,7 @@ class QuestionAwareScorer(nn.Module):
 
 
 MERGE_BUDGETS = ("fixed", "adaptive")
+PADDING_SCORE = -1e4  # the score of a padding token: ranked last, keep probability 0
 
 
 class TokenMerger(nn.Module):
@@ -116,13 +117,6 @@ class TokenMerger(nn.Module):
         nn.init.zeros_(last.weight)
         nn.init.constant_(last.bias, torch.logit(torch.tensor(self.merge_ratio).clamp(1e-3, 1 - 1e-3)).item())
 
-    @property
-    def count_bounds(self) -> tuple[int, int]:
-        """The fewest and most centres one image can get: K itself (fixed) or [ceil(K / 2), 2K] (adaptive)."""
-        if self.budget == "fixed":
-            return self.num_keep, self.num_keep
-        return (self.num_keep + 1) // 2, 2 * self.num_keep
-
     def flops(self, n: int, k: int | None = None, n_text: int = 0) -> int:
         """Multiply-adds of one call on n tokens with k centres (default K) and n_text question tokens (models/flops.py)."""
         k = self.num_keep if k is None else k
@@ -131,33 +125,49 @@ class TokenMerger(nn.Module):
         return token_merger_flops(n, k, self.dim, self.hidden)
 
     def forward(self, features: torch.Tensor, tau: float, question: torch.Tensor | None = None,
-                question_mask: torch.Tensor | None = None, generator: torch.Generator | None = None) -> MergeOutput:
-        """Merge (B, N, Dv) features into (B, K, Dv); Gumbel noise only in training mode."""
+                question_mask: torch.Tensor | None = None, generator: torch.Generator | None = None,
+                valid: torch.Tensor | None = None) -> MergeOutput:
+        """Merge (B, N, Dv) features into (B, K, Dv); Gumbel noise only in training mode.
+
+        ``valid`` (B, N): False at the padding of images with fewer tokens than N (a backbone whose token count
+        follows the image); such an image keeps ``merge_ratio`` of its own tokens (its fixed K), and its padding is
+        never a centre nor merged."""
         B, N, _ = features.shape
-        if not 1 <= self.num_keep <= N:
+        if valid is None and not 1 <= self.num_keep <= N:
             raise ValueError(f"the merger keeps {self.num_keep} tokens but the image has {N}; lower target_merge_tokens")
         scores = self.scorer(features, question, question_mask)  # (B, N)
-        keep_prob = torch.sigmoid(scores.float())  # (B, N)
-        low, high = self.count_bounds
-        counts = keep_prob.detach().sum(dim=1).round().long().clamp(low, min(high, N))  # (B,)
+        if valid is not None:
+            scores = scores.masked_fill(~valid, PADDING_SCORE)
+            tokens = valid.sum(dim=1)  # (B,)
+            fixed = torch.round(tokens.double() * self.merge_ratio).long().clamp_min(1)  # (B,) each image's K
+        else:
+            tokens = torch.full((B,), N, device=features.device)
+            fixed = torch.full((B,), self.num_keep, device=features.device)
+        keep_prob = torch.sigmoid(scores.float())  # (B, N), 0 at padding
+        if self.budget == "fixed":
+            counts = torch.minimum(fixed, tokens)
+        else:
+            low, high = (fixed + 1) // 2, torch.minimum(2 * fixed, tokens)
+            counts = torch.maximum(torch.minimum(keep_prob.detach().sum(dim=1).round().long(), high), low)  # (B,)
         k_max = int(counts.max())
         noisy = scores + sample_gumbel(scores, generator) if self.training else scores
         ranked = gumbel_top_k(noisy, k_max, noise=False, ranked=True)  # (B, k_max) best first; noise is in `noisy`
-        valid = torch.arange(k_max, device=features.device) < counts.unsqueeze(1)  # (B, k_max): image b's first K_b
+        used = torch.arange(k_max, device=features.device) < counts.unsqueeze(1)  # (B, k_max): image b's first K_b
         centres, order = ranked.sort(dim=1)  # spatial order
-        valid = valid.gather(1, order)
-        selection = top_k_mask(centres, N, valid)  # (B, N), 1 at the valid centres
+        used = used.gather(1, order)
+        selection = top_k_mask(centres, N, used)  # (B, N), 1 at the used centres
         if torch.is_grad_enabled() and scores.requires_grad:  # the relaxation only carries gradients: skip it in eval
             selection = straight_through(selection, relaxed_top_k(noisy, counts, tau))
-        merged, slots = soft_assignment_merge(features, centres, selection, tau, valid, self.similarity_threshold,
-                                              return_slots=True)
-        sparsity = (keep_prob.mean() - self.merge_ratio) ** 2
-        return MergeOutput(merged, centres, keep_prob, sparsity, scores, None if bool(valid.all()) else valid, slots)
+        merged, slots = soft_assignment_merge(features, centres, selection, tau, used, self.similarity_threshold,
+                                              return_slots=True, token_valid=valid)
+        sparsity = (keep_prob.sum() / tokens.sum() - self.merge_ratio) ** 2
+        return MergeOutput(merged, centres, keep_prob, sparsity, scores, None if bool(used.all()) else used, slots)
 
 
 def soft_assignment_merge(features: torch.Tensor, centres: torch.Tensor, selection: torch.Tensor, tau: float,
                           valid: torch.Tensor | None = None, similarity_threshold: float = -1.0,
-                          return_slots: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                          return_slots: bool = False, token_valid: torch.Tensor | None = None
+                          ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Weighted mean of each centre and the non-centre tokens softly assigned to it.
 
     a_jk = softmax_k(cos(x_j, c_k) / tau) over the valid centres k with cos(x_j, c_k) >= theta
@@ -168,6 +178,7 @@ def soft_assignment_merge(features: torch.Tensor, centres: torch.Tensor, selecti
     ``selection`` is 0/1 in value; its straight-through gradient reaches the scorer. Computed in
     float32 (a softmax of cos / tau at small tau loses too much in bf16), returned in the features' dtype.
     ``return_slots``: also (B, N) the output each token went into (MergeOutput.assignment).
+    ``token_valid`` (B, N): False at padding tokens, which merge into nothing.
     """
     dtype = features.dtype
     features, selection = features.float(), selection.float()
@@ -178,6 +189,8 @@ def soft_assignment_merge(features: torch.Tensor, centres: torch.Tensor, selecti
     allowed = sim >= similarity_threshold  # (B, N, K)
     if valid is not None:
         allowed &= valid.unsqueeze(1)
+    if token_valid is not None:
+        allowed &= token_valid.unsqueeze(-1)
     logits = (sim / tau).masked_fill(~allowed, torch.finfo(sim.dtype).min)
     assign = torch.softmax(logits, dim=-1) * allowed * (1 - selection).unsqueeze(-1)  # (B, N, K)
     centre_weight = selection.gather(1, centres)  # (B, K), 1 in value at valid centres, 0 at invalid slots

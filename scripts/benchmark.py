@@ -584,7 +584,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     try:
         config = load_config(args.config, args.overrides)
-        shape = read_backbone_shape(config.backbone_settings.name_or_path)
+        shape = read_backbone_shape(config.backbone_settings.name_or_path, config.data_settings.max_vision_tokens,
+                                    config.data_settings.image_max_size)
         problems = check_against_backbone(config, shape.num_layers, shape.num_vision_tokens, shape.image_size)
         if problems:
             raise ConfigError(problems, args.config)

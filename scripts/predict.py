@@ -68,17 +68,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     inputs = pruned.processor(images=[image], text=pruned.prompts([args.question]), return_tensors="pt")
+    extra = {key: inputs[key].to(args.device) for key in pruned.model.backbone.image_input_keys}
     answers, prefill = pruned.generate(inputs["input_ids"].to(args.device), inputs["pixel_values"].to(args.device),
-                                       inputs["attention_mask"].to(args.device), args.max_new_tokens)
+                                       inputs["attention_mask"].to(args.device), args.max_new_tokens, **extra)
     model = pruned.model
     flops = prefill_flops(model, prefill, inputs["attention_mask"].to(args.device))
     layers = sorted(model.stage_of_layer)
     counts = [prefill.vision_tokens_per_layer[0], *(prefill.vision_tokens_per_layer[layer] for layer in layers)]
     print(f"answer: {answers[0]}")
-    print(f"vision tokens: {model.backbone.num_vision_tokens} → " + " → ".join(f"{c:g}" for c in counts)
+    print(f"vision tokens: {int(prefill.image_tokens[0])} → " + " → ".join(f"{c:g}" for c in counts)
           + f" (merger, then before layers {layers})")
     print(f"LLM prefill FLOPs: {flops['flops_pruned']:.4g} of {flops['flops_baseline']:.4g} "
           f"({flops['flops_reduction']:.1%} saved, the pruning modules' own cost included)")
+    if not model.backbone.one_patch_grid:
+        print(f"no picture of the kept patches: {type(model.backbone).__name__}'s tokens are no single patch grid")
+        return 0
     grids = kept_patch_grids(prefill.kept_positions, inputs["input_ids"], model.backbone.image_token_id,
                              model.backbone.num_vision_tokens)
     titles = [f"after the merger: {counts[0]:g}"] + [f"layer {layer}: {c:g}" for layer, c in zip(layers, counts[1:])]

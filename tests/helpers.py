@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from data.word_tokenizer import word_level_processor
-from models.tiny_llava import build_llava
+from data.word_tokenizer import word_level_next_processor, word_level_processor
+from models.tiny_llava import build_llava, build_llava_next
 
 SHIPPED_BACKBONE = "backbones/tiny-llava"
 
@@ -32,6 +32,17 @@ def llava_like(image_size: int, patch_size: int, text_layers: int = 2, seed: int
     torch.manual_seed(seed)
     processor = word_level_processor(image_size, patch_size)
     model = build_llava(processor.tokenizer, "toy", image_size=image_size, patch_size=patch_size, text_layers=text_layers)
+    return model.eval(), processor
+
+
+NEXT_PINPOINTS = [[48, 96], [96, 48], [96, 96]]  # a toy LLaVA-NeXT grid: 48 px crops, up to 2 x 2 tiles
+
+
+def llava_next_like(text_layers: int = 2, seed: int = 0):
+    """A random-init LLaVA-NeXT at toy widths (48 px crops, 8 px patches) and its processor."""
+    torch.manual_seed(seed)
+    processor = word_level_next_processor(48, 8, NEXT_PINPOINTS)
+    model = build_llava_next(processor.tokenizer, NEXT_PINPOINTS, image_size=48, patch_size=8, text_layers=text_layers)
     return model.eval(), processor
 
 

@@ -164,12 +164,33 @@ def test_tome_merges_the_most_similar_pairs_and_keeps_mass():
     metric[:, 2] = metric[:, 3]  # A token 2 duplicates B token 3
     metric[:, 4] = metric[:, 5]  # A token 4 duplicates B token 5
     size = torch.ones(2, 8, 1)
-    merged, new_size, positions, _ = bipartite_soft_matching(tokens, size, torch.arange(8).expand(2, 8), metric, 2)
-    assert sorted(positions[0].tolist()) == [0, 1, 3, 5, 6, 7]  # A tokens 2 and 4 merged away
-    assert new_size.sum(dim=1).squeeze(-1).tolist() == [8.0, 8.0]
-    torch.testing.assert_close((merged * new_size).sum(dim=1), tokens.sum(dim=1))
-    at_3 = positions[0].tolist().index(3)
-    torch.testing.assert_close(merged[0, at_3], (tokens[0, 2] + tokens[0, 3]) / 2)
+    merged, new_size, positions, _, alive = bipartite_soft_matching(tokens, size, torch.arange(8).expand(2, 8),
+                                                                    metric, 2)
+    assert positions[0][alive[0]].tolist() == [0, 1, 3, 5, 6, 7]  # A tokens 2 and 4 merged away
+    assert (new_size * alive[..., None]).sum(dim=1).squeeze(-1).tolist() == [8.0, 8.0]
+    torch.testing.assert_close((merged * new_size * alive[..., None]).sum(dim=1), tokens.sum(dim=1))
+    torch.testing.assert_close(merged[0, 3], (tokens[0, 2] + tokens[0, 3]) / 2)
+
+
+def test_tome_on_padded_images_equals_each_image_alone():
+    """Images of different sizes in one batch (padding at the end): each keeps the same share of its own tokens,
+    and its merged tokens equal a run on that image alone."""
+    torch.manual_seed(0)
+    counts = [144, 100, 57]
+    features, keys = torch.randn(3, 144, 6), torch.randn(3, 144, 4)
+    valid = torch.arange(144) < torch.tensor(counts)[:, None]
+    features, keys = features * valid[..., None], keys * valid[..., None]
+    tome = ToMe(36, 4, reference_tokens=144)
+    out = tome(features, vision_attention=VisionAttention(features, torch.rand(3, 144), keys, valid), valid=valid)
+    used = out.valid if out.valid is not None else torch.ones(out.positions.shape, dtype=torch.bool)
+    assert used.sum(dim=1).tolist() == [36, round(100 * 36 / 144), round(57 * 36 / 144)]
+    for b, n in enumerate(counts):
+        one = VisionAttention(features[b:b + 1, :n], None, keys[b:b + 1, :n])
+        alone = ToMe(round(n * 36 / 144), 4)(features[b:b + 1, :n], vision_attention=one)
+        mine = out.positions[b][used[b]]
+        order = mine.argsort()
+        assert mine[order].tolist() == alone.positions[0].tolist()
+        torch.testing.assert_close(out.tokens[b][used[b]][order], alone.tokens[0], rtol=1e-5, atol=1e-6)
 
 
 def test_visionzip_keeps_the_cls_attended_tokens_and_merges_the_rest():

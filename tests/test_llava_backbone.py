@@ -45,20 +45,20 @@ def test_shape_is_read_without_weights(llava15_folder):
     assert (shape.num_layers, shape.num_vision_tokens, shape.image_size) == (2, 576, 336)
 
 
-@pytest.mark.parametrize("config_class", ["LlavaNextConfig", "Qwen2VLConfig", "LlamaConfig"])
+@pytest.mark.parametrize("config_class", ["Qwen2VLConfig", "LlamaConfig", "IdeficsConfig"])
 def test_other_model_families_are_refused_by_name_before_any_weight(tmp_path, config_class):
-    """LLaVA-NeXT passed every check (loading as plain LLaVA, crashing at the first step), Qwen2-VL raised an
-    AttributeError: each is now one line naming its model_type and the supported ones, read from config.json alone."""
+    """Qwen2-VL used to raise an AttributeError: an unsupported family is one line naming its model_type and the
+    supported ones, read from config.json alone."""
     import transformers
 
     config = getattr(transformers, config_class)()
     config.save_pretrained(tmp_path)
     with pytest.raises(ValueError) as err:
         read_backbone_shape(str(tmp_path))
-    assert f"is a {config.model_type!r} model; supported model types: llava " in str(err.value)
+    assert f"is a {config.model_type!r} model; supported model types: llava, llava_next " in str(err.value)
 
 
-def test_main_refuses_a_llava_next_folder_with_one_line(tmp_path, capsys):
+def test_main_refuses_an_unsupported_family_with_one_line(tmp_path, capsys):
     import transformers
 
     import main as entry
@@ -66,11 +66,11 @@ def test_main_refuses_a_llava_next_folder_with_one_line(tmp_path, capsys):
 
     from data.word_tokenizer import word_level_processor
 
-    transformers.LlavaNextConfig().save_pretrained(tmp_path / "next")
-    word_level_processor().save_pretrained(tmp_path / "next")  # a downloaded checkpoint has its processor's files
-    args, out = main_args(tmp_path, tmp_path / "next")
+    transformers.Qwen2VLConfig().save_pretrained(tmp_path / "qwen")
+    word_level_processor().save_pretrained(tmp_path / "qwen")  # a downloaded checkpoint has its processor's files
+    args, out = main_args(tmp_path, tmp_path / "qwen")
     assert entry.main(args) == 2
-    assert "is a 'llava_next' model; supported model types: llava" in capsys.readouterr().err
+    assert "is a 'qwen2_vl' model; supported model types: llava, llava_next" in capsys.readouterr().err
     assert not out.exists()  # refused before anything was written
 
 

@@ -28,17 +28,17 @@ from models.pruned_llava import IGNORE_INDEX, PrunedLlava, PrunedOutput
 from trainers.timing import stopwatch
 
 
-def _to_device(batch: dict, backbone: LlavaBackbone) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _to_device(batch: dict, backbone: LlavaBackbone) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
     return (batch["input_ids"].to(backbone.device), batch["pixel_values"].to(backbone.device, backbone.dtype),
-            batch["attention_mask"].to(backbone.device))
+            batch["attention_mask"].to(backbone.device), backbone.image_inputs(batch))
 
 
 @torch.no_grad()
 def generate_baseline_answers(backbone: LlavaBackbone, batch: dict, max_new_tokens: int = 8) -> list[str]:
     """Greedy answers of the unpruned backbone through the stock ``generate`` (prompt-only batch)."""
     tokenizer = backbone.processor.tokenizer
-    ids, pixels, mask = _to_device(batch, backbone)
-    out = backbone.model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels,
+    ids, pixels, mask, image_inputs = _to_device(batch, backbone)
+    out = backbone.model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, **image_inputs,
                                   max_new_tokens=max_new_tokens, do_sample=False,
                                   pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
     return tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
@@ -50,9 +50,10 @@ def generate_pruned(model: PrunedLlava, batch: dict, mode: str, tau: float,
     """Greedy answers under soft or hard pruning, and the prefill's output (token counts), with the hard
     prefill's seconds in ``prefill.prefill_seconds``."""
     tok = model.backbone.processor.tokenizer
-    ids, pixels, mask = _to_device(batch, model.backbone)
+    ids, pixels, mask, image_inputs = _to_device(batch, model.backbone)
     if mode == "hard":
-        (prefill, cache), seconds = stopwatch(lambda: model.prefill(ids, pixels, mask), model.backbone.device)
+        (prefill, cache), seconds = stopwatch(lambda: model.prefill(ids, pixels, mask, image_inputs=image_inputs),
+                                              model.backbone.device)
         prefill.prefill_seconds = seconds
         tokens = model.decode(prefill, cache, ids.shape[1], max_new_tokens, tok.eos_token_id, tok.pad_token_id)
         return tok.batch_decode(tokens, skip_special_tokens=True), prefill
@@ -62,7 +63,7 @@ def generate_pruned(model: PrunedLlava, batch: dict, mode: str, tau: float,
     done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
     labels = torch.full_like(ids, IGNORE_INDEX)
     for _ in range(max_new_tokens):
-        out = model(ids, pixels, mask, labels=labels, mode="soft", tau=tau)
+        out = model(ids, pixels, mask, labels=labels, mode="soft", tau=tau, image_inputs=image_inputs)
         if prefill is None:
             prefill = out
         token = out.logits[:, -1].argmax(-1).masked_fill(done, tok.pad_token_id)
@@ -103,10 +104,11 @@ def sample_flops(model: PrunedLlava, prefill: PrunedOutput, attention_mask: torc
     pruned_real = torch.stack([mask.sum(dim=1) for mask in prefill.layer_attention_masks], dim=1).tolist()  # (B, L)
     first_layer_vision = prefill.vision_counts[0].tolist()  # (B,) the merger's output
     questions = prefill.question_counts.tolist()
+    originals = prefill.image_tokens.tolist()  # (B,) each image's vision tokens before the merger
     encoder = bb.encoder_flops if with_encoder else lambda projected: 0
-    base = [llm_prefill_flops([n] * n_layers, d, m) + encoder(bb.num_vision_tokens) for n in real]
-    pruned = [llm_prefill_flops(counts, d, m) + module_flops(model, question, merged) + encoder(merged)
-              for counts, merged, question in zip(pruned_real, first_layer_vision, questions)]
+    base = [llm_prefill_flops([n] * n_layers, d, m) + encoder(original) for n, original in zip(real, originals)]
+    pruned = [llm_prefill_flops(counts, d, m) + module_flops(model, question, merged, original) + encoder(merged)
+              for counts, merged, question, original in zip(pruned_real, first_layer_vision, questions, originals)]
     return base, pruned
 
 
@@ -117,12 +119,12 @@ def prefill_flops(model: PrunedLlava, prefill: PrunedOutput, attention_mask: tor
     d, m, n_layers = bb.hidden_size, bb.text_config.intermediate_size, bb.num_layers
     base, pruned = sample_flops(model, prefill, attention_mask)
     vision = torch.stack(prefill.vision_counts, dim=1).tolist()  # (B, L)
-    vision_base = llm_prefill_flops([bb.num_vision_tokens] * n_layers, d, m)
+    vision_base = [llm_prefill_flops([n] * n_layers, d, m) for n in prefill.image_tokens.tolist()]
     vision_pruned = [llm_prefill_flops(counts, d, m) for counts in vision]
     mean = lambda xs: sum(xs) / len(xs)
     return {
         "flops_baseline": mean(base), "flops_pruned": mean(pruned), "flops_reduction": 1 - mean(pruned) / mean(base),
-        "vision_flops_reduction": 1 - mean(vision_pruned) / vision_base,
+        "vision_flops_reduction": 1 - mean(vision_pruned) / mean(vision_base),
     }
 
 
@@ -135,18 +137,20 @@ def stage_counts(model: PrunedLlava, per_layer: list[float]) -> str:
         f" ({', '.join(f'L{layer}' for layer in layers)})"
 
 
-def module_flops(model: PrunedLlava, question_tokens: int, merged: int | None = None) -> int:
-    """The merger's and the pruners' own multiply-adds for one sample with ``question_tokens`` question tokens
-    whose merger kept ``merged`` tokens (default: the merger's K)."""
-    n = model.backbone.num_vision_tokens
+def module_flops(model: PrunedLlava, question_tokens: int, merged: int | None = None,
+                 original: int | None = None) -> int:
+    """The merger's and the pruners' own multiply-adds for one sample with ``question_tokens`` question tokens and
+    ``original`` vision tokens (default: the backbone's N) whose merger kept ``merged`` (default: the merger's K);
+    each stage keeps its budget's share of ``merged`` (PrunedLlava's per-sample budgets)."""
+    n = model.backbone.num_vision_tokens if original is None else original
     total = 0
     merged = model.merged_tokens if merged is None else merged
     if model.merger is not None:
         total += model.merger.flops(n, merged, question_tokens)
-        n = merged
+    n = merged
     for pruner, budget in zip(model.pruners, model.stage_budgets):
         total += pruner.flops(n, question_tokens)
-        n = min(n, budget)
+        n = min(n, max(1, round(merged * budget / model.merged_tokens)))
     return total
 
 
@@ -169,7 +173,7 @@ def evaluate_pruned(model: PrunedLlava, batches: Iterable[dict], tau: float, max
         refs += batch["answers"]
         n = len(answers)
         per_layer = prefill.vision_tokens_per_layer
-        counts = {"avg_original_tokens": model.backbone.num_vision_tokens, "avg_merged_tokens": per_layer[0],
+        counts = {"avg_original_tokens": prefill.image_tokens.float().mean().item(), "avg_merged_tokens": per_layer[0],
                   "avg_vision_tokens_per_layer": sum(per_layer) / len(per_layer)}
         for layer in model.stage_of_layer:
             counts[f"tokens_after_layer_{layer}"] = prefill.vision_tokens_per_layer[layer]

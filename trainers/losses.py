@@ -47,12 +47,12 @@ def pruner_importance_loss(stage_logits: list[torch.Tensor], stage_positions: li
     Stage s scores n_s vision tokens (B, n_s) at original sequence positions (B, n_s); the
     teacher's attention (B, N) is over the N image placeholders at ``image_positions`` (B, N,
     ascending). The target of a stage is the teacher's attention at its tokens, renormalised
-    (a merged token stands at its centre's position).
+    (a merged token stands at its centre's position); a padding slot (position -1) gets no target.
     """
     losses = []
     for logits, positions in zip(stage_logits, stage_positions):
-        patch = torch.searchsorted(image_positions, positions)  # (B, n_s)
-        target = teacher_attention.gather(1, patch)
+        patch = torch.searchsorted(image_positions, positions.clamp_min(0))  # (B, n_s)
+        target = teacher_attention.gather(1, patch.clamp_max(teacher_attention.shape[1] - 1)) * (positions >= 0)
         losses.append(merge_importance_loss(logits, target / target.sum(dim=1, keepdim=True)))
     return torch.stack(losses).mean()
 

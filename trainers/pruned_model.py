@@ -134,17 +134,19 @@ class PrunedModel:
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, pixel_values: torch.Tensor, attention_mask: torch.Tensor,
-                 max_new_tokens: int = 16, mode: str = "hard") -> tuple[list[str], PrunedOutput]:
-        """Greedy answers for what the processor returns, and the prefill's output (tokens per layer, masks)."""
+                 max_new_tokens: int = 16, mode: str = "hard", **image_inputs) -> tuple[list[str], PrunedOutput]:
+        """Greedy answers for what the processor returns, and the prefill's output (tokens per layer, masks);
+        ``image_inputs``: the processor's other image outputs the backbone reads (LLaVA-NeXT: ``image_sizes``)."""
         from trainers.evaluation import generate_pruned
 
-        batch = {"input_ids": input_ids, "pixel_values": pixel_values, "attention_mask": attention_mask}
+        batch = {"input_ids": input_ids, "pixel_values": pixel_values, "attention_mask": attention_mask, **image_inputs}
         return generate_pruned(self.model, batch, mode, self.config.method_settings.temperature_min, max_new_tokens)
 
     def answer(self, images: list, questions: list[str], max_new_tokens: int = 16, mode: str = "hard") -> list[str]:
         inputs = self.processor(images=images, text=self.prompts(questions), padding=True, return_tensors="pt")
+        extra = {key: inputs[key] for key in self.model.backbone.image_input_keys}
         return self.generate(inputs["input_ids"], inputs["pixel_values"], inputs["attention_mask"],
-                             max_new_tokens, mode)[0]
+                             max_new_tokens, mode, **extra)[0]
 
 
 def load_pruned(path: str | Path, backbone: str | LlavaBackbone | None = None, device: str = "cpu",
@@ -157,12 +159,14 @@ def load_pruned(path: str | Path, backbone: str | LlavaBackbone | None = None, d
     config = saved.config
     if not isinstance(backbone, LlavaBackbone):
         name = backbone or config.backbone_settings.name_or_path
+        bounds = (config.data_settings.max_vision_tokens, config.data_settings.image_max_size)  # as in training
         if saved.backbone_shape is not None:
-            shape = read_backbone_shape(name)
+            shape = read_backbone_shape(name, *bounds)
             _check_shapes(saved.backbone_shape, {"num_layers": shape.num_layers,
                                                  "num_vision_tokens": shape.num_vision_tokens}, name)
         settings = config.backbone_settings
         backbone = LlavaBackbone.from_pretrained(name, dtype or settings.dtype, settings.attn_implementation, device)
+        backbone.apply_bounds(*bounds)
     if saved.backbone_shape is not None:
         _check_shapes(saved.backbone_shape, backbone_shapes(backbone), backbone.config.name_or_path)
     model = build_pruned_model(config.method_settings, backbone)

@@ -32,7 +32,7 @@ from data.build import batches
 from data.collator import VQACollator
 from models.discriminator import adversarial_loss, discriminator_losses
 from models.llava_backbone import LlavaBackbone
-from models.pruned_llava import PrunedLlava, rows_nonzero
+from models.pruned_llava import PrunedLlava, compact, sorted_positions
 from trainers.build import build_discriminator, build_pruned_model, stage_keep_ratios
 from trainers.checkpoint import STATE, Checkpointer, load, restore_rng_state, rng_state
 from trainers.distributed import DataParallel
@@ -189,6 +189,7 @@ class Trainer:
         device = self.backbone.device
         ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
         pixels, labels = batch["pixel_values"].to(device, self.backbone.dtype), batch["labels"].to(device)
+        images = self.backbone.image_inputs(batch)  # what else the family's vision path reads (LLaVA-NeXT: sizes)
         self.model.train()
         self.discriminator.train()
         if method.disc_reinit_prob > 0 and torch.rand(()).item() < method.disc_reinit_prob:
@@ -199,10 +200,10 @@ class Trainer:
 
         with self.autocast():
             with torch.no_grad():
-                teacher = self.teacher(ids, pixels, mask, labels=labels,  # (1) unpruned
+                teacher = self.teacher(ids, pixels, mask, labels=labels, image_inputs=images,  # (1) unpruned
                                        record_attention=method.merge_importance_weight + method.pruner_importance_weight > 0)
             clock.lap("teacher")
-            student = self.model(ids, pixels, mask, labels=labels, mode="soft", tau=tau)  # (2)
+            student = self.model(ids, pixels, mask, labels=labels, mode="soft", tau=tau, image_inputs=images)  # (2)
             clock.lap("student")
             real = self.discriminator.features(teacher.hidden, teacher.logits, next_token_positions(teacher.labels))
             fake = self.discriminator.features(student.hidden, student.logits, next_token_positions(student.labels))
@@ -230,7 +231,7 @@ class Trainer:
                         terms["merge_importance_loss"] = merge_importance_loss(student.merge.scores,
                                                                                teacher.vision_attention)
                 if method.pruner_importance_weight > 0 and student.stage_logits:
-                    image_positions = rows_nonzero(self.backbone.image_token_mask(ids))  # (B, N)
+                    image_positions = sorted_positions(*compact(self.backbone.image_token_mask(ids)))  # (B, N)
                     terms["pruner_importance_loss"] = pruner_importance_loss(
                         student.stage_logits, student.stage_positions, teacher.vision_attention, image_positions)
                 if method.distill_weight > 0:
@@ -307,9 +308,9 @@ class Trainer:
     def kept_token_pictures(self) -> list:
         """The first PICTURE_SAMPLES eval samples, each the image, what each patch merged into, and the patches left
         after the merger and after each pruning stage (hard mode), so one sees what the modules learn to keep; none
-        when the vision tokens are no square grid of patches (e.g. the `full` strategy's CLS)."""
+        when the vision tokens are no single square grid of patches (the `full` strategy's CLS, LLaVA-NeXT's crops)."""
         bb = self.backbone
-        if grid_side(bb.num_vision_tokens) is None:
+        if not bb.one_patch_grid or grid_side(bb.num_vision_tokens) is None:
             return []
         samples = [self.eval_set[i] for i in range(min(PICTURE_SAMPLES, len(self.eval_set)))]
         batch = VQACollator(bb.processor, with_answers=False)(samples)

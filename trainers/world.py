@@ -61,6 +61,7 @@ def load_world(config: Config, log: RunLog, data=None, data_parallel: DataParall
     log.info("Preloading backbone and dataset...")
     backbone = LlavaBackbone.from_pretrained(settings.name_or_path, settings.dtype, settings.attn_implementation,
                                              devices[0])
+    backbone.apply_bounds(config.data_settings.max_vision_tokens, config.data_settings.image_max_size)
     layer_devices = spread_backbone(backbone, devices) if len(devices) > 1 else None
     train_set, eval_set = data if data is not None else build_datasets(config.data_settings)
     for name, dataset in (("train", train_set), ("eval", eval_set)):
@@ -75,7 +76,8 @@ def load_world(config: Config, log: RunLog, data=None, data_parallel: DataParall
     frozen = sum(p.numel() for p in backbone.parameters() if not p.requires_grad)
     where = (f"decoder layers over {', '.join(str(d) for d in devices)}" if layer_devices else f"device {devices[0]}")
     log.info(f"Backbone: {settings.name_or_path}, {frozen:,} frozen parameters, {backbone.num_layers} decoder layers, "
-             f"{backbone.num_vision_tokens} vision tokens per image, {where}")
+             f"{'up to ' if backbone.variable_token_count else ''}{backbone.num_vision_tokens} vision tokens per image "
+             f"({type(backbone).__name__}), {where}")
     return BackboneAndData(backbone, train_set, eval_set, layer_devices)
 
 

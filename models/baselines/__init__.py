@@ -73,9 +73,10 @@ def build_baseline(name: str, backbone: LlavaBackbone, num_keep: int, pruning_la
     n = backbone.num_vision_tokens
     check_baseline(name, n, backbone.num_layers, num_keep, pruning_layers, fastv_layer)
     layers = list(pruning_layers)
-    pre_projector = {"random": lambda: RandomPruning(num_keep, seed), "pooling": lambda: SpatialPooling(n, num_keep),
+    pre_projector = {"random": lambda: RandomPruning(num_keep, seed, reference_tokens=n),
+                     "pooling": lambda: SpatialPooling(n, num_keep),
                      "visionzip": lambda: VisionZip(num_keep, backbone.vision_hidden_size),
-                     "tome": lambda: ToMe(num_keep, backbone.vision_hidden_size)}
+                     "tome": lambda: ToMe(num_keep, backbone.vision_hidden_size, reference_tokens=n)}
     if name in pre_projector:
         model = PrunedLlava(backbone, pre_projector[name]())
     elif name == "fastv":

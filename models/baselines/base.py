@@ -35,15 +35,25 @@ class PreProjectorSelector(nn.Module):
 
     reads_vision_attention = False  # True: PrunedLlava passes the feature layer's VisionAttention
 
-    def __init__(self, num_keep: int):
+    def __init__(self, num_keep: int, reference_tokens: int | None = None):
         super().__init__()
         if num_keep < 1:
             raise ValueError(f"{type(self).__name__} must keep at least 1 vision token, got {num_keep}")
         self.num_keep = num_keep
+        self.reference_tokens = reference_tokens  # the image size num_keep is for (images of other sizes: same share)
 
     def select(self, features: torch.Tensor, vision_attention) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, N, Dv) features -> (B, K, Dv) tokens and (B, K) patch indices, in any order."""
         raise NotImplementedError
+
+    def select_padded(self, features: torch.Tensor, vision_attention, valid: torch.Tensor,
+                      keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Images of different sizes: (B, N, Dv) features padded at the end (``valid`` (B, N)) -> each sample's
+        ``keep`` (B,) tokens in (B, K, Dv), their (B, K) patch indices (distinct per sample) and (B, K) bool, False
+        at the slots a sample does not use."""
+        raise NotImplementedError(f"{type(self).__name__} needs every image to hold the same grid of tokens; with a "
+                                  "backbone whose token count follows the image use the learned merger, ToMe, random, "
+                                  "FastV or PyramidDrop")
 
     def flops(self, n: int, k: int | None = None, n_text: int = 0) -> int:
         """Multiply-adds of one call on n tokens (counted like models/flops.py: matrix products only); the
@@ -52,8 +62,21 @@ class PreProjectorSelector(nn.Module):
 
     def forward(self, features: torch.Tensor, tau: float = 1.0, question: torch.Tensor | None = None,
                 question_mask: torch.Tensor | None = None, generator: torch.Generator | None = None,
-                vision_attention=None) -> MergeOutput:
+                vision_attention=None, valid: torch.Tensor | None = None) -> MergeOutput:
         B, N, _ = features.shape
+        if valid is not None:
+            if type(self).select_padded is PreProjectorSelector.select_padded:
+                self.select_padded(features, vision_attention, valid, valid.sum(dim=1))  # raises: not supported
+            if self.reference_tokens is None:
+                raise ValueError(f"{type(self).__name__} got images of different sizes but no reference_tokens "
+                                 "(the image size num_keep is for)")
+            keep = torch.round(valid.sum(dim=1).double() * self.num_keep / self.reference_tokens).long()
+            keep = torch.minimum(keep.clamp_min(1), valid.sum(dim=1))
+            tokens, positions, used = self.select_padded(features, vision_attention, valid, keep)
+            kept = torch.zeros(B, N, dtype=features.dtype, device=features.device)
+            kept = kept.scatter(1, positions, used.to(features.dtype))  # (B, N)
+            return MergeOutput(tokens, positions, kept, features.new_zeros(()),
+                               valid=None if bool(used.all()) else used)
         if self.num_keep > N:
             raise ValueError(f"{type(self).__name__} keeps {self.num_keep} tokens but the image has {N}")
         tokens, positions = self.select(features, vision_attention)  # (B, K, Dv), (B, K)

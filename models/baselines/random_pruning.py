@@ -14,8 +14,8 @@ from models.baselines.base import PreProjectorSelector, gather_tokens
 
 
 class RandomPruning(PreProjectorSelector):
-    def __init__(self, num_keep: int, seed: int = 0):
-        super().__init__(num_keep)
+    def __init__(self, num_keep: int, seed: int = 0, reference_tokens: int | None = None):
+        super().__init__(num_keep, reference_tokens)
         self.seed = seed
 
     def select(self, features: torch.Tensor, vision_attention=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -23,3 +23,10 @@ class RandomPruning(PreProjectorSelector):
         noise = torch.rand(B, N, generator=torch.Generator().manual_seed(self.seed)).to(features.device)  # (B, N)
         positions = noise.topk(self.num_keep, dim=1).indices  # (B, K)
         return gather_tokens(features, positions), positions
+
+    def select_padded(self, features, vision_attention, valid, keep):
+        B, N, _ = features.shape
+        noise = torch.rand(B, N, generator=torch.Generator().manual_seed(self.seed)).to(features.device)
+        positions = noise.masked_fill(~valid, -1.0).topk(int(keep.max()), dim=1).indices  # (B, K), padding last
+        used = torch.arange(positions.shape[1], device=keep.device) < keep[:, None]  # (B, K): sample b's first K_b
+        return gather_tokens(features, positions), positions, used
