@@ -2,7 +2,8 @@
 
 Training text: ``USER: <image>\\n{question} ASSISTANT: {answer}</s>``; the labels are -100
 everywhere except the answer's tokens and the end-of-sequence token. Generation text stops
-after ``ASSISTANT:``. The processor expands ``<image>`` into one placeholder per vision token.
+after ``ASSISTANT:``. The processor expands ``<image>`` (its own image token: ``<|image_pad|>`` for a
+Qwen2-VL checkpoint) into one placeholder per vision token.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Any, Protocol
 import torch
 
 from models.pruned_llava import IGNORE_INDEX
-PROMPT_TEMPLATE = "USER: <image>\n{question} ASSISTANT:"
+PROMPT_TEMPLATE = "USER: {image}\n{question} ASSISTANT:"
 
 
 class Sample(Protocol):
@@ -23,8 +24,9 @@ class Sample(Protocol):
     answer: str
 
 
-def build_prompt(question: str) -> str:
-    return PROMPT_TEMPLATE.format(question=question.strip())
+def build_prompt(question: str, image_token: str = "<image>") -> str:
+    """LLaVA-1.5's prompt, with the processor's image token (``<|image_pad|>`` for a Qwen2-VL checkpoint's)."""
+    return PROMPT_TEMPLATE.format(image=image_token, question=question.strip())
 
 
 @dataclass
@@ -41,7 +43,7 @@ class VQACollator:
 
     def __call__(self, samples: list[Sample]) -> dict[str, Any]:
         tokenizer = self.processor.tokenizer
-        prompts = [build_prompt(s.question) for s in samples]
+        prompts = [build_prompt(s.question, getattr(self.processor, "image_token", "<image>")) for s in samples]
         if self.with_answers:
             texts = [f"{p} {s.answer.strip()}{tokenizer.eos_token}" for p, s in zip(prompts, samples)]
         else:

@@ -35,16 +35,19 @@ from models.flops import projector_flops, vision_tower_flops
 def _families() -> dict[str, type["LlavaBackbone"]]:
     """config.json's model_type -> the adapter that runs it."""
     from models.llava_next_backbone import LlavaNextBackbone
+    from models.qwen2_vl_backbone import Qwen2_5_VLBackbone, Qwen2VLBackbone
 
-    return {"llava": LlavaBackbone, "llava_next": LlavaNextBackbone}
+    return {"llava": LlavaBackbone, "llava_next": LlavaNextBackbone, "qwen2_vl": Qwen2VLBackbone,
+            "qwen2_5_vl": Qwen2_5_VLBackbone}
 
 
 def backbone_class(model_type: str, name_or_path: str = "the backbone") -> type["LlavaBackbone"]:
     families = _families()
     if model_type not in families:
         raise ValueError(f"{name_or_path!r} is a {model_type!r} model; supported model types: {', '.join(families)} "
-                         "(LlavaForConditionalGeneration, LlavaNextForConditionalGeneration); other families need an "
-                         "adapter of their own")
+                         "(LlavaForConditionalGeneration, LlavaNextForConditionalGeneration, "
+                         "Qwen2VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration); other families need "
+                         "an adapter of their own")
     return families[model_type]
 
 
@@ -106,17 +109,21 @@ class LlavaBackbone(nn.Module):
         super().__init__()
         self.model = model
         self.processor = processor
-        config = model.config
+        self.check_config(model.config)
+        self.frozen = freeze
+        if freeze:
+            model.requires_grad_(False)
+            model.eval()
+
+    @staticmethod
+    def check_config(config) -> None:
+        """What this adapter cannot run, refused by name."""
         if isinstance(config.vision_feature_layer, (list, tuple)):
             raise NotImplementedError(
                 "vision_feature_layer is a list: multi-layer vision features are not supported by the merger"
             )
         if config.vision_feature_select_strategy not in ("default", "full"):
             raise ValueError(f"unknown vision_feature_select_strategy {config.vision_feature_select_strategy!r}")
-        self.frozen = freeze
-        if freeze:
-            model.requires_grad_(False)
-            model.eval()
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -131,7 +138,7 @@ class LlavaBackbone(nn.Module):
         """Load a checkpoint from a local folder or the local Hugging Face cache, never the network, with the adapter
         of its family (its config.json's ``model_type``)."""
         import transformers
-        from transformers import AutoConfig, AutoProcessor
+        from transformers import AutoConfig
 
         kwargs = dict(local_files_only=True)
         try:
@@ -139,10 +146,16 @@ class LlavaBackbone(nn.Module):
             model = getattr(transformers, family.model_class).from_pretrained(
                 name_or_path, dtype=getattr(torch, dtype), attn_implementation=attn_implementation, **kwargs
             )
-            processor = AutoProcessor.from_pretrained(name_or_path, **kwargs)
+            processor = family.load_processor(name_or_path, **kwargs)
         except OSError as err:
             raise BackboneNotFoundError(missing_backbone_message(name_or_path, err)) from err
         return family(model.to(device), processor, freeze=True)
+
+    @staticmethod
+    def load_processor(name_or_path: str, **kwargs):
+        from transformers import AutoProcessor
+
+        return AutoProcessor.from_pretrained(name_or_path, **kwargs)
 
     @staticmethod
     def shape_from_config(config) -> BackboneShape:
@@ -294,6 +307,10 @@ class LlavaBackbone(nn.Module):
         """The processor outputs besides ``pixel_values`` that this family's vision path reads, on the device."""
         return {key: batch[key].to(self.device) for key in self.image_input_keys}
 
+    def append_text(self, image_inputs: dict[str, torch.Tensor], count: int) -> dict[str, torch.Tensor]:
+        """``image_inputs`` for the prompt followed by ``count`` more text tokens (per-token inputs grow)."""
+        return image_inputs
+
     def image_features(self, pixel_values: torch.Tensor, **image_inputs) -> ImageFeatures:
         """The pre-projector features the merger reads, in the order of :meth:`feature_slots`."""
         return ImageFeatures(self.vision_features(pixel_values))
@@ -337,6 +354,17 @@ class LlavaBackbone(nn.Module):
     def rotary(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(cos, sin) for ``position_ids`` (B, T)."""
         return self.language_model.rotary_emb(hidden, position_ids=position_ids)
+
+    def prompt_positions(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **image_inputs) -> torch.Tensor:
+        """(B, T) the rotary positions of a prompt: its columns, padding included, as the stock forward counts them.
+        A pruned token keeps its position."""
+        B, T = input_ids.shape
+        return torch.arange(T, device=input_ids.device).expand(B, T)
+
+    def next_positions(self, last_positions: torch.Tensor, step: int) -> torch.Tensor:
+        """(B, 1) the rotary positions of the ``step``-th generated token after a prompt whose last token sits at
+        ``last_positions`` (B,)."""
+        return (last_positions + 1 + step)[:, None]
 
     def run_layer(self, index: int, hidden: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
                   position_embeddings: tuple[torch.Tensor, torch.Tensor], cache=None) -> torch.Tensor:
@@ -407,7 +435,12 @@ class LlavaBackbone(nn.Module):
         """Unpruned logits (B, T, V), computed piece by piece; equals the stock forward."""
         images = self.image_features(pixel_values, **image_inputs)
         embeds = self.merge_image_embeddings(input_ids, self.project(images.features), images.valid, **image_inputs)
-        return self.lm_head(self.decode(embeds, attention_mask))
+        positions = self.prompt_positions(input_ids, attention_mask, **image_inputs)
+        return self.lm_head(self.decode(embeds, attention_mask, positions))
+
+    def stock_generate(self, **inputs) -> torch.Tensor:
+        """The stock ``generate`` of the unpruned model (the evaluation's baseline)."""
+        return self.model.generate(**inputs)
 
 
 @dataclass

@@ -65,6 +65,7 @@ class PrunedOutput:
     vision_attention: torch.Tensor | None = None  # (B, n) with record_attention: see PrunedLlava.forward
     question_counts: torch.Tensor | None = None  # (B,) question tokens the merger and pruners read
     image_tokens: torch.Tensor | None = None  # (B,) each image's vision tokens before the merger
+    last_positions: torch.Tensor | None = None  # (B,) or (B, R) the rotary positions of the last prompt token
     kept_positions: list[torch.Tensor] = field(default_factory=list)  # hard: (B, k) sequence positions of the vision
     #   tokens entering the LLM, then after each stage (-1 at the padding of a sample with fewer)
     prefill_seconds: float | None = None  # wall-clock seconds of this pass, when the caller timed it (evaluation)
@@ -80,7 +81,8 @@ class _Sequence:
     """The running sequence and everything gathered along with it."""
 
     hidden: torch.Tensor  # (B, T, D)
-    position_ids: torch.Tensor  # (B, T) original positions
+    index: torch.Tensor  # (B, T) each token's column in the prompt
+    position_ids: torch.Tensor  # (B, T) or (B, T, R) its rotary positions, as the backbone's rotary reads them
     attention_mask: torch.Tensor  # (B, T) 1 = real token
     question_mask: torch.Tensor  # (B, T) bool, the question's text tokens
     is_vision: torch.Tensor  # (B, T) bool
@@ -88,9 +90,13 @@ class _Sequence:
 
     def gather(self, index: torch.Tensor, valid: torch.Tensor) -> "_Sequence":
         """The tokens at ``index`` (B, T'); where ``valid`` (B, T') is False, a masked-out padding slot."""
-        take = lambda x: None if x is None else x.gather(1, index)
+        def take(x: torch.Tensor | None) -> torch.Tensor | None:  # (B, T, ...) -> (B, T', ...)
+            if x is None:
+                return None
+            return x.gather(1, index.view(*index.shape, *[1] * (x.dim() - 2)).expand(-1, -1, *x.shape[2:]))
+
         return _Sequence(
-            self.hidden.gather(1, index.unsqueeze(-1).expand(-1, -1, self.hidden.shape[-1])),
+            take(self.hidden), take(self.index),
             take(self.position_ids), take(self.attention_mask) * valid, take(self.question_mask) & valid,
             take(self.is_vision) & valid,
             None if self.labels is None else take(self.labels).masked_fill(~valid, IGNORE_INDEX),
@@ -162,7 +168,7 @@ class _AnswerAttention:
 def vision_positions(seq: _Sequence) -> torch.Tensor:
     """(B, n) original sequence positions of the vision slots, -1 at a shorter sample's padding slots."""
     index, valid = seq.vision_slots
-    return seq.position_ids.gather(1, index).masked_fill(~valid, -1)
+    return seq.index.gather(1, index).masked_fill(~valid, -1)
 
 
 def question_tokens(hidden: torch.Tensor, question_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -294,7 +300,8 @@ class PrunedLlava(nn.Module):
         embeds = embeds.scatter(1, index, torch.where(alive.unsqueeze(-1), projected, embeds.gather(1, index)))
         is_vision = torch.zeros_like(is_feature).scatter(1, kept_slots, alive)  # unused slots leave the sequence
         B, T = input_ids.shape
-        full = _Sequence(embeds, torch.arange(T, device=input_ids.device).expand(B, T), attention_mask,
+        full = _Sequence(embeds, torch.arange(T, device=input_ids.device).expand(B, T),
+                         bb.prompt_positions(input_ids, attention_mask, **image_inputs), attention_mask,
                          question_mask, is_vision, labels)
         return full.gather(*compact(~is_feature | is_vision, right=True)), merge, counts
 
@@ -352,6 +359,7 @@ class PrunedLlava(nn.Module):
                 seq.hidden = bb.run_layer(layer, seq.hidden, mask, seq.position_ids, cos_sin, cache=cache)
 
         stats.question_counts = seq.question_mask.sum(dim=1)
+        stats.last_positions = seq.position_ids[:, -1]
         stats.hidden = bb.norm(seq.hidden)
         stats.logits = bb.lm_head(stats.hidden)
         stats.attention_mask, stats.labels = seq.attention_mask, seq.labels
@@ -417,7 +425,7 @@ class PrunedLlava(nn.Module):
                  image_inputs: dict | None = None) -> tuple[torch.Tensor, PrunedOutput]:
         """Greedy answers (B, <= max_new_tokens) after a pruned prefill; decoding reads each layer's KV cache."""
         prefill, cache = self.prefill(input_ids, pixel_values, attention_mask, mode, image_inputs)
-        return self.decode(prefill, cache, input_ids.shape[1], max_new_tokens, eos_token_id, pad_token_id), prefill
+        return self.decode(prefill, cache, max_new_tokens, eos_token_id, pad_token_id), prefill
 
     @torch.no_grad()
     def prefill(self, input_ids: torch.Tensor, pixel_values: torch.Tensor, attention_mask: torch.Tensor,
@@ -428,9 +436,9 @@ class PrunedLlava(nn.Module):
                             image_inputs=image_inputs), cache
 
     @torch.no_grad()
-    def decode(self, prefill: PrunedOutput, cache, prompt_length: int, max_new_tokens: int, eos_token_id: int,
+    def decode(self, prefill: PrunedOutput, cache, max_new_tokens: int, eos_token_id: int,
                pad_token_id: int) -> torch.Tensor:
-        """Greedy tokens (B, <= max_new_tokens) after :meth:`prefill` of a prompt ``prompt_length`` tokens long."""
+        """Greedy tokens (B, <= max_new_tokens) after :meth:`prefill`."""
         bb = self.backbone
         token = prefill.logits[:, -1].argmax(-1)  # (B,)
         done = torch.zeros_like(token, dtype=torch.bool)
@@ -443,7 +451,7 @@ class PrunedLlava(nn.Module):
             if bool(done.all()) or step == max_new_tokens - 1:
                 break
             hidden = bb.embed_tokens(token[:, None])  # (B, 1, D)
-            position_ids = torch.full_like(token[:, None], prompt_length + step)  # original positions continue
+            position_ids = bb.next_positions(prefill.last_positions, step)  # the prompt's positions continue
             cos_sin = bb.rotary(hidden, position_ids)
             for layer in range(bb.num_layers):
                 key_masks[layer] = torch.cat([key_masks[layer], torch.ones_like(key_masks[layer][:, :1])], dim=1)

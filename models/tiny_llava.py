@@ -11,7 +11,8 @@ The processor that goes with a model comes from data/word_tokenizer.word_level_p
 from __future__ import annotations
 
 from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaNextConfig,
-                          LlavaNextForConditionalGeneration)
+                          LlavaNextForConditionalGeneration, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration,
+                          Qwen2VLConfig, Qwen2VLForConditionalGeneration)
 
 # name -> (vision tower, language model) keyword arguments of CLIPVisionConfig and LlamaConfig
 SHAPES = {
@@ -69,3 +70,25 @@ def build_llava_next(tokenizer, pinpoints: list[list[int]], shapes: str = "toy",
                      **overrides) -> LlavaNextForConditionalGeneration:
     """A random-init LlavaNextForConditionalGeneration of :func:`llava_next_config`."""
     return LlavaNextForConditionalGeneration(llava_next_config(tokenizer, pinpoints, shapes, **overrides))
+
+
+def build_qwen2_vl(tokenizer, version: str = "2", text_layers: int = 2, patch_size: int = 8):
+    """A random-init Qwen2-VL (``version="2"``) or Qwen2.5-VL (``"2.5"``) at toy widths: a 2-block vision tower of
+    ``patch_size`` px patches merged 2 x 2, a 64-wide decoder with multimodal rotary positions (sections 2, 3, 3 of
+    its 8 frequencies), the tokenizer's ``<image>`` as the image token."""
+    unused = tokenizer.convert_tokens_to_ids("<|video_pad|>")  # video, vision start/end: not in the prompts
+    text = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=text_layers,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]})
+    ids = dict(image_token_id=tokenizer.convert_tokens_to_ids("<image>"), video_token_id=unused,
+               vision_start_token_id=unused, vision_end_token_id=unused)
+    if version == "2":
+        vision = dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2, patch_size=patch_size,
+                      temporal_patch_size=2, spatial_merge_size=2)
+        return Qwen2VLForConditionalGeneration(Qwen2VLConfig(text_config=text, vision_config=vision, **ids))
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=patch_size,
+                  temporal_patch_size=2, spatial_merge_size=2, window_size=4 * patch_size, fullatt_block_indexes=[1],
+                  tokens_per_second=2)
+    return Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids))

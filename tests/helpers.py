@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-import torch
+import dataclasses
 
-from data.word_tokenizer import word_level_next_processor, word_level_processor
-from models.tiny_llava import build_llava, build_llava_next
+import torch
+from torch import nn
+
+from data.word_tokenizer import word_level_next_processor, word_level_processor, word_level_qwen_processor
+from models.tiny_llava import build_llava, build_llava_next, build_qwen2_vl
 
 SHIPPED_BACKBONE = "backbones/tiny-llava"
 
@@ -46,6 +49,13 @@ def llava_next_like(text_layers: int = 2, seed: int = 0):
     return model.eval(), processor
 
 
+def qwen2_vl_like(version: str = "2", text_layers: int = 2, seed: int = 0):
+    """A random-init Qwen2-VL or Qwen2.5-VL at toy widths (8 px patches, 4 to 64 tokens per image) and its processor."""
+    torch.manual_seed(seed)
+    processor = word_level_qwen_processor(8, max_tokens=64, min_tokens=4)
+    return build_qwen2_vl(processor.tokenizer, version, text_layers).eval(), processor
+
+
 def sharpen_attention(layers, std: float = 0.5) -> None:
     """Peaked, content-dependent attention in these decoder layers: a random init attends almost
     uniformly, so attention rankings would be positional and an attention target flat."""
@@ -74,3 +84,32 @@ def main_args(tmp_path, backbone_folder, *extra, **overrides):
     for key, value in tiny_settings(tmp_path, backbone_folder, **overrides).items():
         args += ["--set", f"{key}={value}"]
     return [*args, *extra], tmp_path / "out"
+
+
+def resized_batch(processor, sizes: list[tuple[int, int]], with_answers: bool = True, seed: int = 4,
+                  only: int | None = None) -> dict:
+    """Synthetic questions whose images are resized to ``sizes`` ((height, width) each), collated: on a backbone
+    whose token count follows the image, different numbers of vision tokens and left padding. ``only``: the batch
+    of that one sample."""
+    from data.collator import VQACollator
+    from data.synthetic_vqa import SyntheticVQADataset
+
+    data = SyntheticVQADataset(len(sizes), "eval", seed=seed)
+    samples = [dataclasses.replace(data[i], image=data[i].image.resize((w, h))) for i, (h, w) in enumerate(sizes)]
+    return VQACollator(processor, with_answers=with_answers)(samples if only is None else [samples[only]])
+
+
+class ChosenShare(nn.Module):
+    """Keep logits +a for ``keep[b]`` tokens of sample b chosen by a fixed scatter over their ranks, -a for the
+    rest: exactly the tokens hard mode keeps when its budget for sample b is ``keep[b]``."""
+
+    def __init__(self, keep: list[int], tokens: list[int]):
+        super().__init__()
+        self.keep, self.tokens = torch.tensor(keep), torch.tensor(tokens)
+
+    def forward(self, vision, question, question_mask):
+        rank = torch.arange(vision.shape[1])
+        priority = ((rank * 7919) % 1009).float().expand(vision.shape[0], -1)
+        priority = priority.masked_fill(rank >= self.tokens[:, None], -1.0)  # a shorter sample's padding slots
+        order = priority.argsort(dim=1, descending=True).argsort(dim=1)  # each token's place in the priority
+        return torch.where(order < self.keep[:, None], 30.0, -30.0)

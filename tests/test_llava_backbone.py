@@ -45,17 +45,17 @@ def test_shape_is_read_without_weights(llava15_folder):
     assert (shape.num_layers, shape.num_vision_tokens, shape.image_size) == (2, 576, 336)
 
 
-@pytest.mark.parametrize("config_class", ["Qwen2VLConfig", "LlamaConfig", "IdeficsConfig"])
+@pytest.mark.parametrize("config_class", ["LlavaOnevisionConfig", "LlamaConfig", "IdeficsConfig"])
 def test_other_model_families_are_refused_by_name_before_any_weight(tmp_path, config_class):
-    """Qwen2-VL used to raise an AttributeError: an unsupported family is one line naming its model_type and the
-    supported ones, read from config.json alone."""
+    """An unsupported family is one line naming its model_type and the supported ones, read from config.json alone
+    (Qwen2-VL used to raise an AttributeError before it had an adapter)."""
     import transformers
 
     config = getattr(transformers, config_class)()
     config.save_pretrained(tmp_path)
     with pytest.raises(ValueError) as err:
         read_backbone_shape(str(tmp_path))
-    assert f"is a {config.model_type!r} model; supported model types: llava, llava_next " in str(err.value)
+    assert f"is a {config.model_type!r} model; supported model types: llava, llava_next, qwen2_vl, qwen2_5_vl " in str(err.value)
 
 
 def test_main_refuses_an_unsupported_family_with_one_line(tmp_path, capsys):
@@ -66,11 +66,12 @@ def test_main_refuses_an_unsupported_family_with_one_line(tmp_path, capsys):
 
     from data.word_tokenizer import word_level_processor
 
-    transformers.Qwen2VLConfig().save_pretrained(tmp_path / "qwen")
-    word_level_processor().save_pretrained(tmp_path / "qwen")  # a downloaded checkpoint has its processor's files
-    args, out = main_args(tmp_path, tmp_path / "qwen")
+    transformers.LlavaOnevisionConfig().save_pretrained(tmp_path / "onevision")
+    word_level_processor().save_pretrained(tmp_path / "onevision")  # a downloaded checkpoint has its processor's files
+    args, out = main_args(tmp_path, tmp_path / "onevision")
     assert entry.main(args) == 2
-    assert "is a 'qwen2_vl' model; supported model types: llava, llava_next" in capsys.readouterr().err
+    assert "is a 'llava_onevision' model; supported model types: llava, llava_next, qwen2_vl, qwen2_5_vl" in \
+        capsys.readouterr().err
     assert not out.exists()  # refused before anything was written
 
 

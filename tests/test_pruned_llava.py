@@ -130,7 +130,7 @@ class PatchRulePruned(PrunedLlava):
         return super().forward(input_ids, *args, **kwargs)
 
     def _keep_logits(self, stage, layer, seq, cos_sin, previous_input):
-        patch = seq.position_ids.gather(1, seq.vision_index) - self.first_image  # (B, n)
+        patch = seq.index.gather(1, seq.vision_index) - self.first_image  # (B, n)
         return torch.where(patch % self.MODULI[stage] == stage, -1e4, 1e4)
 
     @classmethod

@@ -38,7 +38,7 @@ def generate_baseline_answers(backbone: LlavaBackbone, batch: dict, max_new_toke
     """Greedy answers of the unpruned backbone through the stock ``generate`` (prompt-only batch)."""
     tokenizer = backbone.processor.tokenizer
     ids, pixels, mask, image_inputs = _to_device(batch, backbone)
-    out = backbone.model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, **image_inputs,
+    out = backbone.stock_generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, **image_inputs,
                                   max_new_tokens=max_new_tokens, do_sample=False,
                                   pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
     return tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
@@ -55,7 +55,7 @@ def generate_pruned(model: PrunedLlava, batch: dict, mode: str, tau: float,
         (prefill, cache), seconds = stopwatch(lambda: model.prefill(ids, pixels, mask, image_inputs=image_inputs),
                                               model.backbone.device)
         prefill.prefill_seconds = seconds
-        tokens = model.decode(prefill, cache, ids.shape[1], max_new_tokens, tok.eos_token_id, tok.pad_token_id)
+        tokens = model.decode(prefill, cache, max_new_tokens, tok.eos_token_id, tok.pad_token_id)
         return tok.batch_decode(tokens, skip_special_tokens=True), prefill
     # Soft masks have no cache form: each step reruns the soft forward over prompt + answer so far. The answer
     # so far is labelled (not IGNORE_INDEX), so the pruners read the question only, as in training.
@@ -74,6 +74,7 @@ def generate_pruned(model: PrunedLlava, batch: dict, mode: str, tau: float,
         ids = torch.cat([ids, token[:, None]], dim=1)
         labels = torch.cat([labels, token[:, None]], dim=1)
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        image_inputs = model.backbone.append_text(image_inputs, 1)
     return tok.batch_decode(torch.stack(generated, dim=1), skip_special_tokens=True), prefill
 
 

@@ -127,7 +127,7 @@ class PrunedModel:
         """The training prompt (LLaVA-1.5's), or the processor's chat template when it has one."""
         template = getattr(self.processor, "chat_template", None)
         if not template:
-            return [build_prompt(q) for q in questions]
+            return [build_prompt(q, getattr(self.processor, "image_token", "<image>")) for q in questions]
         return [self.processor.apply_chat_template(
             [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}],
             add_generation_prompt=True) for q in questions]
