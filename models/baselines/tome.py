@@ -90,9 +90,9 @@ class ToMe(PreProjectorSelector):
         self.key_dim = key_dim
 
     def flops(self, n: int, k: int | None = None, n_text: int = 0) -> int:
-        """The A x B similarity matrices of every step."""
+        """The A x B similarity matrices of every step, from n tokens down to k (default: num_keep)."""
         total = 0
-        for r in merge_steps(n, self.num_keep):
+        for r in merge_steps(n, self.num_keep if k is None else k):
             total += ((n + 1) // 2) * (n // 2) * self.key_dim
             n -= r
         return total
