@@ -111,7 +111,7 @@ class MethodSettings:
     pruner_keep_ratios: list[float] = field(default_factory=lambda: [0.7, 0.75, 0.67])
     pruner_d_internal: int = num(512, ge=1)
     pruner_num_heads: int = num(4, ge=1)
-    pruner_type: Literal["cross_attention", "mlp"] = "cross_attention"
+    pruner_type: Literal["cross_attention", "attention_aware", "mlp"] = "cross_attention"
     temperature: float = num(1.0, gt=0)
     temperature_min: float = num(0.1, gt=0)
     temperature_anneal_rate: float = num(0.5, ge=0, le=1)

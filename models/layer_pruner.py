@@ -3,8 +3,11 @@
 ``cross_attention`` (the method's pruner): queries from the vision tokens' hidden states,
 keys and values from the question tokens' hidden states at the same layer, projected to
 ``d_internal`` with ``num_heads`` heads, then a small MLP gives one keep logit per vision
-token: a token is kept when the question needs it. ``mlp``: the logit from the vision token's
-own hidden state (question-blind), a simpler baseline.
+token: a token is kept when the question needs it. ``attention_aware``: the same, with one more
+input per token, the log of the attention the last question token paid it in the decoder layer
+before (FastV's ranking signal, read from the frozen model), so the learned ranking starts from
+what the model itself attends to. ``mlp``: the logit from the vision token's own hidden state
+(question-blind), a simpler baseline.
 
 Keep decisions (DESIGN 4.4):
 - soft (training): q_j = sigmoid((z_j + L_j) / tau), L_j logistic noise (a Gumbel-sigmoid,
@@ -51,6 +54,32 @@ class CrossAttentionPruner(nn.Module):
         return self.head(torch.cat([q, context], dim=-1)).squeeze(-1)
 
 
+class AttentionAwarePruner(CrossAttentionPruner):
+    """:class:`CrossAttentionPruner` whose head also reads log(n * a_j), a_j the attention the last question token
+    paid vision token j in the previous decoder layer (PrunedLlava passes it: ``reads_received_attention``)."""
+
+    reads_received_attention = True
+
+    def __init__(self, hidden_size: int, d_internal: int, num_heads: int):
+        super().__init__(hidden_size, d_internal, num_heads)
+        self.head = nn.Sequential(nn.Linear(2 * d_internal + 1, d_internal), nn.GELU(), nn.Linear(d_internal, 1))
+        _init_keep_all(self.head[-1])
+
+    def flops(self, n_vision: int, n_text: int) -> int:
+        """The cross-attention pruner's, plus the head's weights on the extra input; the attention row it reads is
+        part of the previous layer's own attention (counted as for FastV)."""
+        return super().flops(n_vision, n_text) + n_vision * self.d_internal
+
+    def forward(self, vision: torch.Tensor, question: torch.Tensor, question_mask: torch.Tensor,
+                received: torch.Tensor) -> torch.Tensor:
+        """... and (B, n) received attention -> (B, n) keep logits."""
+        q = self.query(self.norm(vision))  # (B, n, d)
+        k, v = self.key_value(self.norm(question)).chunk(2, dim=-1)  # (B, Tq, d) each
+        context = self.attention(q, k, v, question_mask)  # (B, n, d)
+        signal = torch.log(received.float().clamp_min(1e-8) * received.shape[1]).to(q.dtype)  # (B, n), 0 = uniform
+        return self.head(torch.cat([q, context, signal.unsqueeze(-1)], dim=-1)).squeeze(-1)
+
+
 class MLPPruner(nn.Module):
     def __init__(self, hidden_size: int, d_internal: int, num_heads: int = 1):
         super().__init__()
@@ -67,7 +96,7 @@ class MLPPruner(nn.Module):
         return self.net(vision).squeeze(-1)  # (B, n)
 
 
-PRUNER_TYPES = {"cross_attention": CrossAttentionPruner, "mlp": MLPPruner}
+PRUNER_TYPES = {"cross_attention": CrossAttentionPruner, "attention_aware": AttentionAwarePruner, "mlp": MLPPruner}
 
 
 def build_pruner(pruner_type: str, hidden_size: int, d_internal: int, num_heads: int) -> nn.Module:

@@ -384,7 +384,8 @@ class LlavaBackbone(nn.Module):
         )
 
     def attention_probs(self, index: int, hidden: torch.Tensor, attention_mask: torch.Tensor,
-                        position_embeddings: tuple[torch.Tensor, torch.Tensor], query_index: torch.Tensor) -> torch.Tensor:
+                        position_embeddings: tuple[torch.Tensor, torch.Tensor], query_index: torch.Tensor,
+                        key_bias: torch.Tensor | None = None) -> torch.Tensor:
         """Attention probabilities (B, H, Q, T) of decoder layer ``index`` for the queries at ``query_index`` (B, Q).
 
         ``hidden`` (B, T, D) are the hidden states entering the layer, ``attention_mask`` (B, T) marks
@@ -409,6 +410,8 @@ class LlavaBackbone(nn.Module):
         scores = query @ keys.transpose(2, 3) * attn.scaling  # (B, H, Q, T)
         mask = causal_padding_mask(attention_mask, scores.dtype)  # (B, 1, T, T)
         mask = mask.gather(2, query_index[:, None, :, None].expand(-1, -1, -1, T))  # (B, 1, Q, T)
+        if key_bias is not None:  # soft mode's log keep probabilities, as the layer itself adds them
+            mask = mask + key_bias[:, None, None, :].to(mask.dtype)
         return torch.softmax(scores + mask, dim=-1, dtype=torch.float32)
 
     def new_cache(self):

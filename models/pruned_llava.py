@@ -337,7 +337,8 @@ class PrunedLlava(nn.Module):
         for layer in range(bb.num_layers):
             if layer in self.stage_of_layer:
                 stage = self.stage_of_layer[layer]
-                logits = self._keep_logits(stage, layer, seq, cos_sin, previous_input)  # (B, n)
+                logits = self._keep_logits(stage, layer, seq, cos_sin, previous_input,
+                                           log_keep if mode == "soft" else None)  # (B, n)
                 if mode == "hard":
                     seq = self._drop(seq, logits, self.stage_budgets[stage], entering)
                     stats.kept_positions.append(vision_positions(seq))
@@ -377,8 +378,9 @@ class PrunedLlava(nn.Module):
             raise ValueError("attention-ranking pruners (FastV, PyramidDrop) are training-free: run them with mode='hard'")
 
     def _keep_logits(self, stage: int, layer: int, seq: _Sequence, cos_sin: tuple[torch.Tensor, torch.Tensor],
-                     previous_input: torch.Tensor | None) -> torch.Tensor:
-        """The stage's keep logits (B, n) for the vision tokens at ``seq.vision_index``; unused slots get the lowest."""
+                     previous_input: torch.Tensor | None, log_keep: torch.Tensor | None) -> torch.Tensor:
+        """The stage's keep logits (B, n) for the vision tokens at ``seq.vision_index``; unused slots get the lowest.
+        ``log_keep``: soft mode's (B, T) log keep probabilities so far (what the previous layer's attention added)."""
         pruner = self.pruners[stage]
         vision_index = seq.vision_index  # (B, n)
         if getattr(pruner, "reads_attention", False):
@@ -388,8 +390,23 @@ class PrunedLlava(nn.Module):
             logits = pruner(probe, layer, seq.attention_mask, vision_index)
         else:
             vision = seq.hidden.gather(1, vision_index.unsqueeze(-1).expand(-1, -1, seq.hidden.shape[-1]))  # (B, n, D)
-            logits = pruner(vision, *question_tokens(seq.hidden, seq.question_mask))
+            extra = []
+            if getattr(pruner, "reads_received_attention", False):
+                extra.append(self._received_attention(layer, seq, cos_sin, previous_input, log_keep))
+            logits = pruner(vision, *question_tokens(seq.hidden, seq.question_mask), *extra)
         return logits.masked_fill(~seq.vision_alive, DEAD_LOGIT)
+
+    def _received_attention(self, layer: int, seq: _Sequence, cos_sin: tuple[torch.Tensor, torch.Tensor],
+                            previous_input: torch.Tensor | None, log_keep: torch.Tensor | None) -> torch.Tensor:
+        """(B, n) the attention the last question token paid each vision token in decoder layer ``layer - 1``
+        (mean over heads; in soft mode with the keep probabilities that layer added), 0 at padding slots."""
+        if previous_input is None:
+            raise ValueError(f"an attention-aware pruner reads the layer before its own; layer {layer} has none")
+        columns = torch.arange(seq.hidden.shape[1], device=seq.hidden.device)
+        query = (seq.question_mask.long() * columns).argmax(dim=1, keepdim=True)  # (B, 1) last question token
+        probs = self.backbone.attention_probs(layer - 1, previous_input, seq.attention_mask, cos_sin, query,
+                                              key_bias=log_keep)  # (B, H, 1, T)
+        return probs.mean(dim=1)[:, 0].gather(1, seq.vision_index) * seq.vision_alive  # (B, n)
 
     def _drop(self, seq: _Sequence, logits: torch.Tensor, budget: int, entering: torch.Tensor) -> _Sequence:
         """Hard mode: each sample keeps its share of the vision tokens (``budget`` for one that entered the LLM with

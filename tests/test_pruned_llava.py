@@ -129,7 +129,7 @@ class PatchRulePruned(PrunedLlava):
         self.first_image = (input_ids == self.backbone.image_token_id).long().argmax(dim=1, keepdim=True)  # (B, 1)
         return super().forward(input_ids, *args, **kwargs)
 
-    def _keep_logits(self, stage, layer, seq, cos_sin, previous_input):
+    def _keep_logits(self, stage, layer, seq, cos_sin, previous_input, log_keep):
         patch = seq.index.gather(1, seq.vision_index) - self.first_image  # (B, n)
         return torch.where(patch % self.MODULI[stage] == stage, -1e4, 1e4)
 
@@ -214,7 +214,7 @@ def _stage_inputs(model, batch):
 
 def test_gradients_reach_merger_and_pruners_never_the_backbone(tiny):
     batch = make_batch(tiny)
-    for merger_type, pruner_type in [("simple", "cross_attention"), ("question_aware", "mlp")]:
+    for merger_type, pruner_type in [("simple", "cross_attention"), ("question_aware", "mlp"), ("simple", "attention_aware")]:
         model = learned(tiny, merger_type=merger_type, pruner_type=pruner_type).train()
         # A high temperature: the std-0.5 random pruners give keep logits of -30 and below, whose sigmoid
         # has no gradient left at tau = 1 (that would test saturation, not the wiring).
@@ -290,3 +290,51 @@ def test_adaptive_merger_batch_equals_each_image_alone(shipped_backbone):
                                              tok.pad_token_id)
             assert tokens[b, :alone_tokens.shape[1]].tolist() == alone_tokens[0].tolist()
     assert torch.isfinite(soft.logits).all()
+
+
+class ReceivedAttentionRecorder(PatchRulePruned):
+    """PatchRulePruned that records, at each stage, what an attention-aware pruner would read."""
+
+    def forward(self, *args, **kwargs):
+        self.seen = []  # per stage: ((B, n) sequence positions, (B, n) received attention)
+        return super().forward(*args, **kwargs)
+
+    def _keep_logits(self, stage, layer, seq, cos_sin, previous_input, log_keep):
+        received = self._received_attention(layer, seq, cos_sin, previous_input, log_keep)
+        self.seen.append((seq.index.gather(1, seq.vision_index), received))
+        return super()._keep_logits(stage, layer, seq, cos_sin, previous_input, log_keep)
+
+
+def test_attention_aware_pruners_read_the_previous_layers_attention(shipped_backbone):
+    """What an attention-aware pruner reads at layer l is the attention the last question token pays each vision
+    token in layer l - 1: equal to the eager model's before any pruning, and in soft mode (with earlier stages'
+    decisions taken to the limit) equal to hard mode's on the tokens hard mode kept, ~0 on the ones it dropped."""
+    bb = shipped_backbone
+    batch = make_batch(bb, with_answers=False, n=4)
+    inputs = (batch["input_ids"], batch["pixel_values"], batch["attention_mask"])
+    layers = [2, 4, 6]
+    model = ReceivedAttentionRecorder(bb, None, nn.ModuleList(nn.Identity() for _ in layers), layers,
+                                      PatchRulePruned.budgets(bb.num_vision_tokens)).eval()
+    with torch.no_grad():
+        model(*inputs, mode="hard")
+        hard = model.seen
+        model(*inputs, mode="soft", tau=0.1)
+        soft = model.seen
+    bb.model.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            eager = bb.model(input_ids=inputs[0], pixel_values=inputs[1], attention_mask=inputs[2],
+                             output_attentions=True).attentions
+    finally:
+        bb.model.set_attn_implementation("sdpa")
+    question = question_token_mask(inputs[0], inputs[2], bb.image_token_id)
+    last = (question.long() * torch.arange(question.shape[1])).argmax(dim=1)  # (B,)
+    image = bb.image_token_mask(inputs[0])
+    for b in range(len(last)):
+        expected = eager[layers[0] - 1][b, :, last[b]].mean(dim=0)[image[b]]  # (144,) before any pruning
+        torch.testing.assert_close(hard[0][1][b], expected, rtol=1e-4, atol=1e-6)
+    for (hard_positions, hard_received), (soft_positions, soft_received) in zip(hard[1:], soft[1:]):
+        kept = (soft_positions[:, :, None] == hard_positions[:, None, :]).any(dim=-1)  # (B, 144) hard's tokens
+        for b in range(len(last)):
+            torch.testing.assert_close(soft_received[b][kept[b]], hard_received[b], rtol=1e-4, atol=1e-6)
+            assert soft_received[b][~kept[b]].max() < 1e-6
