@@ -85,9 +85,11 @@ def test_decoder_layer_formula_matches_the_flop_counter_on_a_llama_layer():
 def test_pruner_formulas_match_the_flop_counter_on_the_modules(n_vision, n_text):
     D, d = 48, 32
     vision, question, mask = torch.randn(1, n_vision, D), torch.randn(1, n_text, D), torch.ones(1, n_text, dtype=torch.bool)
-    for kind in ("cross_attention", "mlp"):
+    received = torch.rand(1, n_vision)  # what an attention-aware pruner reads besides
+    for kind in ("cross_attention", "mlp", "attention_aware"):
         pruner = build_pruner(kind, D, d, 4).eval()
-        assert multiply_adds(lambda: pruner(vision, question, mask)) == pruner.flops(n_vision, n_text), kind
+        extra = (received,) if kind == "attention_aware" else ()
+        assert multiply_adds(lambda: pruner(vision, question, mask, *extra)) == pruner.flops(n_vision, n_text), kind
 
 
 @pytest.mark.parametrize("kind", ["simple", "question_aware"])
