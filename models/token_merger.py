@@ -160,7 +160,8 @@ class TokenMerger(nn.Module):
             selection = straight_through(selection, relaxed_top_k(noisy, counts, tau))
         merged, slots = soft_assignment_merge(features, centres, selection, tau, used, self.similarity_threshold,
                                               return_slots=True, token_valid=valid)
-        sparsity = (keep_prob.sum() / tokens.sum() - self.merge_ratio) ** 2
+        mean_keep = keep_prob.mean() if valid is None else keep_prob.sum() / tokens.sum()  # over real tokens
+        sparsity = (mean_keep - self.merge_ratio) ** 2
         return MergeOutput(merged, centres, keep_prob, sparsity, scores, None if bool(used.all()) else used, slots)
 
 
