@@ -231,7 +231,9 @@ class Trainer:
                         terms["merge_importance_loss"] = merge_importance_loss(student.merge.scores,
                                                                                teacher.vision_attention)
                 if method.pruner_importance_weight > 0 and student.stage_logits:
-                    image_positions = sorted_positions(*compact(self.backbone.image_token_mask(ids)))  # (B, N)
+                    # the placeholders that hold a vision feature (LLaVA-NeXT's row ends do not), as the teacher's
+                    # attention is over them
+                    image_positions = sorted_positions(*compact(self.backbone.feature_slots(ids, **images)))  # (B, N)
                     terms["pruner_importance_loss"] = pruner_importance_loss(
                         student.stage_logits, student.stage_positions, teacher.vision_attention, image_positions)
                 if method.distill_weight > 0:
