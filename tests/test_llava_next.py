@@ -87,3 +87,27 @@ def test_the_shipped_llava_next_config_fits_llava_v1_6_shapes(tmp_path):
     shape = read_backbone_shape(str(tmp_path), *bounds)
     assert (shape.num_layers, shape.num_vision_tokens, shape.image_size) == (32, 576 * 4, 1008)  # 672 x 672 left out
     assert check_against_backbone(config, shape.num_layers, shape.num_vision_tokens, shape.image_size) == []
+
+
+class KeepAll(torch.nn.Module):
+    def forward(self, vision, question, question_mask):
+        return torch.full(vision.shape[:2], 30.0)
+
+
+def test_stage_positions_map_onto_the_feature_slots(next_backbone):
+    """The pruners' importance targets look each scored token up among the placeholders that hold a feature
+    (trainers/trainer.py): with the row ends among LLaVA-NeXT's placeholders, token k must find slot k."""
+    from models.pruned_llava import compact, sorted_positions
+
+    bb = next_backbone
+    batch = batch_of(bb)
+    images = bb.image_inputs(batch)
+    model = PrunedLlava(bb, None, torch.nn.ModuleList([KeepAll()]), [1], [bb.num_vision_tokens]).eval()
+    with torch.no_grad():
+        positions = model(batch["input_ids"], batch["pixel_values"], batch["attention_mask"], mode="soft",
+                          image_inputs=images).stage_positions[0]  # (B, n), -1 at padding
+    slots = sorted_positions(*compact(bb.feature_slots(batch["input_ids"], **images)))
+    found = torch.searchsorted(slots, positions.clamp_min(0))
+    valid = positions >= 0
+    assert min(row_ends(bb, batch["image_sizes"])) > 0
+    assert torch.equal(found[valid], torch.arange(positions.shape[1]).expand_as(positions)[valid])
