@@ -82,16 +82,13 @@ class LlavaNextBackbone(LlavaBackbone):
             self.processor.image_processor.image_grid_pinpoints = list(self.config.image_grid_pinpoints)
         self._layouts.cache_clear()
 
-    @staticmethod
-    def shape_from_config(config) -> BackboneShape:
+    @classmethod
+    def shape_from_config(cls, config) -> BackboneShape:
         """``num_vision_tokens``: the most patch features one image can have (the largest pinpoint, nothing unpadded);
         ``image_size``: the largest side among the pinpoints."""
-        vision = config.vision_config
-        side = vision.image_size // vision.patch_size
-        base = side * side
-        grid = max((h // vision.image_size) * (w // vision.image_size) for h, w in config.image_grid_pinpoints)
+        most = max(cls.pinpoint_tokens(config, p) for p in config.image_grid_pinpoints)
         largest = max(max(pair) for pair in config.image_grid_pinpoints)
-        return BackboneShape(config.text_config.num_hidden_layers, base + grid * side * side, largest,
+        return BackboneShape(config.text_config.num_hidden_layers, most, largest,
                              getattr(config.text_config, "max_position_embeddings", None))
 
     # ----- layout -----

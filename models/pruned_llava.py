@@ -152,8 +152,7 @@ class _AnswerAttention:
 
     def __init__(self, backbone: LlavaBackbone, seq: _Sequence):
         self.backbone = backbone
-        positions = torch.arange(seq.hidden.shape[1], device=seq.hidden.device)
-        self.query = (seq.question_mask.long() * positions).argmax(dim=1, keepdim=True)  # (B, 1) last question token
+        self.query = last_question_token(seq)  # (B, 1)
         self.total = 0.0
 
     def add(self, layer: int, seq: _Sequence, cos_sin: tuple[torch.Tensor, torch.Tensor]) -> None:
@@ -163,6 +162,12 @@ class _AnswerAttention:
     def result(self) -> torch.Tensor:
         """(B, n) averaged over heads and layers, normalised over the vision tokens."""
         return self.total / self.total.sum(dim=1, keepdim=True)
+
+
+def last_question_token(seq: _Sequence) -> torch.Tensor:
+    """(B, 1) the sequence slot of each sample's last question token (the one that predicts the answer)."""
+    columns = torch.arange(seq.hidden.shape[1], device=seq.hidden.device)
+    return (seq.question_mask.long() * columns).argmax(dim=1, keepdim=True)
 
 
 def vision_positions(seq: _Sequence) -> torch.Tensor:
@@ -402,9 +407,8 @@ class PrunedLlava(nn.Module):
         (mean over heads; in soft mode with the keep probabilities that layer added), 0 at padding slots."""
         if previous_input is None:
             raise ValueError(f"an attention-aware pruner reads the layer before its own; layer {layer} has none")
-        columns = torch.arange(seq.hidden.shape[1], device=seq.hidden.device)
-        query = (seq.question_mask.long() * columns).argmax(dim=1, keepdim=True)  # (B, 1) last question token
-        probs = self.backbone.attention_probs(layer - 1, previous_input, seq.attention_mask, cos_sin, query,
+        probs = self.backbone.attention_probs(layer - 1, previous_input, seq.attention_mask, cos_sin,
+                                              last_question_token(seq),
                                               key_bias=log_keep)  # (B, H, 1, T)
         return probs.mean(dim=1)[:, 0].gather(1, seq.vision_index) * seq.vision_alive  # (B, n)
 

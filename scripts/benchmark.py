@@ -101,19 +101,21 @@ def matched_schedule(num_tokens: int, num_keep: int, stages: int, flops_of, targ
     if not fits(num_keep):
         raise ValueError(f"no learned schedule keeping at most {num_keep} tokens fits {target:.1%} of the unpruned "
                          f"FLOPs (the merger keeping {num_keep} already costs more)")
-    low, high = num_keep, num_tokens  # fits(low) holds
+    merged = largest_fitting(num_keep, num_tokens, fits)
+    keep = stage_keep
+    if merged == num_tokens and stages:
+        steps = [stage_keep + (1 - stage_keep) * i / 200 for i in range(201)]
+        keep = round(steps[largest_fitting(0, 200, lambda i: fits(num_tokens, steps[i]))], 6)
+    return merged, stage_ratios(merged, num_keep, stages, keep)
+
+
+def largest_fitting(low: int, high: int, fits) -> int:
+    """The largest i in [low, high] with ``fits(i)``, for a ``fits`` that holds at ``low`` and, once false, stays
+    false (bisection)."""
     while low < high:
         mid = (low + high + 1) // 2
         low, high = (mid, high) if fits(mid) else (low, mid - 1)
-    keep = stage_keep
-    if low == num_tokens and stages:
-        steps = [stage_keep + (1 - stage_keep) * i / 200 for i in range(201)]
-        first, last = 0, 200  # fits(N, steps[first]) holds
-        while first < last:
-            mid = (first + last + 1) // 2
-            first, last = (mid, last) if fits(num_tokens, steps[mid]) else (first, mid - 1)
-        keep = round(steps[first], 6)
-    return low, stage_ratios(low, num_keep, stages, keep)
+    return low
 
 
 def budget_name(budget: float) -> str:
