@@ -102,6 +102,9 @@ class MethodSettings:
     merge_budget: Literal["fixed", "adaptive"] = "fixed"
     # a token merges into the centres at least this cosine-similar to it, and is dropped when none is (-1: all merge)
     merge_similarity_threshold: float = num(0.9, ge=-1, le=1.01)
+    # the language model attends to a merged token in proportion to the tokens it stands for (ToMe's proportional
+    # attention: log size added to every attention logit towards it)
+    merge_proportional_attention: bool = False
     merge_importance_weight: float = num(0.0, ge=0)  # merger scores vs the teacher's attention (trainers/losses.py)
     pruner_importance_weight: float = num(0.0, ge=0)  # each pruner's logits vs the teacher's attention
     merger_d_internal: int = num(256, ge=1)

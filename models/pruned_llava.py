@@ -62,6 +62,8 @@ class PrunedOutput:
     seq_len_per_layer: list[int] = field(default_factory=list)
     pruner_sparsity_losses: list[torch.Tensor] = field(default_factory=list)
     layer_attention_masks: list[torch.Tensor] = field(default_factory=list)  # (B, T_l) keys each layer saw
+    layer_key_bias: list[torch.Tensor | None] = field(default_factory=list)  # (B, T_l) float32 what each layer added to
+    #   its attention logits towards each key (log sizes, soft mode's log keep), None: nothing
     vision_attention: torch.Tensor | None = None  # (B, n) with record_attention: see PrunedLlava.forward
     question_counts: torch.Tensor | None = None  # (B,) question tokens the merger and pruners read
     image_tokens: torch.Tensor | None = None  # (B,) each image's vision tokens before the merger
@@ -87,6 +89,8 @@ class _Sequence:
     question_mask: torch.Tensor  # (B, T) bool, the question's text tokens
     is_vision: torch.Tensor  # (B, T) bool
     labels: torch.Tensor | None  # (B, T)
+    log_size: torch.Tensor | None = None  # (B, T) float32 log of the tokens each one stands for (proportional
+    #   attention: added to every attention logit towards it; 0 for text), None: every token stands for itself
 
     def gather(self, index: torch.Tensor, valid: torch.Tensor) -> "_Sequence":
         """The tokens at ``index`` (B, T'); where ``valid`` (B, T') is False, a masked-out padding slot."""
@@ -100,7 +104,22 @@ class _Sequence:
             take(self.position_ids), take(self.attention_mask) * valid, take(self.question_mask) & valid,
             take(self.is_vision) & valid,
             None if self.labels is None else take(self.labels).masked_fill(~valid, IGNORE_INDEX),
+            take(self.log_size),
         )
+
+    def key_bias(self, log_keep: torch.Tensor | None = None) -> torch.Tensor | None:
+        """(B, T) float32 what the attention adds to its logits towards each key: the log sizes plus soft mode's
+        ``log_keep``; None when both are absent."""
+        if self.log_size is None:
+            return log_keep
+        return self.log_size if log_keep is None else self.log_size + log_keep
+
+    def layer_mask(self, log_keep: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, 1, T, T) the decoder layers' additive mask: causal and padding, plus :meth:`key_bias`."""
+        bias = self.key_bias(log_keep)
+        if bias is None:
+            return causal_padding_mask(self.attention_mask, self.hidden.dtype)
+        return soft_keep_mask(self.attention_mask, bias, self.hidden.dtype)
 
     # Cached: the masks of a sequence never change (a stage builds a new sequence), only its hidden states do.
     @cached_property
@@ -138,13 +157,14 @@ class AttentionProbe:
     layer_inputs: dict[int, torch.Tensor]  # layer -> (B, T, D) hidden states entering it
     attention_mask: torch.Tensor  # (B, T) 1 = real token
     position_embeddings: tuple[torch.Tensor, torch.Tensor]  # (cos, sin) of the sequence's positions
+    key_bias: torch.Tensor | None = None  # (B, T) what the layers add to the logits towards each key (log sizes)
 
     def __call__(self, layer: int, query_index: torch.Tensor) -> torch.Tensor:
         if layer not in self.layer_inputs:
             raise ValueError(f"decoder layer {layer} cannot be probed here; only layers {sorted(self.layer_inputs)} "
                              "(the pruning layer and the one before it)")
         return self.backbone.attention_probs(layer, self.layer_inputs[layer], self.attention_mask,
-                                             self.position_embeddings, query_index)
+                                             self.position_embeddings, query_index, key_bias=self.key_bias)
 
 
 class _AnswerAttention:
@@ -156,7 +176,8 @@ class _AnswerAttention:
         self.total = 0.0
 
     def add(self, layer: int, seq: _Sequence, cos_sin: tuple[torch.Tensor, torch.Tensor]) -> None:
-        probs = self.backbone.attention_probs(layer, seq.hidden, seq.attention_mask, cos_sin, self.query)  # (B, H, 1, T)
+        probs = self.backbone.attention_probs(layer, seq.hidden, seq.attention_mask, cos_sin, self.query,
+                                              key_bias=seq.key_bias())  # (B, H, 1, T)
         self.total = self.total + probs.mean(dim=1)[:, 0].gather(1, seq.vision_index) * seq.vision_alive  # (B, n)
 
     def result(self) -> torch.Tensor:
@@ -189,6 +210,7 @@ def question_tokens(hidden: torch.Tensor, question_mask: torch.Tensor) -> tuple[
 def soft_keep_mask(attention_mask: torch.Tensor, log_keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """(B, 1, T, T) additive mask: causal and padding, plus log m_j on every query's logit towards key j.
 
+    ``log_keep`` may also hold log sizes (proportional attention, :meth:`_Sequence.key_bias`).
     Built in float32 and clamped to ``dtype``'s range: a dropped token's log m_j (about -logit / tau,
     thousands for a confident pruner) stays far below the 60-140 by which a trained model's attention
     logits differ, so soft mode with m_j -> 0 equals hard mode's removal (a floor such as log(1e-6)
@@ -305,9 +327,12 @@ class PrunedLlava(nn.Module):
         embeds = embeds.scatter(1, index, torch.where(alive.unsqueeze(-1), projected, embeds.gather(1, index)))
         is_vision = torch.zeros_like(is_feature).scatter(1, kept_slots, alive)  # unused slots leave the sequence
         B, T = input_ids.shape
+        log_size = None
+        if merge is not None and merge.sizes is not None:  # proportional attention: a merged token counts as its size
+            log_size = torch.zeros((B, T), device=embeds.device).scatter(1, kept_slots, merge.sizes.float().clamp_min(1).log())
         full = _Sequence(embeds, torch.arange(T, device=input_ids.device).expand(B, T),
                          bb.prompt_positions(input_ids, attention_mask, **image_inputs), attention_mask,
-                         question_mask, is_vision, labels)
+                         question_mask, is_vision, labels, log_size)
         return full.gather(*compact(~is_feature | is_vision, right=True)), merge, counts
 
     # ------------------------------------------------------------------ forward
@@ -330,7 +355,7 @@ class PrunedLlava(nn.Module):
                                                           generator, image_inputs or {})
         stats = PrunedOutput(hidden=None, logits=None, attention_mask=None, labels=None, merge=merge,
                              image_tokens=image_tokens)  # filled below
-        mask = causal_padding_mask(seq.attention_mask, seq.hidden.dtype)
+        mask = seq.layer_mask()
         cos_sin = bb.rotary(seq.hidden, seq.position_ids)
         log_keep = torch.zeros(seq.hidden.shape[:2], device=seq.hidden.device)  # soft: (B, T) float32 log m_j
         entering = seq.vision_counts  # (B,) vision tokens each sample brings into the LLM
@@ -347,14 +372,15 @@ class PrunedLlava(nn.Module):
                 if mode == "hard":
                     seq = self._drop(seq, logits, self.stage_budgets[stage], entering)
                     stats.kept_positions.append(vision_positions(seq))
-                    mask = causal_padding_mask(seq.attention_mask, seq.hidden.dtype)
+                    mask = seq.layer_mask()
                     cos_sin = bb.rotary(seq.hidden, seq.position_ids)
                 else:
                     log_keep = self._soft_keep(stage, seq, logits, log_keep, tau, generator, stats)
-                    mask = soft_keep_mask(seq.attention_mask, log_keep, seq.hidden.dtype)
+                    mask = seq.layer_mask(log_keep)
             stats.vision_counts.append(seq.vision_counts)
             stats.seq_len_per_layer.append(seq.hidden.shape[1])
             stats.layer_attention_masks.append(seq.attention_mask)
+            stats.layer_key_bias.append(seq.key_bias(log_keep if mode == "soft" else None))
             previous_input = seq.hidden
             if recorder is not None:
                 recorder.add(layer, seq, cos_sin)
@@ -391,7 +417,7 @@ class PrunedLlava(nn.Module):
         if getattr(pruner, "reads_attention", False):
             # Training-free rankers (models/baselines) read the attention of this layer or of the one before it.
             inputs = {layer: seq.hidden} if previous_input is None else {layer: seq.hidden, layer - 1: previous_input}
-            probe = AttentionProbe(self.backbone, inputs, seq.attention_mask, cos_sin)
+            probe = AttentionProbe(self.backbone, inputs, seq.attention_mask, cos_sin, seq.key_bias())
             logits = pruner(probe, layer, seq.attention_mask, vision_index)
         else:
             vision = seq.hidden.gather(1, vision_index.unsqueeze(-1).expand(-1, -1, seq.hidden.shape[-1]))  # (B, n, D)
@@ -409,7 +435,7 @@ class PrunedLlava(nn.Module):
             raise ValueError(f"an attention-aware pruner reads the layer before its own; layer {layer} has none")
         probs = self.backbone.attention_probs(layer - 1, previous_input, seq.attention_mask, cos_sin,
                                               last_question_token(seq),
-                                              key_bias=log_keep)  # (B, H, 1, T)
+                                              key_bias=seq.key_bias(log_keep))  # (B, H, 1, T)
         return probs.mean(dim=1)[:, 0].gather(1, seq.vision_index) * seq.vision_alive  # (B, n)
 
     def _drop(self, seq: _Sequence, logits: torch.Tensor, budget: int, entering: torch.Tensor) -> _Sequence:
@@ -458,18 +484,20 @@ class PrunedLlava(nn.Module):
 
     @torch.no_grad()
     def decode(self, prefill: PrunedOutput, cache, max_new_tokens: int, eos_token_id: int,
-               pad_token_id: int) -> torch.Tensor:
-        """Greedy tokens (B, <= max_new_tokens) after :meth:`prefill`."""
+               pad_token_id: int, return_scores: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Greedy tokens (B, <= max_new_tokens) after :meth:`prefill`; with ``return_scores`` also (B, steps, V) the
+        logits that followed each generated token (the last step's follow the last token)."""
         bb = self.backbone
         token = prefill.logits[:, -1].argmax(-1)  # (B,)
         done = torch.zeros_like(token, dtype=torch.bool)
         key_masks = list(prefill.layer_attention_masks)  # per layer: its cached keys, 1 = real
-        generated = []
+        key_bias = list(prefill.layer_key_bias) or [None] * bb.num_layers  # per layer: what its logits add per key
+        generated, scores = [], []
         for step in range(max_new_tokens):
             token = torch.where(done, torch.full_like(token, pad_token_id), token)
             generated.append(token)
             done |= token == eos_token_id
-            if bool(done.all()) or step == max_new_tokens - 1:
+            if bool(done.all()) or (step == max_new_tokens - 1 and not return_scores):
                 break
             hidden = bb.embed_tokens(token[:, None])  # (B, 1, D)
             position_ids = bb.next_positions(prefill.last_positions, step)  # the prompt's positions continue
@@ -477,6 +505,13 @@ class PrunedLlava(nn.Module):
             for layer in range(bb.num_layers):
                 key_masks[layer] = torch.cat([key_masks[layer], torch.ones_like(key_masks[layer][:, :1])], dim=1)
                 mask = key_padding_mask(key_masks[layer], hidden.dtype)  # (B, 1, 1, S): the new token sees all real keys
+                if key_bias[layer] is not None:  # a new token stands for itself
+                    key_bias[layer] = torch.cat([key_bias[layer], key_bias[layer].new_zeros(key_bias[layer].shape[0], 1)], 1)
+                    mask = (mask.float() + key_bias[layer][:, None, None, :]).clamp_min(torch.finfo(hidden.dtype).min).to(hidden.dtype)
                 hidden = bb.run_layer(layer, hidden, mask, position_ids, cos_sin, cache=cache)
-            token = bb.lm_head(bb.norm(hidden))[:, -1].argmax(-1)
+            logits = bb.lm_head(bb.norm(hidden))[:, -1]  # (B, V)
+            scores.append(logits)
+            token = logits.argmax(-1)
+        if return_scores:
+            return torch.stack(generated, dim=1), torch.stack(scores, dim=1)
         return torch.stack(generated, dim=1)

@@ -55,6 +55,8 @@ class MergeOutput:
     valid: torch.Tensor | None = None  # (B, K) bool, False at the slots beyond an image's adaptive K; None: all valid
     assignment: torch.Tensor | None = None  # (B, N) output slot each token went into (a centre its own, a merged token
     #   its largest weight's), -1 where it was dropped; None for training-free mergers
+    sizes: torch.Tensor | None = None  # (B, K) how many input tokens each output stands for (its merge weights' sum),
+    #   when the language model should attend to it in proportion (proportional attention); None: as one token
 
 
 class SimpleScorer(nn.Module):
@@ -95,7 +97,8 @@ PADDING_SCORE = -1e4  # the score of a padding token: ranked last, keep probabil
 
 class TokenMerger(nn.Module):
     def __init__(self, dim: int, text_dim: int, num_keep: int, merge_ratio: float, merger_type: str = "simple",
-                 hidden: int = 256, num_heads: int = 4, budget: str = "fixed", similarity_threshold: float = 0.9):
+                 hidden: int = 256, num_heads: int = 4, budget: str = "fixed", similarity_threshold: float = 0.9,
+                 proportional_attention: bool = False):
         super().__init__()
         if merger_type == "simple":
             self.scorer = SimpleScorer(dim, hidden)
@@ -106,6 +109,7 @@ class TokenMerger(nn.Module):
         if budget not in MERGE_BUDGETS:
             raise ValueError(f"merge_budget must be one of {MERGE_BUDGETS}, got {budget!r}")
         self.merger_type, self.budget, self.similarity_threshold = merger_type, budget, similarity_threshold
+        self.proportional_attention = proportional_attention
         self.dim, self.hidden = dim, hidden
         self.num_keep = num_keep
         self.merge_ratio = merge_ratio
@@ -158,11 +162,12 @@ class TokenMerger(nn.Module):
         selection = top_k_mask(centres, N, used)  # (B, N), 1 at the used centres
         if torch.is_grad_enabled() and scores.requires_grad:  # the relaxation only carries gradients: skip it in eval
             selection = straight_through(selection, relaxed_top_k(noisy, counts, tau))
-        merged, slots = soft_assignment_merge(features, centres, selection, tau, used, self.similarity_threshold,
-                                              return_slots=True, token_valid=valid)
+        merged, slots, sizes = soft_assignment_merge(features, centres, selection, tau, used, self.similarity_threshold,
+                                                     return_slots=True, token_valid=valid)
         mean_keep = keep_prob.mean() if valid is None else keep_prob.sum() / tokens.sum()  # over real tokens
         sparsity = (mean_keep - self.merge_ratio) ** 2
-        return MergeOutput(merged, centres, keep_prob, sparsity, scores, None if bool(used.all()) else used, slots)
+        return MergeOutput(merged, centres, keep_prob, sparsity, scores, None if bool(used.all()) else used, slots,
+                           sizes.detach() if self.proportional_attention else None)
 
 
 def soft_assignment_merge(features: torch.Tensor, centres: torch.Tensor, selection: torch.Tensor, tau: float,
@@ -178,7 +183,8 @@ def soft_assignment_merge(features: torch.Tensor, centres: torch.Tensor, selecti
     sum_j (1 - selection_j) a_jk); an invalid slot (``valid`` False) comes out as zeros.
     ``selection`` is 0/1 in value; its straight-through gradient reaches the scorer. Computed in
     float32 (a softmax of cos / tau at small tau loses too much in bf16), returned in the features' dtype.
-    ``return_slots``: also (B, N) the output each token went into (MergeOutput.assignment).
+    ``return_slots``: also (B, N) the output each token went into (MergeOutput.assignment) and (B, K) each output's
+    size, its weights' sum (1 for a centre that absorbed nothing, 0 at an invalid slot).
     ``token_valid`` (B, N): False at padding tokens, which merge into nothing.
     """
     dtype = features.dtype
@@ -204,4 +210,4 @@ def soft_assignment_merge(features: torch.Tensor, centres: torch.Tensor, selecti
     own = torch.arange(centres.shape[1], device=centres.device).expand_as(centres)
     # a valid centre is its own slot; an unused adaptive slot's position stays the ordinary token it is
     slots = slots.scatter(1, centres, torch.where(centre_weight > 0, own, slots.gather(1, centres)))
-    return merged, slots
+    return merged, slots, denominator * (centre_weight > 0)

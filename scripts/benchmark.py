@@ -61,7 +61,7 @@ from trainers.timing import machine, timed_interleaved  # noqa: E402
 from trainers.trainer import planned_steps  # noqa: E402
 from trainers.world import resolve_device  # noqa: E402
 
-METHODS = ("learned", "fastv", "pyramiddrop", "visionzip", "tome", "pooling", "random")
+METHODS = ("learned", "fastv", "pyramiddrop", "visionzip", "tome", "tome_pa", "pooling", "random")
 FINGERPRINT = "fingerprint.txt"  # backbone weights and training data of a run the benchmark trained
 
 

@@ -153,9 +153,12 @@ def test_tome_counts_and_order():
     features, keys = torch.randn(2, N, 6), torch.randn(2, N, 4)
     attention = VisionAttention(features, torch.rand(2, N), keys)
     for k in (100, 72, 36, 16, 1):
-        out = ToMe(k, 4)(features, vision_attention=attention)
+        out = ToMe(k, 4, proportional_attention=True)(features, vision_attention=attention)
         assert out.tokens.shape == (2, k, 6)
         assert (out.positions.diff(dim=1) > 0).all()  # distinct, in spatial order
+        assert out.sizes.sum(dim=1).tolist() == [N, N], "the sizes count every token once (proportional attention)"
+        torch.testing.assert_close((out.tokens * out.sizes[..., None]).sum(dim=1), features.sum(dim=1))
+    assert ToMe(16, 4)(features, vision_attention=attention).sizes is None
 
 
 def test_tome_merges_the_most_similar_pairs_and_keeps_mass():
@@ -180,17 +183,19 @@ def test_tome_on_padded_images_equals_each_image_alone():
     features, keys = torch.randn(3, 144, 6), torch.randn(3, 144, 4)
     valid = torch.arange(144) < torch.tensor(counts)[:, None]
     features, keys = features * valid[..., None], keys * valid[..., None]
-    tome = ToMe(36, 4, reference_tokens=144)
+    tome = ToMe(36, 4, reference_tokens=144, proportional_attention=True)
     out = tome(features, vision_attention=VisionAttention(features, torch.rand(3, 144), keys, valid), valid=valid)
     used = out.valid if out.valid is not None else torch.ones(out.positions.shape, dtype=torch.bool)
     assert used.sum(dim=1).tolist() == [36, round(100 * 36 / 144), round(57 * 36 / 144)]
     for b, n in enumerate(counts):
         one = VisionAttention(features[b:b + 1, :n], None, keys[b:b + 1, :n])
-        alone = ToMe(round(n * 36 / 144), 4)(features[b:b + 1, :n], vision_attention=one)
+        alone = ToMe(round(n * 36 / 144), 4, proportional_attention=True)(features[b:b + 1, :n], vision_attention=one)
         mine = out.positions[b][used[b]]
         order = mine.argsort()
         assert mine[order].tolist() == alone.positions[0].tolist()
         torch.testing.assert_close(out.tokens[b][used[b]][order], alone.tokens[0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(out.sizes[b][used[b]][order], alone.sizes[0])
+        assert out.sizes[b].sum().item() == n, "padding stands for nothing"
 
 
 def test_visionzip_keeps_the_cls_attended_tokens_and_merges_the_rest():

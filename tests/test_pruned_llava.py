@@ -51,12 +51,14 @@ def learned(tiny, budgets=(50, 35, 20), merger_keep=72, merger_type="simple", pr
     return model
 
 
-def fixed(tiny, every=(3, 4, 5), merger_keep=None):
-    """Pruners with known choices: stage s drops every `every[s]`-th vision token; optionally a (random) merger."""
+def fixed(tiny, every=(3, 4, 5), merger_keep=None, proportional=False):
+    """Pruners with known choices: stage s drops every `every[s]`-th vision token; optionally a (random) merger,
+    with proportional attention or not."""
     merger = None
     if merger_keep is not None:
         torch.manual_seed(0)
-        merger = TokenMerger(tiny.vision_hidden_size, tiny.hidden_size, merger_keep, merger_keep / 144, hidden=32)
+        merger = TokenMerger(tiny.vision_hidden_size, tiny.hidden_size, merger_keep, merger_keep / 144, hidden=32,
+                             proportional_attention=proportional)
         nn.init.normal_(merger.scorer.net[-1].weight)
     budgets, n = [], merger_keep or 144
     for e in every:
@@ -94,28 +96,34 @@ def test_hard_mode_really_shortens_the_sequence(tiny):
 
 
 @pytest.mark.parametrize("tau", [1.0, 0.1])
-def test_soft_keep_zero_equals_hard_removal(tiny, tau):
+@pytest.mark.parametrize("merger_keep", [None, 96], ids=["no merger", "proportional merger"])
+def test_soft_keep_zero_equals_hard_removal(tiny, tau, merger_keep):
     """Soft mode with m_j ~ 0 for exactly the tokens hard mode drops gives hard mode's logits on text tokens.
 
     Stage 1 drops every third vision token; the later stages keep all (in soft mode they see the dropped
-    tokens too, so a rank-based choice there would differ between the modes).
+    tokens too, so a rank-based choice there would differ between the modes). With a merger, its tokens carry
+    their sizes (proportional attention) in both modes.
     """
     batch = make_batch(tiny)
-    model, budgets = fixed(tiny, every=(3, None, None))
+    model, budgets = fixed(tiny, every=(3, None, None), merger_keep=merger_keep, proportional=True)
+    entering = merger_keep or 144
     with torch.no_grad():
         hard = model(batch["input_ids"], batch["pixel_values"], batch["attention_mask"], labels=batch["labels"],
                      mode="hard")
         soft = model(batch["input_ids"], batch["pixel_values"], batch["attention_mask"], labels=batch["labels"],
                      mode="soft", tau=tau)
-    assert hard.vision_tokens_per_layer == [144] + budgets
-    assert soft.vision_tokens_per_layer == [144] * 4 and soft.seq_len_per_layer[-1] == batch["input_ids"].shape[1]
+    if merger_keep is not None:
+        assert hard.merge.sizes.max() > 1, "some merged token must stand for several"
+    assert hard.vision_tokens_per_layer == [entering] + budgets
+    assert soft.vision_tokens_per_layer == [entering] * 4
+    assert soft.seq_len_per_layer[-1] == hard.seq_len_per_layer[0]
     # soft keeps, after the last stage, ~1 exactly for the tokens hard mode kept, ~0 for the rest
     final = soft.stage_keep_probs[-1]  # (B, 144)
     assert ((final > 0.5).sum(1) == budgets[-1]).all()
     assert ((final - final.round()).abs() < 1e-6).all()
     # compare the answer positions (text): the logits agree, with original positions kept in hard mode
-    answers = batch["labels"] != IGNORE_INDEX
-    torch.testing.assert_close(hard.logits[hard.labels != IGNORE_INDEX], soft.logits[answers], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(hard.logits[hard.labels != IGNORE_INDEX], soft.logits[soft.labels != IGNORE_INDEX],
+                               rtol=1e-4, atol=1e-4)
 
 
 class PatchRulePruned(PrunedLlava):
@@ -249,16 +257,41 @@ def test_hard_generation_with_cache_matches_stock_and_recomputation(tiny):
     assert torch.equal(tokens, stock)
 
     # With real pruning, cached decoding equals recomputing the pruned prefill over prompt + answer so far.
-    model, budgets = fixed(tiny, merger_keep=96)
-    tokens, prefill = model.generate(ids, pixels, mask, max_new_tokens=4, eos_token_id=-1, pad_token_id=pad)
-    assert prefill.vision_tokens_per_layer == [96] + budgets
-    grown_ids, grown_mask = ids, mask
+    for proportional in (False, True):
+        model, budgets = fixed(tiny, merger_keep=96, proportional=proportional)
+        tokens, prefill = model.generate(ids, pixels, mask, max_new_tokens=4, eos_token_id=-1, pad_token_id=pad)
+        assert prefill.vision_tokens_per_layer == [96] + budgets
+        grown_ids, grown_mask = ids, mask
+        with torch.no_grad():
+            for step in range(4):
+                logits = model(grown_ids, pixels, grown_mask, mode="hard").logits[:, -1]
+                assert torch.equal(logits.argmax(-1), tokens[:, step])
+                grown_ids = torch.cat([grown_ids, tokens[:, step:step + 1]], dim=1)
+                grown_mask = torch.cat([grown_mask, torch.ones_like(grown_mask[:, :1])], dim=1)
+
+
+@pytest.mark.parametrize("proportional", [False, True])
+def test_cached_decoding_logits_equal_recomputing_the_pruned_forward(tiny, proportional):
+    """Each decoded step's logits from the KV cache (with each layer's log sizes under proportional attention)
+    equal the last logits of the whole pruned forward over prompt + answer so far."""
+    prompts = make_batch(tiny, with_answers=False)
+    ids, pixels, mask = prompts["input_ids"], prompts["pixel_values"], prompts["attention_mask"]
+    model, _ = fixed(tiny, merger_keep=96, proportional=proportional)
+    pad = tiny.processor.tokenizer.pad_token_id
     with torch.no_grad():
-        for step in range(4):
-            logits = model(grown_ids, pixels, grown_mask, mode="hard").logits[:, -1]
-            assert torch.equal(logits.argmax(-1), tokens[:, step])
-            grown_ids = torch.cat([grown_ids, tokens[:, step:step + 1]], dim=1)
-            grown_mask = torch.cat([grown_mask, torch.ones_like(grown_mask[:, :1])], dim=1)
+        prefill, cache = model.prefill(ids, pixels, mask)
+        tokens, scores = model.decode(prefill, cache, 3, eos_token_id=-1, pad_token_id=pad, return_scores=True)
+        assert scores.shape[:2] == (ids.shape[0], 3)
+        for step in range(3):
+            grown = torch.cat([ids, tokens[:, :step + 1]], dim=1)
+            grown_mask = torch.cat([mask, torch.ones_like(tokens[:, :step + 1])], dim=1)
+            recomputed = model(grown, pixels, grown_mask, mode="hard").logits[:, -1]
+            torch.testing.assert_close(scores[:, step], recomputed, rtol=1e-4, atol=1e-4)
+            if proportional and step == 0:  # the sizes matter: the same model read as one token each differs
+                model.merger.proportional_attention = False
+                plain = model(grown, pixels, grown_mask, mode="hard").logits[:, -1]
+                model.merger.proportional_attention = True
+                assert (plain - recomputed).abs().max() > 1e-3
 
 
 def test_adaptive_merger_batch_equals_each_image_alone(shipped_backbone):
@@ -338,3 +371,27 @@ def test_attention_aware_pruners_read_the_previous_layers_attention(shipped_back
         for b in range(len(last)):
             torch.testing.assert_close(soft_received[b][kept[b]], hard_received[b], rtol=1e-4, atol=1e-6)
             assert soft_received[b][~kept[b]].max() < 1e-6
+
+
+def test_a_token_of_size_s_is_attended_as_s_copies(shipped_backbone):
+    """Proportional attention: log s added to the logits towards a token equals that token present s times at its
+    position, for every later query, through a real decoder layer (SDPA) of the trained backbone."""
+    from models.llava_backbone import causal_padding_mask
+    from models.pruned_llava import _Sequence
+
+    bb = shipped_backbone
+    torch.manual_seed(0)
+    T, j, s = 12, 4, 3
+    hidden, positions = torch.randn(1, T, bb.hidden_size) * 3, torch.arange(T)[None]
+    copies = torch.cat([torch.arange(j + 1), torch.full((s - 1,), j), torch.arange(j + 1, T)])
+    with torch.no_grad():
+        expected = bb.run_layer(0, hidden[:, copies], causal_padding_mask(torch.ones(1, T + s - 1), hidden.dtype),
+                                positions[:, copies], bb.rotary(hidden, positions[:, copies]))
+        log_size = torch.zeros(1, T).index_fill(1, torch.tensor([j]), torch.tensor(float(s)).log().item())
+        seq = _Sequence(hidden, positions, positions, torch.ones(1, T, dtype=torch.long),
+                        torch.zeros(1, T, dtype=torch.bool), torch.zeros(1, T, dtype=torch.bool), None, log_size)
+        got = bb.run_layer(0, hidden, seq.layer_mask(), positions, bb.rotary(hidden, positions))
+        plain = bb.run_layer(0, hidden, causal_padding_mask(torch.ones(1, T), hidden.dtype), positions,
+                             bb.rotary(hidden, positions))
+    torch.testing.assert_close(got[:, j + 1:], expected[:, j + s:], rtol=1e-5, atol=1e-5)
+    assert (plain[:, j + 1:] - expected[:, j + s:]).abs().max() > 1e-3, "without the sizes the layer differs"

@@ -44,9 +44,10 @@ def test_low_temperature_assigns_each_token_to_its_most_similar_centre():
     centres = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
     x = torch.stack([centres[0], centres[1], torch.tensor([2.0, 0.1]), torch.tensor([0.1, 3.0])])[None]  # (1, 4, 2)
     sel = torch.tensor([[1.0, 1.0, 0.0, 0.0]])
-    out, slots = soft_assignment_merge(x, torch.tensor([[0, 1]]), sel, tau=0.01, return_slots=True)
+    out, slots, sizes = soft_assignment_merge(x, torch.tensor([[0, 1]]), sel, tau=0.01, return_slots=True)
     torch.testing.assert_close(out[0], torch.stack([(x[0, 0] + x[0, 2]) / 2, (x[0, 1] + x[0, 3]) / 2]))
     assert slots.tolist() == [[0, 1, 0, 1]]
+    torch.testing.assert_close(sizes, torch.tensor([[2.0, 2.0]]))
 
 
 @pytest.mark.parametrize("kind", ["simple", "question_aware"])
@@ -87,9 +88,10 @@ def test_similarity_threshold_merges_near_duplicates_and_drops_the_rest():
     sel = torch.tensor([[1.0, 1.0, 0.0, 0.0]])
     kept = soft_assignment_merge(x, torch.tensor([[0, 1]]), sel, tau=0.01, similarity_threshold=0.9)
     torch.testing.assert_close(kept[0], torch.stack([(centres[0] + near) / 2, centres[1]]))
-    _, slots = soft_assignment_merge(x, torch.tensor([[0, 1]]), sel, tau=0.01, similarity_threshold=0.9,
-                                     return_slots=True)
+    _, slots, sizes = soft_assignment_merge(x, torch.tensor([[0, 1]]), sel, tau=0.01, similarity_threshold=0.9,
+                                            return_slots=True)
     assert slots.tolist() == [[0, 1, 0, -1]], "the far token is dropped"
+    torch.testing.assert_close(sizes, torch.tensor([[2.0, 1.0]]), msg="a dropped token adds to no size")
     everything = soft_assignment_merge(x, torch.tensor([[0, 1]]), sel, tau=1.0, similarity_threshold=-1.0)
     assert not torch.allclose(everything[0, 1], centres[1]), "without a threshold the far token merges too"
 
@@ -147,3 +149,17 @@ def test_assignment_names_each_tokens_slot_and_an_adaptive_mergers_unused_slots_
         centres = out.positions[b][valid]
         assert slots[centres].tolist() == torch.arange(len(valid))[valid].tolist(), "each centre is its own slot"
         assert set(slots.tolist()) <= set(torch.arange(len(valid))[valid].tolist()) | {-1}, "no unused slot"
+
+
+def test_proportional_attention_sizes_count_what_each_merged_token_holds():
+    torch.manual_seed(0)
+    x = torch.randn(2, 16, 8)
+    everything = TokenMerger(8, 12, 4, 0.25, hidden=16, similarity_threshold=-1.0, proportional_attention=True).eval()
+    out = everything(x, tau=0.5)
+    torch.testing.assert_close(out.sizes.sum(dim=1), torch.full((2,), 16.0), msg="every token merges somewhere")
+    assert (out.sizes >= 1).all()
+    near = TokenMerger(8, 12, 4, 0.25, hidden=16, similarity_threshold=0.5, proportional_attention=True).eval()
+    out = near(x, tau=0.5)
+    merged = (out.assignment >= 0).sum(dim=1).float()  # centres and the tokens merged into them
+    torch.testing.assert_close(out.sizes.sum(dim=1), merged, msg="a dropped token adds to no size")
+    assert TokenMerger(8, 12, 4, 0.25, hidden=16)(x, tau=0.5).sizes is None

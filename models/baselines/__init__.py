@@ -10,7 +10,8 @@ name           where it acts                paper
 random         before the projector         (the floor; FastV's and PyramidDrop's ablation)
 pooling        before the projector         uniform spatial average pooling
 visionzip      before the projector         VisionZip, Yang et al. 2024
-tome           before the projector         ToMe, Bolya et al. 2023
+tome           before the projector         ToMe, Bolya et al. 2023 (the LLM sees each merged token as one)
+tome_pa        before the projector         the same, with ToMe's proportional attention in the LLM
 fastv          before decoder layer K       FastV, Chen et al. 2024
 pyramiddrop    at every pruning layer       PyramidDrop, Xing et al. 2024
 =============  ===========================  ====================================================
@@ -34,7 +35,7 @@ from models.baselines.visionzip import VisionZip
 from models.llava_backbone import LlavaBackbone
 from models.pruned_llava import PrunedLlava
 
-BASELINES = ("random", "pooling", "fastv", "pyramiddrop", "visionzip", "tome")
+BASELINES = ("random", "pooling", "fastv", "pyramiddrop", "visionzip", "tome", "tome_pa")
 
 
 def kept_tokens(num_tokens: int, budget: float) -> int:
@@ -76,7 +77,9 @@ def build_baseline(name: str, backbone: LlavaBackbone, num_keep: int, pruning_la
     pre_projector = {"random": lambda: RandomPruning(num_keep, seed, reference_tokens=n),
                      "pooling": lambda: SpatialPooling(n, num_keep),
                      "visionzip": lambda: VisionZip(num_keep, backbone.vision_hidden_size),
-                     "tome": lambda: ToMe(num_keep, backbone.vision_hidden_size, reference_tokens=n)}
+                     "tome": lambda: ToMe(num_keep, backbone.vision_hidden_size, reference_tokens=n),
+                     "tome_pa": lambda: ToMe(num_keep, backbone.vision_hidden_size, reference_tokens=n,
+                                             proportional_attention=True)}
     if name in pre_projector:
         model = PrunedLlava(backbone, pre_projector[name]())
     elif name == "fastv":

@@ -42,6 +42,15 @@ class PreProjectorSelector(nn.Module):
         self.num_keep = num_keep
         self.reference_tokens = reference_tokens  # the image size num_keep is for (images of other sizes: same share)
 
+    def keep_counts(self, valid: torch.Tensor) -> torch.Tensor:
+        """(B,) tokens each image keeps when images hold different numbers (``valid`` (B, N)): the share
+        ``num_keep / reference_tokens`` of its own, at least 1."""
+        if self.reference_tokens is None:
+            raise ValueError(f"{type(self).__name__} got images of different sizes but no reference_tokens "
+                             "(the image size num_keep is for)")
+        keep = torch.round(valid.sum(dim=1).double() * self.num_keep / self.reference_tokens).long()
+        return torch.minimum(keep.clamp_min(1), valid.sum(dim=1))
+
     def select(self, features: torch.Tensor, vision_attention) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, N, Dv) features -> (B, K, Dv) tokens and (B, K) patch indices, in any order."""
         raise NotImplementedError
@@ -67,12 +76,7 @@ class PreProjectorSelector(nn.Module):
         if valid is not None:
             if type(self).select_padded is PreProjectorSelector.select_padded:
                 self.select_padded(features, vision_attention, valid, valid.sum(dim=1))  # raises: not supported
-            if self.reference_tokens is None:
-                raise ValueError(f"{type(self).__name__} got images of different sizes but no reference_tokens "
-                                 "(the image size num_keep is for)")
-            keep = torch.round(valid.sum(dim=1).double() * self.num_keep / self.reference_tokens).long()
-            keep = torch.minimum(keep.clamp_min(1), valid.sum(dim=1))
-            tokens, positions, used = self.select_padded(features, vision_attention, valid, keep)
+            tokens, positions, used = self.select_padded(features, vision_attention, valid, self.keep_counts(valid))
             kept = torch.zeros(B, N, dtype=features.dtype, device=features.device)
             kept = kept.scatter(1, positions, used.to(features.dtype))  # (B, N)
             return MergeOutput(tokens, positions, kept, features.new_zeros(()),

@@ -12,7 +12,10 @@ What differs here:
   parts'). A step merges at most 10% of the tokens, the order of ToMe's rate per block: a step
   that merges all of set A (half the tokens) would force every A token, however distinct, into
   a B token, and on the tiny benchmark that alone costs a third of the accuracy at 50%;
-- the language model sees each merged token as one token (no proportional attention by size);
+- the language model sees each merged token as one token, as the LLaVA pruning papers run ToMe (its merging, and
+  so its proportional attention, inside the vision tower); ``proportional_attention=True`` (the benchmark's
+  ``tome_pa``) applies the paper's proportional attention in the language model instead: a merged token of size s
+  adds log s to every attention logit towards it;
 - a merged token takes its B token's patch position (RoPE follows the image layout), and tokens
   are put back in spatial order after every step, so A and B alternate across the image.
 """
@@ -23,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from models.baselines.base import PreProjectorSelector, gather_tokens
+from models.token_merger import MergeOutput
 
 
 MAX_STEP_FRACTION = 0.1  # of the tokens left, merged away by one bipartite step
@@ -85,9 +89,11 @@ def bipartite_soft_matching(tokens: torch.Tensor, size: torch.Tensor, positions:
 class ToMe(PreProjectorSelector):
     reads_vision_attention = True
 
-    def __init__(self, num_keep: int, key_dim: int, reference_tokens: int | None = None):
+    def __init__(self, num_keep: int, key_dim: int, reference_tokens: int | None = None,
+                 proportional_attention: bool = False):
         super().__init__(num_keep, reference_tokens)
         self.key_dim = key_dim
+        self.proportional_attention = proportional_attention
 
     def flops(self, n: int, k: int | None = None, n_text: int = 0) -> int:
         """The A x B similarity matrices of every step, from n tokens down to k (default: num_keep)."""
@@ -97,15 +103,29 @@ class ToMe(PreProjectorSelector):
             n -= r
         return total
 
-    def select(self, features: torch.Tensor, vision_attention) -> tuple[torch.Tensor, torch.Tensor]:
-        tokens, positions, _ = self.select_padded(features, vision_attention, None,
-                                                  torch.full((features.shape[0],), self.num_keep))
-        return tokens, positions
+    def forward(self, features: torch.Tensor, tau: float = 1.0, question: torch.Tensor | None = None,
+                question_mask: torch.Tensor | None = None, generator: torch.Generator | None = None,
+                vision_attention=None, valid: torch.Tensor | None = None) -> MergeOutput:
+        """The merger's output with each merged token's size (``MergeOutput.sizes``, for proportional attention)."""
+        B, N, _ = features.shape
+        if valid is None and self.num_keep > N:
+            raise ValueError(f"{type(self).__name__} keeps {self.num_keep} tokens but the image has {N}")
+        keep = torch.full((B,), self.num_keep) if valid is None else self.keep_counts(valid)
+        tokens, positions, used, size = self.merge(features, vision_attention, valid, keep)  # spatial order
+        kept = torch.zeros(B, N, dtype=features.dtype, device=features.device)
+        kept = kept.scatter(1, positions, used.to(features.dtype))  # (B, N)
+        return MergeOutput(tokens, positions, kept, features.new_zeros(()), valid=None if bool(used.all()) else used,
+                           sizes=size[..., 0] * used if self.proportional_attention else None)
 
     def select_padded(self, features: torch.Tensor, vision_attention, valid: torch.Tensor | None,
                       keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.merge(features, vision_attention, valid, keep)[:3]
+
+    def merge(self, features: torch.Tensor, vision_attention, valid: torch.Tensor | None,
+              keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Merge each sample down to ``keep`` (B,) tokens: the steps run batched, a sample that has reached its
-        count merges nothing more; the slots of merged-away tokens and of padding come last, marked False."""
+        count merges nothing more; the slots of merged-away tokens and of padding come last, marked False.
+        Returns tokens (B, K, Dv), patch positions (B, K), alive (B, K) and sizes (B, K, 1), in spatial order."""
         B, N, _ = features.shape
         tokens, metric = features, vision_attention.keys  # (B, N, Dv) each
         size = torch.ones(B, N, 1, dtype=features.dtype, device=features.device)
@@ -121,4 +141,4 @@ class ToMe(PreProjectorSelector):
             order = (positions + N * ~alive).argsort(dim=1)[:, :int(left.max())]
             tokens, size, metric = gather_tokens(tokens, order), gather_tokens(size, order), gather_tokens(metric, order)
             positions, alive = positions.gather(1, order), alive.gather(1, order)
-        return tokens, positions, alive
+        return tokens, positions, alive, size
