@@ -105,6 +105,9 @@ class MethodSettings:
     # the language model attends to a merged token in proportion to the tokens it stands for (ToMe's proportional
     # attention: log size added to every attention logit towards it)
     merge_proportional_attention: bool = False
+    # the tokens a pruner drops leave their attention weight to the kept tokens most like them (cosine of the hidden
+    # states), so that the language model's attention mass over the image is kept (models/pruned_llava.fold_weights)
+    pruner_proportional_attention: bool = False
     merge_importance_weight: float = num(0.0, ge=0)  # merger scores vs the teacher's attention (trainers/losses.py)
     pruner_importance_weight: float = num(0.0, ge=0)  # each pruner's logits vs the teacher's attention
     merger_d_internal: int = num(256, ge=1)

@@ -116,6 +116,13 @@ def compare_prefill(baseline_tokens: Sequence[int], pruned_tokens: Sequence[int]
                         pruned=llm_prefill_flops(pruned_tokens, d, m) + extra_pruned)
 
 
+def fold_flops(n: int, d: int) -> int:
+    """A stage that folds its dropped tokens' attention weight into the kept ones: the n x n cosine similarities of
+    the vision tokens' d-wide hidden states (models/pruned_llava.fold_weights)."""
+    _check_count("n", n)
+    return n * n * d
+
+
 def vision_tower_flops(n: int, d: int, m: int, num_layers: int) -> int:
     """Multiply-adds of a CLIP-style ViT encoder on n tokens: num_layers * (4*n*d^2 + 2*n^2*d + 2*n*d*m).
 

@@ -111,7 +111,8 @@ def _logistic_perturbed(logits: torch.Tensor, noise: bool, generator: torch.Gene
 
 
 def gumbel_log_sigmoid(logits: torch.Tensor, tau: float, noise: bool,
-                       generator: torch.Generator | None = None) -> torch.Tensor:
+                       generator: torch.Generator | None = None,
+                       with_complement: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """log q of a relaxed Bernoulli sample q = sigmoid((logits + L) / tau), in float32, L ~ Logistic(0, 1).
 
     Binary Concrete / Gumbel-Softmax with two classes (Maddison, Mnih & Teh 2017, "The Concrete
@@ -120,6 +121,10 @@ def gumbel_log_sigmoid(logits: torch.Tensor, tau: float, noise: bool,
     Computed as logsigmoid(x) = -softplus(-x): exact far into the tail, where log(sigmoid(x))
     underflows to -inf and a clamp such as log(1e-6) would cap how much a dropped token is
     suppressed; its gradient, sigmoid(-x) / tau, stays bounded by 1 / tau.
+    ``with_complement``: also log(1 - q) = logsigmoid(-x) of the same sample, as exact.
     """
     _check_tau(tau)
-    return torch.nn.functional.logsigmoid(_logistic_perturbed(logits.float(), noise, generator) / tau)
+    x = _logistic_perturbed(logits.float(), noise, generator) / tau
+    if with_complement:
+        return torch.nn.functional.logsigmoid(x), torch.nn.functional.logsigmoid(-x)
+    return torch.nn.functional.logsigmoid(x)

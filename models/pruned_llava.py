@@ -20,6 +20,12 @@ models/llava_backbone.py) so that a pruner can act before any chosen decoder lay
   shorter row is padded with masked-out slots, and each stage keeps the same share of every
   sample's tokens (the stage budgets are counts for a sample with the reference number of
   merged tokens, scaled to each sample's own count).
+- Proportional attention (``merge_proportional_attention``): a merged token that stands for s
+  vision tokens adds log s to every attention logit towards it, so the language model attends to
+  it as to its s parts (ToMe's proportional attention); with ``fold_pruned``
+  (``pruner_proportional_attention``) the tokens a stage drops pass their weight to the kept
+  tokens most like them (``fold_weights``), in both modes alike. The attention mass over the
+  image is then kept through every stage; without it, every dropped token takes its share away.
 - Text tokens are never pruned; every token keeps its original position id (RoPE positions
   do not shift), in both modes.
 - Token counts are read off the tensors as they pass each layer.
@@ -33,6 +39,7 @@ forward (tests/test_pruned_llava.py).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -46,6 +53,28 @@ from models.token_merger import MergeOutput, TokenMerger
 
 IGNORE_INDEX = -100  # labels of tokens that are not supervised (and, for the pruners, part of the prompt)
 DEAD_LOGIT = -1e4  # keep logit of an unused vision slot: ranked last in hard mode, log-keep ~ -1e4 / tau in soft mode
+FOLD_TEMPERATURE = 0.02  # of the softmax over cosine similarity that sends a dropped token's weight to kept ones
+NEVER = -1e9  # a log weight that is exactly zero after exp, finite so that sums and gradients stay finite
+
+
+def fold_weights(vision: torch.Tensor, log_weight: torch.Tensor, log_stay: torch.Tensor, log_leave: torch.Tensor,
+                 log_receive: torch.Tensor, alive: torch.Tensor) -> torch.Tensor:
+    """A stage that keeps the attention mass of the tokens it drops (``pruner_proportional_attention``).
+
+    Token j (hidden state ``vision`` (B, n, D), attention weight w_j = exp(``log_weight``), (B, n)) keeps q_j of its
+    weight (``log_stay`` = log q_j) and passes the rest (``log_leave`` = log(1 - q_j)) to the tokens that survive the
+    stage, in proportion to r_k exp(cos(h_j, h_k) / FOLD_TEMPERATURE), r_k (``log_receive``) a token's keep after
+    the stage: w'_k = q_k w_k + sum_j (1 - q_j) w_j a_jk. In log space, float32, so a token that hard mode drops
+    (q ~ 0) stays exactly as suppressed as without folding; with q and r in {0, 1} (hard mode, or soft mode in the
+    limit) the dropped tokens' weight goes to the kept ones most like them. ``alive`` (B, n): real tokens.
+    Returns (B, n) the new log weights. Costs n x n x D multiply-adds (:func:`models.flops.fold_flops`).
+    """
+    h = torch.nn.functional.normalize(vision.float(), dim=-1)
+    logits = (h @ h.transpose(1, 2)) / FOLD_TEMPERATURE + log_receive[:, None, :]  # (B, from, to)
+    log_a = logits.masked_fill(~alive[:, None, :], NEVER).log_softmax(dim=-1)
+    log_out = (log_leave + log_weight).masked_fill(~alive, NEVER)  # (B, n) the weight each token gives away
+    log_in = torch.logsumexp(log_out[:, :, None] + log_a, dim=1)  # (B, n) what each receives
+    return torch.logaddexp(log_stay + log_weight, log_in)
 
 
 @dataclass
@@ -107,16 +136,14 @@ class _Sequence:
             take(self.log_size),
         )
 
-    def key_bias(self, log_keep: torch.Tensor | None = None) -> torch.Tensor | None:
-        """(B, T) float32 what the attention adds to its logits towards each key: the log sizes plus soft mode's
-        ``log_keep``; None when both are absent."""
-        if self.log_size is None:
-            return log_keep
-        return self.log_size if log_keep is None else self.log_size + log_keep
+    def key_bias(self, log_weight: torch.Tensor | None = None) -> torch.Tensor | None:
+        """(B, T) float32 what the attention adds to its logits towards each key: soft mode's ``log_weight`` (log of
+        keep probability times size), else the log sizes; None when neither is there."""
+        return self.log_size if log_weight is None else log_weight
 
-    def layer_mask(self, log_keep: torch.Tensor | None = None) -> torch.Tensor:
+    def layer_mask(self, log_weight: torch.Tensor | None = None) -> torch.Tensor:
         """(B, 1, T, T) the decoder layers' additive mask: causal and padding, plus :meth:`key_bias`."""
-        bias = self.key_bias(log_keep)
+        bias = self.key_bias(log_weight)
         if bias is None:
             return causal_padding_mask(self.attention_mask, self.hidden.dtype)
         return soft_keep_mask(self.attention_mask, bias, self.hidden.dtype)
@@ -268,7 +295,7 @@ class PrunedLlava(nn.Module):
 
     def __init__(self, backbone: LlavaBackbone, merger: TokenMerger | None = None,
                  pruners: nn.ModuleList | None = None, pruning_layers: list[int] = (),
-                 stage_budgets: list[int] = ()):
+                 stage_budgets: list[int] = (), fold_pruned: bool = False):
         super().__init__()
         pruners = pruners if pruners is not None else nn.ModuleList()
         if not (len(pruners) == len(pruning_layers) == len(stage_budgets)):
@@ -282,6 +309,7 @@ class PrunedLlava(nn.Module):
         self.pruners = pruners
         self.stage_of_layer = {layer: s for s, layer in enumerate(pruning_layers)}
         self.stage_budgets = list(stage_budgets)
+        self.fold_pruned = fold_pruned  # the pruners' dropped tokens leave their attention weight (fold_weights)
         self.gradient_checkpointing = False  # recompute each decoder layer in backward (GPU memory)
 
     @property
@@ -358,6 +386,8 @@ class PrunedLlava(nn.Module):
         mask = seq.layer_mask()
         cos_sin = bb.rotary(seq.hidden, seq.position_ids)
         log_keep = torch.zeros(seq.hidden.shape[:2], device=seq.hidden.device)  # soft: (B, T) float32 log m_j
+        # soft: (B, T) log of m_j times the token's size, what the attention adds (with folding, more than the sum)
+        log_weight = log_keep if seq.log_size is None else seq.log_size
         entering = seq.vision_counts  # (B,) vision tokens each sample brings into the LLM
         if mode == "hard":
             stats.kept_positions.append(vision_positions(seq))
@@ -368,19 +398,20 @@ class PrunedLlava(nn.Module):
             if layer in self.stage_of_layer:
                 stage = self.stage_of_layer[layer]
                 logits = self._keep_logits(stage, layer, seq, cos_sin, previous_input,
-                                           log_keep if mode == "soft" else None)  # (B, n)
+                                           log_weight if mode == "soft" else None)  # (B, n)
                 if mode == "hard":
                     seq = self._drop(seq, logits, self.stage_budgets[stage], entering)
                     stats.kept_positions.append(vision_positions(seq))
                     mask = seq.layer_mask()
                     cos_sin = bb.rotary(seq.hidden, seq.position_ids)
                 else:
-                    log_keep = self._soft_keep(stage, seq, logits, log_keep, tau, generator, stats)
-                    mask = seq.layer_mask(log_keep)
+                    log_keep, log_weight = self._soft_keep(stage, seq, logits, log_keep, log_weight, tau, generator,
+                                                           stats)
+                    mask = seq.layer_mask(log_weight)
             stats.vision_counts.append(seq.vision_counts)
             stats.seq_len_per_layer.append(seq.hidden.shape[1])
             stats.layer_attention_masks.append(seq.attention_mask)
-            stats.layer_key_bias.append(seq.key_bias(log_keep if mode == "soft" else None))
+            stats.layer_key_bias.append(seq.key_bias(log_weight if mode == "soft" else None))
             previous_input = seq.hidden
             if recorder is not None:
                 recorder.add(layer, seq, cos_sin)
@@ -409,9 +440,9 @@ class PrunedLlava(nn.Module):
             raise ValueError("attention-ranking pruners (FastV, PyramidDrop) are training-free: run them with mode='hard'")
 
     def _keep_logits(self, stage: int, layer: int, seq: _Sequence, cos_sin: tuple[torch.Tensor, torch.Tensor],
-                     previous_input: torch.Tensor | None, log_keep: torch.Tensor | None) -> torch.Tensor:
+                     previous_input: torch.Tensor | None, log_weight: torch.Tensor | None) -> torch.Tensor:
         """The stage's keep logits (B, n) for the vision tokens at ``seq.vision_index``; unused slots get the lowest.
-        ``log_keep``: soft mode's (B, T) log keep probabilities so far (what the previous layer's attention added)."""
+        ``log_weight``: soft mode's (B, T) log weights so far (what the previous layer's attention added)."""
         pruner = self.pruners[stage]
         vision_index = seq.vision_index  # (B, n)
         if getattr(pruner, "reads_attention", False):
@@ -423,19 +454,19 @@ class PrunedLlava(nn.Module):
             vision = seq.hidden.gather(1, vision_index.unsqueeze(-1).expand(-1, -1, seq.hidden.shape[-1]))  # (B, n, D)
             extra = []
             if getattr(pruner, "reads_received_attention", False):
-                extra.append(self._received_attention(layer, seq, cos_sin, previous_input, log_keep))
+                extra.append(self._received_attention(layer, seq, cos_sin, previous_input, log_weight))
             logits = pruner(vision, *question_tokens(seq.hidden, seq.question_mask), *extra)
         return logits.masked_fill(~seq.vision_alive, DEAD_LOGIT)
 
     def _received_attention(self, layer: int, seq: _Sequence, cos_sin: tuple[torch.Tensor, torch.Tensor],
-                            previous_input: torch.Tensor | None, log_keep: torch.Tensor | None) -> torch.Tensor:
+                            previous_input: torch.Tensor | None, log_weight: torch.Tensor | None) -> torch.Tensor:
         """(B, n) the attention the last question token paid each vision token in decoder layer ``layer - 1``
-        (mean over heads; in soft mode with the keep probabilities that layer added), 0 at padding slots."""
+        (mean over heads; in soft mode with the log weights that layer added), 0 at padding slots."""
         if previous_input is None:
             raise ValueError(f"an attention-aware pruner reads the layer before its own; layer {layer} has none")
         probs = self.backbone.attention_probs(layer - 1, previous_input, seq.attention_mask, cos_sin,
                                               last_question_token(seq),
-                                              key_bias=seq.key_bias(log_keep))  # (B, H, 1, T)
+                                              key_bias=seq.key_bias(log_weight))  # (B, H, 1, T)
         return probs.mean(dim=1)[:, 0].gather(1, seq.vision_index) * seq.vision_alive  # (B, n)
 
     def _drop(self, seq: _Sequence, logits: torch.Tensor, budget: int, entering: torch.Tensor) -> _Sequence:
@@ -447,15 +478,39 @@ class PrunedLlava(nn.Module):
         ranked = logits.topk(width, dim=-1).indices  # (B, width), best first; padding slots rank last
         take = torch.arange(width, device=logits.device) < keep.unsqueeze(1)  # (B, width) each sample's first k_b
         kept = torch.zeros_like(seq.is_vision).scatter(1, vision_index.gather(1, ranked), take)
+        if self.fold_pruned:
+            seq = self._fold_hard(seq, kept.gather(1, vision_index))
         return seq.gather(*compact(~seq.is_vision | kept, right=True))
 
-    def _soft_keep(self, stage: int, seq: _Sequence, logits: torch.Tensor, log_keep: torch.Tensor, tau: float,
-                   generator: torch.Generator | None, stats: PrunedOutput) -> torch.Tensor:
-        """Soft mode: log m_j += log q_j for the stage's keep gate q_j (a Gumbel-sigmoid, in log space); records
-        what the losses read."""
+    def _fold_hard(self, seq: _Sequence, stays: torch.Tensor) -> _Sequence:
+        """Hard mode's :func:`fold_weights`: the vision tokens that leave (``stays`` (B, n) False) give their weight to
+        the kept ones most like them; returns the sequence with the new log sizes (text tokens keep 0)."""
+        vision_index, alive = seq.vision_index, seq.vision_alive
+        log_size = seq.log_size if seq.log_size is not None else torch.zeros(seq.hidden.shape[:2],
+                                                                             device=seq.hidden.device)
+        yes, no = torch.zeros_like(stays, dtype=torch.float32), torch.full_like(stays, NEVER, dtype=torch.float32)
+        stay, leave = torch.where(stays, yes, no), torch.where(stays, no, yes)
+        vision = seq.hidden.gather(1, vision_index.unsqueeze(-1).expand(-1, -1, seq.hidden.shape[-1]))
+        folded = fold_weights(vision, log_size.gather(1, vision_index), stay, leave, stay, alive)
+        log_size = log_size.scatter(1, vision_index, torch.where(stays & alive, folded, log_size.gather(1, vision_index)))
+        return dataclasses.replace(seq, log_size=log_size)
+
+    def _soft_keep(self, stage: int, seq: _Sequence, logits: torch.Tensor, log_keep: torch.Tensor,
+                   log_weight: torch.Tensor, tau: float, generator: torch.Generator | None,
+                   stats: PrunedOutput) -> tuple[torch.Tensor, torch.Tensor]:
+        """Soft mode: log m_j += log q_j for the stage's keep gate q_j (a Gumbel-sigmoid, in log space), and the log
+        weights the attention adds (each token's times q_j, or :func:`fold_weights`); records what the losses read."""
         vision_index, valid = seq.vision_slots  # (B, n)
-        log_q = gumbel_log_sigmoid(logits, tau, noise=self.training, generator=generator)  # (B, n) float32
+        log_q, log_not_q = gumbel_log_sigmoid(logits, tau, noise=self.training, generator=generator,
+                                              with_complement=True)  # (B, n) float32
         log_keep = log_keep.scatter_add(1, vision_index, log_q.masked_fill(~valid, 0.0))  # padding slots add nothing
+        if self.fold_pruned:
+            folded = fold_weights(seq.hidden.gather(1, vision_index.unsqueeze(-1).expand(-1, -1, seq.hidden.shape[-1])),
+                                  log_weight.gather(1, vision_index), log_q, log_not_q,
+                                  log_keep.gather(1, vision_index), seq.vision_alive)
+            log_weight = log_weight.scatter(1, vision_index, torch.where(valid, folded, log_weight.gather(1, vision_index)))
+        else:
+            log_weight = log_weight.scatter_add(1, vision_index, log_q.masked_fill(~valid, 0.0))
         cumulative = log_keep.gather(1, vision_index).exp() * valid  # (B, n) m_j
         alive = seq.vision_alive.to(cumulative.dtype)  # (B, n)
         target = self.stage_budgets[stage] / self.merged_tokens
@@ -463,7 +518,7 @@ class PrunedLlava(nn.Module):
         stats.stage_logits.append(logits)
         stats.stage_positions.append(vision_positions(seq))
         stats.pruner_sparsity_losses.append(((cumulative * alive).sum() / alive.sum() - target) ** 2)
-        return log_keep
+        return log_keep, log_weight
 
     # ------------------------------------------------------------------ generation
     @torch.no_grad()

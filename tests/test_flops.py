@@ -126,3 +126,17 @@ def test_encoder_flops_match_the_flop_counter_on_the_backbones_vision_tower_and_
     counted_projector = multiply_adds(lambda: backbone.project(features))
     assert counted_tower + counted_projector == backbone.encoder_flops(37)
     assert counted_projector == projector_flops(37, vision.hidden_size, backbone.hidden_size)
+
+
+@pytest.mark.parametrize("n", [7, 40])
+def test_fold_formula_matches_the_flop_counter(n):
+    from models.flops import fold_flops
+    from models.pruned_llava import fold_weights
+
+    d = 24
+    stays = torch.arange(n) % 3 != 0
+    zero, never = torch.zeros(1, n), torch.full((1, n), -1e9)
+    stay = torch.where(stays, zero, never)
+    leave = torch.where(stays, never, zero)
+    assert multiply_adds(lambda: fold_weights(torch.randn(1, n, d), zero, stay, leave, stay,
+                                              torch.ones(1, n, dtype=torch.bool))) == fold_flops(n, d)

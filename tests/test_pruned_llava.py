@@ -151,14 +151,17 @@ class PatchRulePruned(PrunedLlava):
 
 
 @pytest.mark.parametrize("tau", [1.0, 0.1])
-def test_soft_equals_hard_in_the_limit_on_the_trained_backbone(shipped_backbone, tau):
+@pytest.mark.parametrize("fold", [False, True], ids=["drop", "fold"])
+def test_soft_equals_hard_in_the_limit_on_the_trained_backbone(shipped_backbone, tau, fold):
     """The shipped backbone's attention logits differ by 60-140 between tokens: a dropped token must get a bias
-    that no such difference overcomes, or the student trained in soft mode is not the model hard mode runs."""
+    that no such difference overcomes, or the student trained in soft mode is not the model hard mode runs. With
+    ``fold`` the dropped tokens' weight goes to the kept ones (fold_weights), in both modes alike."""
     batch = make_batch(shipped_backbone, n=6)
     assert (batch["attention_mask"] == 0).any(), "padding must be exercised"
     layers = [2, 4, 6]
     budgets = PatchRulePruned.budgets(shipped_backbone.num_vision_tokens)
-    model = PatchRulePruned(shipped_backbone, None, nn.ModuleList(nn.Identity() for _ in layers), layers, budgets).eval()
+    model = PatchRulePruned(shipped_backbone, None, nn.ModuleList(nn.Identity() for _ in layers), layers, budgets,
+                            fold_pruned=fold).eval()
     inputs = (batch["input_ids"], batch["pixel_values"], batch["attention_mask"])
     with torch.no_grad():
         hard = model(*inputs, labels=batch["labels"], mode="hard")
@@ -395,3 +398,30 @@ def test_a_token_of_size_s_is_attended_as_s_copies(shipped_backbone):
                              bb.rotary(hidden, positions))
     torch.testing.assert_close(got[:, j + 1:], expected[:, j + s:], rtol=1e-5, atol=1e-5)
     assert (plain[:, j + 1:] - expected[:, j + s:]).abs().max() > 1e-3, "without the sizes the layer differs"
+
+
+def test_folding_keeps_the_attention_weight_of_the_dropped_tokens(shipped_backbone):
+    """Hard mode with folding: after every stage the kept vision tokens' sizes sum to the tokens that entered the
+    LLM, each at least 1; a dropped token's weight goes to the kept token most like it; without folding nothing
+    moves."""
+    batch = make_batch(shipped_backbone, n=4)
+    layers = [2, 4, 6]
+    budgets = PatchRulePruned.budgets(shipped_backbone.num_vision_tokens)
+    sizes = []
+    model = PatchRulePruned(shipped_backbone, None, nn.ModuleList(nn.Identity() for _ in layers), layers, budgets,
+                            fold_pruned=True).eval()
+    original = model._fold_hard
+
+    def recording(seq, stays):
+        folded = original(seq, stays)
+        sizes.append(folded.log_size.gather(1, seq.vision_index).exp() * (stays & seq.vision_alive))
+        return folded
+
+    model._fold_hard = recording
+    with torch.no_grad():
+        out = model(batch["input_ids"], batch["pixel_values"], batch["attention_mask"], mode="hard")
+    assert len(sizes) == 3
+    for kept in sizes:
+        torch.testing.assert_close(kept.sum(dim=1), torch.full((4,), 144.0), rtol=1e-5, atol=1e-3)
+        assert (kept[kept > 0] >= 1 - 1e-5).all()
+    assert out.layer_key_bias[-1] is not None and out.layer_key_bias[-1].max() > 0

@@ -46,7 +46,7 @@ def build_pruned_model(method: MethodSettings, backbone: LlavaBackbone) -> Prune
         for _ in method.pruning_layers
     )
     model = PrunedLlava(backbone, merger, pruners, list(method.pruning_layers),
-                        stage_budgets(k, stage_keep_ratios(method)))
+                        stage_budgets(k, stage_keep_ratios(method)), fold_pruned=method.pruner_proportional_attention)
     return model.to(backbone.device)
 
 

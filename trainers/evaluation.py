@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from data.scoring import accuracy_by_type, normalize_answer
-from models.flops import llm_prefill_flops
+from models.flops import fold_flops, llm_prefill_flops
 from models.llava_backbone import LlavaBackbone
 from models.pruned_llava import IGNORE_INDEX, PrunedLlava, PrunedOutput
 from trainers.timing import stopwatch
@@ -151,6 +151,8 @@ def module_flops(model: PrunedLlava, question_tokens: int, merged: int | None = 
     n = merged
     for pruner, budget in zip(model.pruners, model.stage_budgets):
         total += pruner.flops(n, question_tokens)
+        if model.fold_pruned:
+            total += fold_flops(n, model.backbone.hidden_size)
         n = min(n, max(1, round(merged * budget / model.merged_tokens)))
     return total
 
