@@ -159,6 +159,10 @@ class _Sequence:
     def vision_index(self) -> torch.Tensor:
         return self.vision_slots[0]
 
+    def vision_hidden(self) -> torch.Tensor:
+        """(B, n, D) the hidden states at :attr:`vision_index`."""
+        return self.hidden.gather(1, self.vision_index.unsqueeze(-1).expand(-1, -1, self.hidden.shape[-1]))
+
     @cached_property
     def vision_alive(self) -> torch.Tensor:
         """(B, n) bool: the slot holds a real vision token (valid and not masked out)."""
@@ -243,8 +247,13 @@ def soft_keep_mask(attention_mask: torch.Tensor, log_keep: torch.Tensor, dtype: 
     logits differ, so soft mode with m_j -> 0 equals hard mode's removal (a floor such as log(1e-6)
     would not).
     """
-    mask = causal_padding_mask(attention_mask, torch.float32) + log_keep[:, None, None, :]
-    return mask.clamp_min(torch.finfo(dtype).min).to(dtype)
+    return with_key_bias(causal_padding_mask(attention_mask, torch.float32), log_keep, dtype)
+
+
+def with_key_bias(mask: torch.Tensor, key_bias: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A float32 additive mask (B, 1, Q, T) plus ``key_bias`` (B, T) on every query's logit towards key j, clamped to
+    ``dtype``'s range and cast to it."""
+    return (mask + key_bias[:, None, None, :]).clamp_min(torch.finfo(dtype).min).to(dtype)
 
 
 def compact(mask: torch.Tensor, right: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -451,7 +460,7 @@ class PrunedLlava(nn.Module):
             probe = AttentionProbe(self.backbone, inputs, seq.attention_mask, cos_sin, seq.key_bias())
             logits = pruner(probe, layer, seq.attention_mask, vision_index)
         else:
-            vision = seq.hidden.gather(1, vision_index.unsqueeze(-1).expand(-1, -1, seq.hidden.shape[-1]))  # (B, n, D)
+            vision = seq.vision_hidden()  # (B, n, D)
             extra = []
             if getattr(pruner, "reads_received_attention", False):
                 extra.append(self._received_attention(layer, seq, cos_sin, previous_input, log_weight))
@@ -490,8 +499,7 @@ class PrunedLlava(nn.Module):
                                                                              device=seq.hidden.device)
         yes, no = torch.zeros_like(stays, dtype=torch.float32), torch.full_like(stays, NEVER, dtype=torch.float32)
         stay, leave = torch.where(stays, yes, no), torch.where(stays, no, yes)
-        vision = seq.hidden.gather(1, vision_index.unsqueeze(-1).expand(-1, -1, seq.hidden.shape[-1]))
-        folded = fold_weights(vision, log_size.gather(1, vision_index), stay, leave, stay, alive)
+        folded = fold_weights(seq.vision_hidden(), log_size.gather(1, vision_index), stay, leave, stay, alive)
         log_size = log_size.scatter(1, vision_index, torch.where(stays & alive, folded, log_size.gather(1, vision_index)))
         return dataclasses.replace(seq, log_size=log_size)
 
@@ -505,8 +513,7 @@ class PrunedLlava(nn.Module):
                                               with_complement=True)  # (B, n) float32
         log_keep = log_keep.scatter_add(1, vision_index, log_q.masked_fill(~valid, 0.0))  # padding slots add nothing
         if self.fold_pruned:
-            folded = fold_weights(seq.hidden.gather(1, vision_index.unsqueeze(-1).expand(-1, -1, seq.hidden.shape[-1])),
-                                  log_weight.gather(1, vision_index), log_q, log_not_q,
+            folded = fold_weights(seq.vision_hidden(), log_weight.gather(1, vision_index), log_q, log_not_q,
                                   log_keep.gather(1, vision_index), seq.vision_alive)
             log_weight = log_weight.scatter(1, vision_index, torch.where(valid, folded, log_weight.gather(1, vision_index)))
         else:
@@ -562,7 +569,7 @@ class PrunedLlava(nn.Module):
                 mask = key_padding_mask(key_masks[layer], hidden.dtype)  # (B, 1, 1, S): the new token sees all real keys
                 if key_bias[layer] is not None:  # a new token stands for itself
                     key_bias[layer] = torch.cat([key_bias[layer], key_bias[layer].new_zeros(key_bias[layer].shape[0], 1)], 1)
-                    mask = (mask.float() + key_bias[layer][:, None, None, :]).clamp_min(torch.finfo(hidden.dtype).min).to(hidden.dtype)
+                    mask = with_key_bias(key_padding_mask(key_masks[layer], torch.float32), key_bias[layer], hidden.dtype)
                 hidden = bb.run_layer(layer, hidden, mask, position_ids, cos_sin, cache=cache)
             logits = bb.lm_head(bb.norm(hidden))[:, -1]  # (B, V)
             scores.append(logits)

@@ -51,6 +51,17 @@ class PreProjectorSelector(nn.Module):
         keep = torch.round(valid.sum(dim=1).double() * self.num_keep / self.reference_tokens).long()
         return torch.minimum(keep.clamp_min(1), valid.sum(dim=1))
 
+    @staticmethod
+    def padded_output(features: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor, used: torch.Tensor,
+                      sizes: torch.Tensor | None = None) -> MergeOutput:
+        """The merger's output for ``select_padded``'s (B, K, Dv) tokens, (B, K) positions and (B, K) ``used`` slots;
+        ``sizes`` (B, K): the tokens each stands for (proportional attention)."""
+        B, N, _ = features.shape
+        kept = torch.zeros(B, N, dtype=features.dtype, device=features.device)
+        kept = kept.scatter(1, positions, used.to(features.dtype))  # (B, N)
+        return MergeOutput(tokens, positions, kept, features.new_zeros(()), valid=None if bool(used.all()) else used,
+                           sizes=sizes)
+
     def select(self, features: torch.Tensor, vision_attention) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, N, Dv) features -> (B, K, Dv) tokens and (B, K) patch indices, in any order."""
         raise NotImplementedError
@@ -76,11 +87,8 @@ class PreProjectorSelector(nn.Module):
         if valid is not None:
             if type(self).select_padded is PreProjectorSelector.select_padded:
                 self.select_padded(features, vision_attention, valid, valid.sum(dim=1))  # raises: not supported
-            tokens, positions, used = self.select_padded(features, vision_attention, valid, self.keep_counts(valid))
-            kept = torch.zeros(B, N, dtype=features.dtype, device=features.device)
-            kept = kept.scatter(1, positions, used.to(features.dtype))  # (B, N)
-            return MergeOutput(tokens, positions, kept, features.new_zeros(()),
-                               valid=None if bool(used.all()) else used)
+            return self.padded_output(features, *self.select_padded(features, vision_attention, valid,
+                                                                    self.keep_counts(valid)))
         if self.num_keep > N:
             raise ValueError(f"{type(self).__name__} keeps {self.num_keep} tokens but the image has {N}")
         tokens, positions = self.select(features, vision_attention)  # (B, K, Dv), (B, K)

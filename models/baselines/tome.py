@@ -112,14 +112,8 @@ class ToMe(PreProjectorSelector):
             raise ValueError(f"{type(self).__name__} keeps {self.num_keep} tokens but the image has {N}")
         keep = torch.full((B,), self.num_keep) if valid is None else self.keep_counts(valid)
         tokens, positions, used, size = self.merge(features, vision_attention, valid, keep)  # spatial order
-        kept = torch.zeros(B, N, dtype=features.dtype, device=features.device)
-        kept = kept.scatter(1, positions, used.to(features.dtype))  # (B, N)
-        return MergeOutput(tokens, positions, kept, features.new_zeros(()), valid=None if bool(used.all()) else used,
-                           sizes=size[..., 0] * used if self.proportional_attention else None)
-
-    def select_padded(self, features: torch.Tensor, vision_attention, valid: torch.Tensor | None,
-                      keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return self.merge(features, vision_attention, valid, keep)[:3]
+        return self.padded_output(features, tokens, positions, used,
+                                  size[..., 0] * used if self.proportional_attention else None)
 
     def merge(self, features: torch.Tensor, vision_attention, valid: torch.Tensor | None,
               keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
