@@ -105,6 +105,9 @@ class MethodSettings:
     # the language model attends to a merged token in proportion to the tokens it stands for (ToMe's proportional
     # attention: log size added to every attention logit towards it)
     merge_proportional_attention: bool = False
+    # ties among the merger's centres broken evenly over the image: the centres are the top K of score + this weight x
+    # a fixed spatial prior in (0, 1] (models/token_merger.spread_prior); 0: the plain top K
+    merge_spread_weight: float = num(0.0, ge=0)
     # the tokens a pruner drops leave their attention weight to the kept tokens most like them (cosine of the hidden
     # states), so that the language model's attention mass over the image is kept (models/pruned_llava.fold_weights)
     pruner_proportional_attention: bool = False

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from models.token_merger import TokenMerger, soft_assignment_merge
+from models.token_merger import TokenMerger, soft_assignment_merge, spread_prior
 
 
 def merger(kind="simple", keep=6, n=16, dim=8):
@@ -163,3 +163,56 @@ def test_proportional_attention_sizes_count_what_each_merged_token_holds():
     merged = (out.assignment >= 0).sum(dim=1).float()  # centres and the tokens merged into them
     torch.testing.assert_close(out.sizes.sum(dim=1), merged, msg="a dropped token adds to no size")
     assert TokenMerger(8, 12, 4, 0.25, hidden=16)(x, tau=0.5).sizes is None
+
+
+@pytest.mark.parametrize("n", [1, 7, 144, 577])
+def test_spread_prior_ranks_every_token_and_any_top_m_is_spread(n):
+    prior = spread_prior(n)
+    assert prior.shape == (n,) and len(set(prior.tolist())) == n and prior[0] == 1 and (prior > 0).all()
+    order = prior.argsort(descending=True)
+    for m in range(1, n + 1):
+        picked = order[:m].sort().values.tolist()
+        gaps = [b - a for a, b in zip([-1, *picked], [*picked, n])]
+        assert max(gaps) <= 3 * n / m, (m, picked)
+
+
+class FixedScores(torch.nn.Module):
+    def __init__(self, scores):
+        super().__init__()
+        self.scores = scores
+
+    def forward(self, features, question=None, question_mask=None):
+        return self.scores.expand(features.shape[0], -1)
+
+
+def test_spread_weight_spreads_near_tied_centres_and_keeps_clear_winners():
+    n, keep = 144, 16
+    objects = torch.tensor([30, 77, 100, 141])
+    scores = -5 + 0.05 * torch.linspace(1, 0, n)  # background nearly tied, the first rows a little ahead (as trained)
+    scores[objects] = 0.0
+    x = torch.randn(1, n, 8)
+    centres = {}
+    for weight in (0.0, 1.0):
+        m = TokenMerger(8, 12, keep, keep / n, hidden=16, spread_weight=weight).eval()
+        m.scorer = FixedScores(scores)
+        centres[weight] = m(x, tau=0.5).positions[0]
+        assert set(objects.tolist()) <= set(centres[weight].tolist()), "tokens clearly ahead stay centres"
+    background = [c for c in centres[1.0].tolist() if c not in objects.tolist()]
+    assert max(centres[0.0].tolist()) == 141 and sorted(set(centres[0.0].tolist()) - set(objects.tolist())) == list(range(12))
+    gaps = [b - a for a, b in zip([-1, *background], [*background, n])]
+    assert max(gaps) <= 3 * n / len(background), background
+
+
+def test_spread_weight_only_reorders_tokens_within_the_weight():
+    torch.manual_seed(0)
+    for weight in (0.3, 1.0, 3.0):
+        m = merger(keep=6, n=40).eval()
+        m.spread_weight = weight
+        x = torch.randn(5, 40, 8)
+        scores, chosen = m.scorer(x), m(x, tau=1.0).positions
+        taken = torch.zeros_like(scores, dtype=torch.bool).scatter(1, chosen, True)
+        worst_taken = scores.masked_fill(~taken, float("inf")).min(dim=1).values
+        best_left = scores.masked_fill(taken, float("-inf")).max(dim=1).values
+        assert (worst_taken >= best_left - weight).all()
+        if weight == 3.0:
+            assert not torch.equal(chosen, scores.topk(6).indices.sort().values), "the weight changes some choice"

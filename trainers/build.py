@@ -40,7 +40,8 @@ def build_pruned_model(method: MethodSettings, backbone: LlavaBackbone) -> Prune
         merger = TokenMerger(backbone.vision_hidden_size, backbone.hidden_size, k, k / n, method.merger_type,
                              hidden=method.merger_d_internal, num_heads=method.pruner_num_heads,
                              budget=method.merge_budget, similarity_threshold=method.merge_similarity_threshold,
-                             proportional_attention=method.merge_proportional_attention)
+                             proportional_attention=method.merge_proportional_attention,
+                             spread_weight=method.merge_spread_weight)
     pruners = nn.ModuleList(
         build_pruner(method.pruner_type, backbone.hidden_size, method.pruner_d_internal, method.pruner_num_heads)
         for _ in method.pruning_layers
