@@ -371,13 +371,22 @@ def fingerprint_problem(folder: Path, expected: str) -> list[str]:
     return []
 
 
-def load_learned(run: LearnedRun, backbone: LlavaBackbone, expected_fingerprint: str) -> tuple[PrunedLlava, float, int]:
-    """The run's final modules, the temperature they were evaluated at, and the step; checked against the budget."""
+def load_learned(run: LearnedRun, backbone: LlavaBackbone, expected_fingerprint: str,
+                 expected_method: dict | None = None) -> tuple[PrunedLlava, float, int]:
+    """The run's final modules, the temperature they were evaluated at, and the step; checked against the budget
+    and, given ``expected_method`` (the method_settings its command trains with now), against the method settings
+    it was trained with: a run trained before a default changed is not reported as today's method."""
     path = run.latest()
     model, config, state = load_run(path, backbone)
     expected = [run.merged, *stage_budgets(run.merged, run.ratios)]
     got = [model.merged_tokens, *model.stage_budgets]
     problems = []
+    trained = config_to_dict(config)["method_settings"]
+    changed = sorted(k for k in (expected_method or {}) if trained.get(k) != expected_method[k])
+    if changed:
+        problems.append(f"{path} was trained with other method settings than its command sets now ("
+                        + ", ".join(f"{k}: {trained.get(k)!r} there, {expected_method[k]!r} now" for k in changed)
+                        + f"); move {run.folder} away and rerun with --train-missing")
     if got != expected or list(config.method_settings.pruning_layers) != sorted(model.stage_of_layer):
         problems.append(f"{path} was trained for vision tokens {' → '.join(map(str, got))}, the "
                         f"{budget_name(run.budget)}% budget needs {' → '.join(map(str, expected))}; move {run.folder} "
@@ -386,6 +395,11 @@ def load_learned(run: LearnedRun, backbone: LlavaBackbone, expected_fingerprint:
     if problems:
         raise BenchmarkError(problems)
     return model, float(state["temperature"]), int(state["step"])
+
+
+def run_method_settings(run: LearnedRun, args, num_tokens: int) -> dict:
+    """The method_settings the run's command trains with: the config, the user's --set, the run's schedule."""
+    return config_to_dict(load_config(args.config, [*args.overrides, *run.overrides(num_tokens)]))["method_settings"]
 
 
 def load_searched(run: SearchedRun, backbone: LlavaBackbone, expected_fingerprint: str) -> tuple[PrunedLlava, float, int]:
@@ -643,7 +657,9 @@ def main(argv: list[str] | None = None) -> int:
                 cap = flops_ratio(build_baseline("tome", backbone, kept[run.budget], layers), flops_batches)
             search_schedule(run, config, args.search, cap, args.fingerprint)
     try:
-        learned = {(run.budget, run.match): (run, *load_learned(run, backbone, args.fingerprint)) for run in runs}
+        learned = {(run.budget, run.match): (run, *load_learned(run, backbone, args.fingerprint,
+                                                                 run_method_settings(run, args, shape.num_vision_tokens)))
+                   for run in runs}
         learned_searched = {run.budget: load_searched(run, backbone, args.fingerprint) for run in searched}
     except BenchmarkError as err:
         print(f"error: the benchmark cannot run as asked:\n{err}", file=sys.stderr)

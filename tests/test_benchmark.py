@@ -137,6 +137,10 @@ def test_benchmark_trains_the_missing_runs_within_their_flops_and_writes_table_a
     assert benchmark.main(again) == 0
     assert benchmark.main([*again, "--set", "data_settings.seed=1"]) == 2
     assert "trained on other backbone weights or other training data" in capsys.readouterr().err
+    # nor when the method it would train now differs (a default or a --set changed since)
+    assert benchmark.main([*again, "--set", "method_settings.merge_spread_weight=0.5"]) == 2
+    err = capsys.readouterr().err
+    assert "trained with other method settings" in err and "merge_spread_weight" in err and "--train-missing" in err
 
 
 def test_searched_schedule_stays_under_tomes_flops_and_is_reported(tmp_path, tiny_folder, capsys):
