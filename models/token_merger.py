@@ -26,8 +26,8 @@ the image in raster order. Background tokens score nearly alike (on the tiny ben
 4 below the objects): the noise of training picks them at random places, but the plain top K of eval picked them
 by those small differences, all in the top rows, so the language model, which reads where an object sits from the
 image tokens before it, saw all the background mass before every object. w = 1 breaks such ties evenly over the
-image and leaves tokens w apart in score ranked as they were (measured in the README: 'What made the learned
-method competitive'); w = 0 is the plain top K.
+image and leaves tokens w apart in score ranked as they were (measured in the README's benchmark section); w = 0
+is the plain top K.
 
 Budget (``budget``):
 - ``fixed``: K = ``num_keep`` for every image, the setting equal-budget benchmarks use;
@@ -43,6 +43,7 @@ relaxed top-K that carries the scorer's gradient.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -186,6 +187,11 @@ def spread_prior(n: int, device: torch.device | str | None = None) -> torch.Tens
     sequence (1/2, 1/4, 3/4, 1/8, ...) first lands in them (token floor(v * n)), each new one 1/n lower. The m tokens
     of highest priority are spread evenly over 0..n-1 for every m (no gap, the ends included, over 3 n / m), so ties
     among m centres are broken evenly across the image in raster order, whatever n is."""
+    return _spread_prior(n).to(device)
+
+
+@functools.lru_cache(maxsize=8)
+def _spread_prior(n: int) -> torch.Tensor:
     order, seen, i = [], set(), 0
     while len(order) < n:
         v, f, j = 0.0, 0.5, i
@@ -198,7 +204,7 @@ def spread_prior(n: int, device: torch.device | str | None = None) -> torch.Tens
         i += 1
     prior = torch.empty(n)
     prior[torch.tensor(order)] = 1 - torch.arange(n, dtype=torch.float32) / n
-    return prior.to(device)
+    return prior
 
 
 def soft_assignment_merge(features: torch.Tensor, centres: torch.Tensor, selection: torch.Tensor, tau: float,
