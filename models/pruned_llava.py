@@ -513,9 +513,10 @@ class PrunedLlava(nn.Module):
                                               with_complement=True)  # (B, n) float32
         log_keep = log_keep.scatter_add(1, vision_index, log_q.masked_fill(~valid, 0.0))  # padding slots add nothing
         if self.fold_pruned:
-            folded = fold_weights(seq.vision_hidden(), log_weight.gather(1, vision_index), log_q, log_not_q,
-                                  log_keep.gather(1, vision_index), seq.vision_alive)
-            log_weight = log_weight.scatter(1, vision_index, torch.where(valid, folded, log_weight.gather(1, vision_index)))
+            before = log_weight.gather(1, vision_index)  # (B, n)
+            folded = fold_weights(seq.vision_hidden(), before, log_q, log_not_q, log_keep.gather(1, vision_index),
+                                  seq.vision_alive)
+            log_weight = log_weight.scatter(1, vision_index, torch.where(valid, folded, before))
         else:
             log_weight = log_weight.scatter_add(1, vision_index, log_q.masked_fill(~valid, 0.0))
         cumulative = log_keep.gather(1, vision_index).exp() * valid  # (B, n) m_j
@@ -566,8 +567,9 @@ class PrunedLlava(nn.Module):
             cos_sin = bb.rotary(hidden, position_ids)
             for layer in range(bb.num_layers):
                 key_masks[layer] = torch.cat([key_masks[layer], torch.ones_like(key_masks[layer][:, :1])], dim=1)
-                mask = key_padding_mask(key_masks[layer], hidden.dtype)  # (B, 1, 1, S): the new token sees all real keys
-                if key_bias[layer] is not None:  # a new token stands for itself
+                if key_bias[layer] is None:
+                    mask = key_padding_mask(key_masks[layer], hidden.dtype)  # (B, 1, 1, S): the new token sees all real keys
+                else:  # a new token stands for itself
                     key_bias[layer] = torch.cat([key_bias[layer], key_bias[layer].new_zeros(key_bias[layer].shape[0], 1)], 1)
                     mask = with_key_bias(key_padding_mask(key_masks[layer], torch.float32), key_bias[layer], hidden.dtype)
                 hidden = bb.run_layer(layer, hidden, mask, position_ids, cos_sin, cache=cache)
