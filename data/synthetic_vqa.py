@@ -236,6 +236,24 @@ def make_sample(seed: int, split: str, index: int) -> VQASample:
     )
 
 
+def question_objects(sample: VQASample) -> tuple[SceneObject, ...]:
+    """The objects the sample's question is about (what a perfect question-aware pruner keeps): the object in the
+    asked row (color_at), the objects of the asked colour (shape_of, count, row_of), the objects with the asked
+    colour or the asked shape (exists: the near miss included). The others are distractors; the answer can be read
+    off these alone (tests/test_synthetic_vqa.py)."""
+    words = sample.question.split()
+    if sample.question_type == "color_at":
+        return tuple(o for o in sample.objects if ROW_NAMES[o.region[0]] in words)
+    if sample.question_type == "exists":
+        return tuple(o for o in sample.objects if o.color in words or o.shape in words)
+    return tuple(o for o in sample.objects if o.color in words)
+
+
+def patch_index(obj: SceneObject) -> int:
+    """The object's vision token: its patch in row-major order."""
+    return obj.patch[0] * GRID + obj.patch[1]
+
+
 def scene_questions(objects: tuple[SceneObject, ...], rng: np.random.Generator) -> list[tuple[str, str, str]]:
     """One (type, question, answer) per question type that the scene can answer, answers read off the scene.
 

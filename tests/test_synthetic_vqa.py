@@ -1,10 +1,11 @@
+import dataclasses
 from collections import Counter
 
 import numpy as np
 import pytest
 
 from data.synthetic_vqa import (COLORS, COUNT_WORDS, GRID, PATCH, QUESTION_TYPES, SHAPES, SyntheticVQADataset,
-                                ROW_NAMES, make_sample, patch_labels)
+                                ROW_NAMES, make_sample, patch_index, patch_labels, question_objects)
 
 
 def answer_from_scene(sample):
@@ -32,6 +33,24 @@ def test_answers_follow_from_the_scene():
         assert sample.answer == answer_from_scene(sample), sample
         regions = [o.region for o in sample.objects]
         assert len(regions) == len(set(regions)), "one object per region"
+
+
+@pytest.mark.parametrize("seed", [3, 8])
+def test_question_objects_answer_the_question_and_leave_distractors_out(seed):
+    """The answer read off the question's objects alone is the answer; every type has distractors left out, and a
+    shape or row question keeps exactly its one object."""
+    data = SyntheticVQADataset(300, "eval", seed=seed)
+    left_out = Counter()
+    for i in range(len(data)):
+        sample = data[i]
+        kept = question_objects(sample)
+        assert set(kept) <= set(sample.objects)
+        assert answer_from_scene(dataclasses.replace(sample, objects=kept)) == sample.answer, sample
+        if sample.question_type in ("shape_of", "row_of", "color_at"):
+            assert len(kept) == 1
+        left_out[sample.question_type] += len(sample.objects) - len(kept)
+    assert all(left_out[t] > 0 for t in QUESTION_TYPES), left_out
+    assert patch_index(data[0].objects[0]) == data[0].objects[0].patch[0] * GRID + data[0].objects[0].patch[1]
 
 
 def test_pixels_show_the_objects_and_nothing_else():

@@ -1,0 +1,119 @@
+"""How much a question-aware pruner could gain on the synthetic task: the frozen backbone's accuracy with the objects
+the question is not about (data.synthetic_vqa.question_objects) removed, before the language model or from a decoder
+layer on, against the unpruned backbone, on the same eval questions.
+
+An upper bound that reads the scenes' labels (no method can): every background token stays, only the distractor
+objects leave. Removal from layer L on is soft mode with keep logits of +-1e4 at layer L, which equals dropping the
+tokens there (tests/test_pruned_llava.py).
+
+    python scripts/distractor_oracle.py --seed 3 --size 1000 --layers 2 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from data.collator import VQACollator  # noqa: E402
+from data.scoring import accuracy_by_type  # noqa: E402
+from data.synthetic_vqa import SyntheticVQADataset, patch_index, question_objects  # noqa: E402
+from models.baselines.base import PreProjectorSelector, gather_tokens  # noqa: E402
+from models.llava_backbone import LlavaBackbone  # noqa: E402
+from models.pruned_llava import PrunedLlava  # noqa: E402
+from trainers.evaluation import generate_pruned  # noqa: E402
+
+FORCED = 1e4  # a keep logit that decides: log keep ~ 0 or ~ -1e4
+
+
+def distractor_mask(samples, num_tokens: int) -> torch.Tensor:
+    """(B, N) bool, True at the vision tokens of objects the question is not about."""
+    mask = torch.zeros(len(samples), num_tokens, dtype=torch.bool)
+    for b, sample in enumerate(samples):
+        asked = set(question_objects(sample))
+        for obj in sample.objects:
+            mask[b, patch_index(obj)] = obj not in asked
+    return mask
+
+
+class WithoutDistractors(PreProjectorSelector):
+    """Before the projector: every vision token but the distractors (``drop`` (B, N), set per batch)."""
+
+    drop: torch.Tensor
+
+    def forward(self, features, tau=1.0, question=None, question_mask=None, generator=None, vision_attention=None,
+                valid=None):
+        B, N, _ = features.shape
+        keep = ~self.drop.to(features.device)
+        width = int(keep.sum(dim=1).max())
+        rank = keep.float() * 2 - torch.arange(N, device=features.device) / N  # kept first, in order
+        positions = rank.topk(width, dim=1).indices.sort(dim=1).values  # (B, width)
+        return self.padded_output(features, gather_tokens(features, positions), positions, keep.gather(1, positions))
+
+
+class ForcedGate(nn.Module):
+    """A pruner whose keep logits are given: -1e4 at the distractors (``drop``, set per batch), +1e4 elsewhere."""
+
+    drop: torch.Tensor
+
+    def forward(self, vision, question, question_mask):
+        return torch.where(self.drop.to(vision.device), -FORCED, FORCED).to(vision.dtype)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--backbone", default="backbones/tiny-llava")
+    parser.add_argument("--seed", type=int, default=0, help="the eval split's data seed (data_settings.seed)")
+    parser.add_argument("--size", type=int, default=1000, help="eval questions")
+    parser.add_argument("--layers", type=int, nargs="*", default=[2], help="also remove them from these decoder layers on")
+    parser.add_argument("--batch-size", type=int, default=100)
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    backbone = LlavaBackbone.from_pretrained(args.backbone)
+    N = backbone.num_vision_tokens
+    bad = [layer for layer in args.layers if not 0 < layer < backbone.num_layers]
+    if bad:
+        parser.error(f"--layers {bad}: the backbone's decoder layers are 1..{backbone.num_layers - 1} (0 is --before)")
+    before = WithoutDistractors(1)
+    gates = {layer: ForcedGate() for layer in args.layers}
+    setups = {"unpruned": (PrunedLlava(backbone), "hard"),
+              "distractors removed before the LLM": (PrunedLlava(backbone, merger=before), "hard")}
+    for layer, gate in gates.items():
+        setups[f"distractors removed from layer {layer} on"] = (
+            PrunedLlava(backbone, pruners=nn.ModuleList([gate]), pruning_layers=[layer], stage_budgets=[N]).eval(),
+            "soft")
+    data = SyntheticVQADataset(args.size, "eval", args.seed)
+    collate = VQACollator(backbone.processor, with_answers=False)
+    answers = {name: [] for name in setups}
+    references, types = [], []
+    for start in tqdm(range(0, args.size, args.batch_size), desc="distractor oracle"):
+        samples = [data[i] for i in range(start, min(args.size, start + args.batch_size))]
+        batch = collate(samples)
+        before.drop = distractor_mask(samples, N)
+        for gate in gates.values():
+            gate.drop = before.drop
+        for name, (model, mode) in setups.items():
+            answers[name] += generate_pruned(model, batch, mode, 1.0, 4)[0]
+        references += [s.answer for s in samples]
+        types += [s.question_type for s in samples]
+    scores = {name: accuracy_by_type(a, references, types) for name, a in answers.items()}
+    columns = ["overall", *sorted(t for t in scores["unpruned"] if t not in ("overall", "all"))]
+    print(f"\n{args.backbone}, {args.size} eval questions (data seed {args.seed})\n")
+    print("| setup | " + " | ".join(columns) + " |")
+    print("|---|" + "---|" * len(columns))
+    for name, score in scores.items():
+        print(f"| {name} | " + " | ".join(f"{score[c]:.3f}" for c in columns) + " |")
+
+
+if __name__ == "__main__":
+    main()

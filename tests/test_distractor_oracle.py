@@ -1,0 +1,47 @@
+"""scripts/distractor_oracle.py: the distractors leave, nothing else does, and the table comes out."""
+
+import pytest
+import torch
+
+from data.collator import VQACollator
+from data.synthetic_vqa import SyntheticVQADataset, patch_index, question_objects
+from models.pruned_llava import PrunedLlava
+from scripts import distractor_oracle
+from tests.helpers import SHIPPED_BACKBONE
+
+
+def test_distractor_mask_marks_exactly_the_objects_the_question_is_not_about():
+    data = SyntheticVQADataset(20, "eval", seed=3)
+    samples = [data[i] for i in range(20)]
+    mask = distractor_oracle.distractor_mask(samples, 144)
+    for b, sample in enumerate(samples):
+        expected = {patch_index(o) for o in sample.objects if o not in question_objects(sample)}
+        assert set(torch.nonzero(mask[b]).flatten().tolist()) == expected
+    assert mask.any()
+
+
+def test_removed_before_the_language_model_are_the_distractors_only(shipped_backbone):
+    data = SyntheticVQADataset(6, "eval", seed=3)
+    samples = [data[i] for i in range(6)]
+    batch = VQACollator(shipped_backbone.processor, with_answers=False)(samples)
+    selector = distractor_oracle.WithoutDistractors(1)
+    selector.drop = distractor_oracle.distractor_mask(samples, 144)
+    with torch.no_grad():
+        out = PrunedLlava(shipped_backbone, merger=selector)(batch["input_ids"], batch["pixel_values"],
+                                                             batch["attention_mask"], mode="hard")
+    first = (batch["input_ids"] == shipped_backbone.image_token_id).long().argmax(dim=1)
+    for b in range(6):
+        kept = out.kept_positions[0][b]
+        kept = set((kept[kept >= 0] - first[b]).tolist())
+        assert kept == set(range(144)) - set(torch.nonzero(selector.drop[b]).flatten().tolist())
+
+
+def test_the_table_has_every_setup_and_bad_layers_are_refused(capsys):
+    distractor_oracle.main(["--backbone", SHIPPED_BACKBONE, "--seed", "3", "--size", "10", "--batch-size", "5",
+                            "--layers", "2"])
+    out = capsys.readouterr().out
+    rows = [line.split(" | ")[0] for line in out.splitlines() if line.startswith("| ") and "---" not in line]
+    assert rows == ["| setup", "| unpruned", "| distractors removed before the LLM",
+                    "| distractors removed from layer 2 on"]
+    with pytest.raises(SystemExit):
+        distractor_oracle.main(["--backbone", SHIPPED_BACKBONE, "--size", "2", "--layers", "0"])
