@@ -72,7 +72,7 @@ def test_lmms_eval_scores_a_training_free_baseline_as_the_project_does(tmp_path)
     expected = our_accuracy("tome")
     assert lmms_eval_score(tmp_path, f"pretrained={ROOT / SHIPPED_BACKBONE},method=tome,budget=0.25") == \
         pytest.approx(expected)
-    assert 0.5 < expected < 1  # the shipped backbone answers most of them: the comparison is not of empty answers
+    assert 0.5 < expected <= 1  # the shipped backbone answers most of them (all, in some venvs): not empty answers
 
 
 def test_lmms_eval_runs_trained_pruners(tmp_path, finished_tiny_run):
