@@ -138,7 +138,7 @@ def patch_labels(objects: tuple[SceneObject, ...]) -> tuple[np.ndarray, np.ndarr
     shapes = np.zeros(GRID * GRID, dtype=np.int64)
     color_ids = {c: i + 1 for i, c in enumerate(COLORS)}
     for obj in objects:
-        k = obj.patch[0] * GRID + obj.patch[1]
+        k = patch_index(obj)
         colors[k] = color_ids[obj.color]
         shapes[k] = SHAPES.index(obj.shape) + 1
     return colors, shapes

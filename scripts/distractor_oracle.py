@@ -51,7 +51,7 @@ class WithoutDistractors(PreProjectorSelector):
 
     def forward(self, features, tau=1.0, question=None, question_mask=None, generator=None, vision_attention=None,
                 valid=None):
-        B, N, _ = features.shape
+        N = features.shape[1]
         keep = ~self.drop.to(features.device)
         width = int(keep.sum(dim=1).max())
         rank = keep.float() * 2 - torch.arange(N, device=features.device) / N  # kept first, in order
@@ -83,7 +83,8 @@ def main(argv=None) -> None:
     N = backbone.num_vision_tokens
     bad = [layer for layer in args.layers if not 0 < layer < backbone.num_layers]
     if bad:
-        parser.error(f"--layers {bad}: the backbone's decoder layers are 1..{backbone.num_layers - 1} (0 is --before)")
+        parser.error(f"--layers {bad}: the backbone's decoder layers are 1..{backbone.num_layers - 1} "
+                     "(removal before the LLM is always reported)")
     before = WithoutDistractors(1)
     gates = {layer: ForcedGate() for layer in args.layers}
     setups = {"unpruned": (PrunedLlava(backbone), "hard"),
