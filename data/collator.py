@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 
 from models.pruned_llava import IGNORE_INDEX
@@ -54,6 +55,9 @@ class VQACollator:
         batch["ids"] = [s.id for s in samples]
         batch["answers"] = [s.answer for s in samples]
         batch["question_types"] = [getattr(s, "question_type", "all") for s in samples]
+        grids = [getattr(s, "irrelevant", None) for s in samples]
+        if all(g is not None for g in grids):  # relevance labels: (B, h, w) True at patches the question does not need
+            batch["irrelevant"] = torch.as_tensor(np.stack(grids), dtype=torch.bool)
         return batch
 
     def _answer_labels(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, samples) -> torch.Tensor:

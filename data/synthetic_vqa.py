@@ -86,6 +86,16 @@ class VQASample:
     question_type: str
     objects: tuple[SceneObject, ...]
 
+    @property
+    def irrelevant(self) -> np.ndarray:
+        """(GRID, GRID) bool: the patches of the objects the question is not about (its distractors), the
+        relevance labels ``method_settings.relevance_labels`` trains the pruners with."""
+        grid = np.zeros((GRID, GRID), dtype=bool)
+        asked = set(question_objects(self))
+        for obj in self.objects:
+            grid[obj.patch] = obj not in asked
+        return grid
+
 
 def color_at_question(row: int) -> str:
     return f"what color is the object in the {ROW_NAMES[row]} row ?"

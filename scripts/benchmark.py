@@ -20,7 +20,8 @@ prefill FLOPs at K (``matched_schedule``): each pruning stage keeps 3/4 of what 
 more pruning only where needed to end at K at most), and the merger keeps the most tokens that fit (when it
 keeps all N and FLOPs are left, the stages keep more, up to the FLOPs).
 The command that trains a missing run is printed; ``--train-missing`` runs it (about 2 minutes
-per run on 2 CPU cores for the tiny default).
+per run on 2 CPU cores for the tiny default). ``--variant LABEL KEY=VALUE ...`` also trains and reports the
+learned method with other settings, each at the same FLOPs, in ``learned_<pct>_<M>_<label>``.
 """
 
 from __future__ import annotations
@@ -28,8 +29,11 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import functools
 import hashlib
+import itertools
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -122,6 +126,28 @@ def budget_name(budget: float) -> str:
     return f"{budget * 100:g}"
 
 
+@dataclass(frozen=True)
+class Variant:
+    """``--variant LABEL KEY=VALUE ...``: the learned method trained with these settings too, beside the config's own
+    (rows "learned, LABEL (<method> FLOPs)", runs in ``<learned-root>/learned_<pct>_<method>_<slug>``)."""
+
+    label: str
+    overrides: tuple[str, ...]
+
+    @property
+    def slug(self) -> str:
+        return re.sub(r"[^a-z0-9]+", "_", self.label.lower()).strip("_")
+
+
+def parse_variant(words: list[str]) -> Variant:
+    label, *overrides = words
+    bad = [o for o in overrides if "=" not in o]
+    if not overrides or bad or "=" in label:
+        raise ConfigError([f"--variant {' '.join(words)!r}: expected a label, then dotted.key=value settings "
+                           "(--variant 'relevance labels' method_settings.relevance_labels=true)"], "command line")
+    return Variant(label, tuple(overrides))
+
+
 @dataclass
 class LearnedRun:
     """The learned method at one budget, trained to spend at most the FLOPs of the training-free method ``match``
@@ -132,13 +158,15 @@ class LearnedRun:
     folder: Path
     merged: int
     ratios: list[float]
+    variant: Variant | None = None  # None: the config's own method
 
     @property
     def name(self) -> str:
-        return f"learned ({self.match} FLOPs)"
+        label = "" if self.variant is None else f", {self.variant.label}"
+        return f"learned{label} ({self.match} FLOPs)"
 
     def overrides(self, num_tokens: int) -> list[str]:
-        return [f"manager_settings.output_dir={self.folder}",
+        return [*(self.variant.overrides if self.variant else []), f"manager_settings.output_dir={self.folder}",
                 "method_settings.merge_budget=fixed",
                 f"method_settings.target_merge_tokens={self.merged}",
                 f"method_settings.merge_ratio={round(self.merged / num_tokens, 6)}",
@@ -293,20 +321,24 @@ def learned_runs(args, config: Config, backbone: LlavaBackbone, kept: dict[float
     targets = {(budget, match): flops_ratio(build_baseline(match, backbone, k, layers, args.fastv_layer, args.seed),
                                             eval_batches)
                for budget, k in kept.items() for match in (args.match_flops if "learned" in args.methods else [])}
+    methods = {None: config.method_settings}  # each variant's own modules cost their own FLOPs
+    methods.update({v: load_config(args.config, [*args.overrides, *v.overrides]).method_settings for v in args.variants})
 
-    def flops_of(merged: int, ratios: list[float]) -> float:
-        method = dataclasses.replace(config.method_settings, merge_budget="fixed", target_merge_tokens=merged,
+    def flops_of(variant: Variant | None, merged: int, ratios: list[float]) -> float:
+        method = dataclasses.replace(methods[variant], merge_budget="fixed", target_merge_tokens=merged,
                                      merge_ratio=merged / n, pruner_keep_ratios=ratios)
         return flops_ratio(build_pruned_model(method, backbone).eval(), eval_batches)
 
     runs, to_train, problems = [], [], []
-    for (budget, match), target in targets.items():
+    for ((budget, match), target), variant in itertools.product(targets.items(), methods):
         try:
-            merged, ratios = matched_schedule(n, kept[budget], len(layers), flops_of, target, args.stage_keep)
+            merged, ratios = matched_schedule(n, kept[budget], len(layers), functools.partial(flops_of, variant),
+                                              target, args.stage_keep)
         except ValueError as err:
             problems.append(f"the learned method at budget {budget:g} matched to {match}: {err}")
             continue
-        run = LearnedRun(budget, match, args.learned_root / f"learned_{budget_name(budget)}_{match}", merged, ratios)
+        folder = f"learned_{budget_name(budget)}_{match}" + (f"_{variant.slug}" if variant else "")
+        run = LearnedRun(budget, match, args.learned_root / folder, merged, ratios, variant)
         runs.append(run)
         latest = run.latest()
         command = shown(run.command(args.config, args.overrides, n))
@@ -574,7 +606,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              f"(less only where needed to end at the budget; default {STAGE_KEEP})")
     parser.add_argument("--fastv-layer", type=int, default=2, help="FastV's K: prune before decoder layer K")
     parser.add_argument("--learned-root", type=Path, default=Path("outputs/benchmark"),
-                        help="holds learned_<pct>_<method>/, one main.py run per budget and --match-flops method")
+                        help="holds learned_<pct>_<method>/, one main.py run per budget and --match-flops method "
+                             "(and learned_<pct>_<method>_<label>/ per --variant)")
+    parser.add_argument("--variant", dest="variants", action="append", nargs="+", default=[], metavar="WORD",
+                        help="LABEL dotted.key=value ...: also train and report the learned method with these settings "
+                             "(repeatable), e.g. --variant 'relevance labels' method_settings.relevance_labels=true "
+                             "method_settings.merger_type=question_aware")
     parser.add_argument("--train-missing", action="store_true", help="train (or finish) missing learned runs with main.py")
     parser.add_argument("--schedules-from", type=Path, metavar="ROOT",
                         help="report 'learned (searched)' with the schedules a search under ROOT found (its "
@@ -600,6 +637,12 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     try:
         config = load_config(args.config, args.overrides)
+        args.variants = [parse_variant(words) for words in args.variants]
+        for variant in args.variants:  # every variant's settings checked before any weights load
+            load_config(args.config, [*args.overrides, *variant.overrides])
+        if len({v.slug for v in args.variants}) < len(args.variants) or "" in {v.slug for v in args.variants}:
+            raise ConfigError([f"--variant labels {[v.label for v in args.variants]}: each needs its own name of "
+                               "letters or digits (it names the runs' folders)"], "command line")
         shape = read_backbone_shape(config.backbone_settings.name_or_path, config.data_settings.max_vision_tokens,
                                     config.data_settings.image_max_size)
         problems = check_against_backbone(config, shape.num_layers, shape.num_vision_tokens, shape.image_size)
@@ -657,7 +700,7 @@ def main(argv: list[str] | None = None) -> int:
                 cap = flops_ratio(build_baseline("tome", backbone, kept[run.budget], layers), flops_batches)
             search_schedule(run, config, args.search, cap, args.fingerprint)
     try:
-        learned = {(run.budget, run.match): (run, *load_learned(run, backbone, args.fingerprint,
+        learned = {(run.budget, run.match, run.variant): (run, *load_learned(run, backbone, args.fingerprint,
                                                                  run_method_settings(run, args, shape.num_vision_tokens)))
                    for run in runs}
         learned_searched = {run.budget: load_searched(run, backbone, args.fingerprint) for run in searched}
@@ -669,7 +712,7 @@ def main(argv: list[str] | None = None) -> int:
     for budget in args.budgets:
         for method in args.methods:
             if method == "learned":
-                setups += [(run.name, budget, model, tau) for (b, _), (run, model, tau, _) in learned.items() if b == budget]
+                setups += [(run.name, budget, model, tau) for (b, _, _), (run, model, tau, _) in learned.items() if b == budget]
                 if budget in learned_searched:
                     setups.append((SEARCHED, budget, *learned_searched[budget][:2]))
             else:
@@ -689,11 +732,15 @@ def main(argv: list[str] | None = None) -> int:
     header = (f"{settings.name_or_path}, {settings.dtype}, {size} eval questions ({config.data_settings.source}), "
               f"pruning layers {layers}, FastV K={args.fastv_layer}; {machine()}; prefill timed on a batch of "
               f"{timing_batch['input_ids'].shape[0]}, median of {args.repeats}")
-    steps = ", ".join(f"{budget_name(b)}% at {match}'s {targets[b, match]:.1%}: step {step}"
-                      for (b, match), (_, _, _, step) in learned.items())
+    steps = ", ".join(f"{budget_name(b)}% at {match}'s {targets[b, match]:.1%}"
+                      + (f", {variant.label}" if variant else "") + f": step {step}"
+                      for (b, match, variant), (_, _, _, step) in learned.items())
     table = markdown_table(rows, n)
     notes = (f"\nlearned (<method> FLOPs): final checkpoints of {args.learned_root}/learned_<pct>_<method>, each "
              f"trained to spend at most that method's prefill FLOPs ({steps})\n") if learned else "\n"
+    for variant in args.variants:
+        notes += (f"learned, {variant.label} (<method> FLOPs): the same, in {args.learned_root}/learned_<pct>_<method>_"
+                  f"{variant.slug}, trained with {' '.join(variant.overrides)}\n")
     if learned_searched:
         origin = (f"the schedules searched in {args.schedules_from}" if args.schedules_from else
                   f"the best schedule of a {args.search}-trial search per budget under ToMe's FLOPs")

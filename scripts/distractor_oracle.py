@@ -19,29 +19,26 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from data.collator import VQACollator  # noqa: E402
 from data.scoring import accuracy_by_type  # noqa: E402
-from data.synthetic_vqa import SyntheticVQADataset, patch_index, question_objects  # noqa: E402
+from data.synthetic_vqa import SyntheticVQADataset  # noqa: E402
 from models.baselines.base import PreProjectorSelector, gather_tokens  # noqa: E402
 from models.llava_backbone import LlavaBackbone  # noqa: E402
 from models.pruned_llava import PrunedLlava  # noqa: E402
 from trainers.evaluation import generate_pruned  # noqa: E402
+from trainers.losses import irrelevant_tokens  # noqa: E402
 
 FORCED = 1e4  # a keep logit that decides: log keep ~ 0 or ~ -1e4
 
 
 def distractor_mask(samples, num_tokens: int) -> torch.Tensor:
-    """(B, N) bool, True at the vision tokens of objects the question is not about."""
-    mask = torch.zeros(len(samples), num_tokens, dtype=torch.bool)
-    for b, sample in enumerate(samples):
-        asked = set(question_objects(sample))
-        for obj in sample.objects:
-            mask[b, patch_index(obj)] = obj not in asked
-    return mask
+    """(B, N) bool, True at the vision tokens of objects the question is not about (the samples' relevance labels)."""
+    return irrelevant_tokens(torch.as_tensor(np.stack([s.irrelevant for s in samples])), num_tokens)
 
 
 class WithoutDistractors(PreProjectorSelector):

@@ -1,7 +1,8 @@
 import torch
 
 from data.collator import IGNORE_INDEX, VQACollator, build_prompt
-from data.synthetic_vqa import SyntheticVQADataset
+from data.instruction_json import InstructionSample
+from data.synthetic_vqa import SyntheticVQADataset, question_objects
 
 
 def test_labels_cover_only_the_answer_and_eos(processor):
@@ -34,3 +35,19 @@ def test_prompt_only_batches_for_generation(processor):
     assert batch["attention_mask"][:, -1].all()
     assert build_prompt(" what color ? ") == "USER: <image>\nwhat color ? ASSISTANT:"
     assert torch.is_tensor(batch["input_ids"])
+
+
+def test_relevance_labels_travel_with_samples_that_have_them(processor):
+    data = SyntheticVQADataset(4, "train", seed=2)
+    samples = [data[i] for i in range(4)]
+    batch = VQACollator(processor)(samples)
+    assert batch["irrelevant"].dtype == torch.bool and batch["irrelevant"].shape == (4, 12, 12)
+    for grid, sample in zip(batch["irrelevant"], samples):
+        asked = set(question_objects(sample))
+        expected = {o.patch for o in sample.objects if o not in asked}
+        assert {tuple(p) for p in grid.nonzero().tolist()} == expected
+    assert batch["irrelevant"].any()  # some question here leaves an object out
+    # samples without labels (instruction data) give none; a batch mixing both gives none either
+    unlabelled = [InstructionSample(s.id, s.image, s.question, s.answer) for s in samples[:2]]
+    assert "irrelevant" not in VQACollator(processor)(unlabelled)
+    assert "irrelevant" not in VQACollator(processor)([samples[0], unlabelled[0]])

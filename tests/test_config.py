@@ -272,3 +272,20 @@ def test_more_pruning_layers_than_keep_ratios_spreads_the_schedule():
     assert len(ratios) == 7 and len(set(ratios)) == 1
     assert ratios[0] ** 7 == pytest.approx(0.7 * 0.75 * 0.67, rel=1e-4)
     assert check_against_backbone(config, num_layers=32, num_vision_tokens=576, image_size=336) == []
+
+
+def test_relevance_labels_need_labelled_data_and_the_pruners_importance_loss(tmp_path):
+    problems = problems_of(write(tmp_path, """\
+        method_settings:
+          relevance_labels: true
+          pruner_importance_weight: 0
+        data_settings:
+          source: llava_json
+          train_json: t.json
+          eval_json: e.json
+          image_folder: images
+        """))
+    assert any(p.startswith("method_settings.relevance_labels is true but data_settings.source 'llava_json' has no "
+                            "relevance labels") for p in problems)
+    assert any("pruner_importance_weight is 0" in p for p in problems)
+    assert load_config("configs/tiny.yaml", ["method_settings.relevance_labels=true"]).method_settings.relevance_labels

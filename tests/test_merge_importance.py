@@ -10,7 +10,7 @@ from data.synthetic_vqa import SyntheticVQADataset
 from models.llava_backbone import LlavaBackbone
 from models.pruned_llava import PrunedLlava
 from tests.helpers import llava_like, sharpen_attention
-from trainers.losses import merge_importance_loss, pruner_importance_loss
+from trainers.losses import irrelevant_tokens, merge_importance_loss, pruner_importance_loss
 
 
 @pytest.fixture(scope="module")
@@ -84,3 +84,25 @@ def test_soft_forward_records_each_stages_logits_at_the_merged_tokens_positions(
         model(batch["input_ids"], batch["pixel_values"], batch["attention_mask"], record_attention=True)
     for positions in out.stage_positions:
         assert torch.equal(positions, image_positions.gather(1, out.merge.positions))
+
+
+def test_relevance_labels_map_onto_the_backbones_patch_grid():
+    grids = torch.zeros(2, 12, 12, dtype=torch.bool)
+    grids[0, 3, 5] = grids[1, 11, 0] = True
+    same = irrelevant_tokens(grids, 144)
+    assert same.shape == (2, 144) and same.nonzero().tolist() == [[0, 3 * 12 + 5], [1, 11 * 12]]
+    finer = irrelevant_tokens(grids, 576).view(2, 24, 24)  # a 24 x 24 grid: each labelled patch covers 2 x 2 tokens
+    assert finer[0].nonzero().tolist() == [[6, 10], [6, 11], [7, 10], [7, 11]]
+    assert finer[1].nonzero().tolist() == [[22, 0], [22, 1], [23, 0], [23, 1]]
+    with pytest.raises(ValueError, match="square patch grid; the backbone has 150 vision tokens"):
+        irrelevant_tokens(grids, 150)
+
+
+def test_a_stage_whose_every_target_is_zero_adds_no_loss_and_no_nan():
+    logits = torch.randn(2, 5, requires_grad=True)
+    positions = torch.arange(5).repeat(2, 1)
+    target = torch.rand(2, 5)
+    target[1] = 0  # every token of sample 1 labelled irrelevant
+    loss = pruner_importance_loss([logits], [positions], target, positions)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(logits.grad).all() and not logits.grad[1].any()

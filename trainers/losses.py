@@ -3,6 +3,7 @@ losses that teach the merger and the pruners the unpruned model's attention."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -53,8 +54,19 @@ def pruner_importance_loss(stage_logits: list[torch.Tensor], stage_positions: li
     for logits, positions in zip(stage_logits, stage_positions):
         patch = torch.searchsorted(image_positions, positions.clamp_min(0))  # (B, n_s)
         target = teacher_attention.gather(1, patch.clamp_max(teacher_attention.shape[1] - 1)) * (positions >= 0)
-        losses.append(merge_importance_loss(logits, target / target.sum(dim=1, keepdim=True)))
+        losses.append(merge_importance_loss(logits, target / target.sum(dim=1, keepdim=True).clamp_min(1e-30)))
     return torch.stack(losses).mean()
+
+
+def irrelevant_tokens(grids: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """(B, num_tokens) bool: the relevance labels (B, h, w) (True at the image patches the question does not need)
+    on the backbone's square patch grid of ``num_tokens`` tokens, resized by nearest neighbour."""
+    side = math.isqrt(num_tokens)
+    if side * side != num_tokens:
+        raise ValueError(f"relevance labels need a square patch grid; the backbone has {num_tokens} vision tokens")
+    if grids.shape[1:] == (side, side):
+        return grids.flatten(1)
+    return F.interpolate(grids[:, None].float(), size=(side, side), mode="nearest")[:, 0].flatten(1) > 0.5
 
 
 @dataclass(frozen=True)
