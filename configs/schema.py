@@ -113,9 +113,10 @@ class MethodSettings:
     pruner_proportional_attention: bool = False
     merge_importance_weight: float = num(0.0, ge=0)  # merger scores vs the teacher's attention (trainers/losses.py)
     pruner_importance_weight: float = num(0.0, ge=0)  # each pruner's logits vs the teacher's attention
-    # the pruners' importance target is zero at the patches the data marks as not needed by the question
-    # (data with relevance labels: the synthetic scenes' distractors), so the pruners learn to drop them first
-    relevance_labels: bool = False
+    # weight of the relevance losses: with data that marks the patches a question does not need (the synthetic
+    # scenes' distractors), the pruners' (and a question-aware merger's) keep logits there are pushed down and their
+    # importance target is zero there, so they learn to drop those first (0: the labels are not used)
+    relevance_weight: float = num(0.0, ge=0)
     merger_d_internal: int = num(256, ge=1)
     pruning_layers: list[int] = field(default_factory=lambda: [10, 20, 31])
     # Vision tokens kept by each pruning stage, as a fraction of those entering it (hard mode's budget,
@@ -381,13 +382,10 @@ def cross_check(config: Config) -> list[str]:
         for key in ("train_json", "eval_json", "image_folder"):
             if getattr(d, key) is None:
                 problems.append(f"data_settings.{key} is required when data_settings.source is 'llava_json'")
-    if m.relevance_labels and d.source != "synthetic":
-        problems.append(f"method_settings.relevance_labels is true but data_settings.source {d.source!r} has no "
-                        "relevance labels (only the synthetic scenes mark the objects a question is not about); "
-                        "set it to false")
-    if m.relevance_labels and m.pruner_importance_weight == 0:
-        problems.append("method_settings.relevance_labels is true but pruner_importance_weight is 0: the labels act "
-                        "through the pruners' importance loss; set the weight above 0 or the labels to false")
+    if m.relevance_weight > 0 and d.source != "synthetic":
+        problems.append(f"method_settings.relevance_weight is {m.relevance_weight:g} but data_settings.source "
+                        f"{d.source!r} has no relevance labels (only the synthetic scenes mark the objects a question "
+                        "is not about); set it to 0")
     if mg.mode == "optuna" and not config.search_settings.enable:
         problems.append("manager_settings.mode is 'optuna' but search_settings.enable is false; set it to true")
     if mg.available_gpus and len(mg.available_gpus) % mg.gpus_per_subtask:

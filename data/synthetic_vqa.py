@@ -89,7 +89,7 @@ class VQASample:
     @property
     def irrelevant(self) -> np.ndarray:
         """(GRID, GRID) bool: the patches of the objects the question is not about (its distractors), the
-        relevance labels ``method_settings.relevance_labels`` trains the pruners with."""
+        relevance labels ``method_settings.relevance_weight`` trains the pruners with."""
         grid = np.zeros((GRID, GRID), dtype=bool)
         asked = set(question_objects(self))
         for obj in self.objects:

@@ -144,7 +144,7 @@ def parse_variant(words: list[str]) -> Variant:
     bad = [o for o in overrides if "=" not in o]
     if not overrides or bad or "=" in label:
         raise ConfigError([f"--variant {' '.join(words)!r}: expected a label, then dotted.key=value settings "
-                           "(--variant 'relevance labels' method_settings.relevance_labels=true)"], "command line")
+                           "(--variant 'relevance labels' method_settings.relevance_weight=1)"], "command line")
     return Variant(label, tuple(overrides))
 
 
@@ -610,7 +610,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "(and learned_<pct>_<method>_<label>/ per --variant)")
     parser.add_argument("--variant", dest="variants", action="append", nargs="+", default=[], metavar="WORD",
                         help="LABEL dotted.key=value ...: also train and report the learned method with these settings "
-                             "(repeatable), e.g. --variant 'relevance labels' method_settings.relevance_labels=true "
+                             "(repeatable), e.g. --variant 'relevance labels' method_settings.relevance_weight=1 "
                              "method_settings.merger_type=question_aware")
     parser.add_argument("--train-missing", action="store_true", help="train (or finish) missing learned runs with main.py")
     parser.add_argument("--schedules-from", type=Path, metavar="ROOT",

@@ -174,7 +174,7 @@ def test_searched_schedule_stays_under_tomes_flops_and_is_reported(tmp_path, tin
 
 
 def test_a_variant_is_trained_within_the_same_flops_and_reported_beside_the_default(tmp_path, tiny_folder, capsys):
-    variant = ["--variant", "relevance labels", "method_settings.relevance_labels=true",
+    variant = ["--variant", "relevance labels", "method_settings.relevance_weight=1",
                "method_settings.merger_type=question_aware"]
     args = bench_args(tmp_path, tiny_folder, "--budgets", "0.25", "--methods", "learned", "tome", "--match-flops", "tome",
                       "--train-missing", *variant)
@@ -186,18 +186,18 @@ def test_a_variant_is_trained_within_the_same_flops_and_reported_beside_the_defa
     assert list(rows) == ["unpruned", "learned (tome FLOPs)", name, "tome"]
     assert float(rows[name]["flops"]) <= float(rows["tome"]["flops"]) and int(rows[name]["kept"]) <= 36
     trained = yaml.safe_load((out / "learned_25_tome_relevance_labels" / "resolved_config.yaml").read_text())
-    assert trained["method_settings"]["relevance_labels"] is True
+    assert trained["method_settings"]["relevance_weight"] == 1
     assert trained["method_settings"]["merger_type"] == "question_aware"
     default = yaml.safe_load((out / "learned_25_tome" / "resolved_config.yaml").read_text())
-    assert default["method_settings"]["relevance_labels"] is False
-    assert "method_settings.relevance_labels=true method_settings.merger_type=question_aware" in (out / "results.md").read_text()
+    assert default["method_settings"]["relevance_weight"] == 0
+    assert "method_settings.relevance_weight=1 method_settings.merger_type=question_aware" in (out / "results.md").read_text()
 
 
 @pytest.mark.parametrize("variant, message", [
     (["labels"], "expected a label, then dotted.key=value settings"),
-    (["labels", "relevance_labels"], "expected a label, then dotted.key=value settings"),
-    (["labels", "method_settings.relevance_label=true"], "did you mean 'method_settings.relevance_labels'"),
-    (["!!", "method_settings.relevance_labels=true"], "each needs its own name of letters or digits"),
+    (["labels", "relevance_weight"], "expected a label, then dotted.key=value settings"),
+    (["labels", "method_settings.relevance_weigth=1"], "did you mean 'method_settings.relevance_weight'"),
+    (["!!", "method_settings.relevance_weight=1"], "each needs its own name of letters or digits"),
 ])
 def test_bad_variants_are_refused_before_any_weights_load(tmp_path, tiny_folder, capsys, monkeypatch, variant, message):
     monkeypatch.setattr(benchmark.LlavaBackbone, "from_pretrained", lambda *a, **k: pytest.fail("weights loaded"))

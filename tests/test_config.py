@@ -274,18 +274,16 @@ def test_more_pruning_layers_than_keep_ratios_spreads_the_schedule():
     assert check_against_backbone(config, num_layers=32, num_vision_tokens=576, image_size=336) == []
 
 
-def test_relevance_labels_need_labelled_data_and_the_pruners_importance_loss(tmp_path):
+def test_relevance_labels_need_data_that_has_them(tmp_path):
     problems = problems_of(write(tmp_path, """\
         method_settings:
-          relevance_labels: true
-          pruner_importance_weight: 0
+          relevance_weight: 1.0
         data_settings:
           source: llava_json
           train_json: t.json
           eval_json: e.json
           image_folder: images
         """))
-    assert any(p.startswith("method_settings.relevance_labels is true but data_settings.source 'llava_json' has no "
-                            "relevance labels") for p in problems)
-    assert any("pruner_importance_weight is 0" in p for p in problems)
-    assert load_config("configs/tiny.yaml", ["method_settings.relevance_labels=true"]).method_settings.relevance_labels
+    assert problems == ["method_settings.relevance_weight is 1 but data_settings.source 'llava_json' has no relevance "
+                        "labels (only the synthetic scenes mark the objects a question is not about); set it to 0"]
+    assert load_config("configs/tiny.yaml", ["method_settings.relevance_weight=2"]).method_settings.relevance_weight == 2

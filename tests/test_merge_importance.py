@@ -10,7 +10,8 @@ from data.synthetic_vqa import SyntheticVQADataset
 from models.llava_backbone import LlavaBackbone
 from models.pruned_llava import PrunedLlava
 from tests.helpers import llava_like, sharpen_attention
-from trainers.losses import irrelevant_tokens, merge_importance_loss, pruner_importance_loss
+from trainers.losses import (RELEVANCE_MARGIN, irrelevant_tokens, merge_importance_loss, pruner_importance_loss,
+                             pruner_relevance_loss)
 
 
 @pytest.fixture(scope="module")
@@ -106,3 +107,26 @@ def test_a_stage_whose_every_target_is_zero_adds_no_loss_and_no_nan():
     loss = pruner_importance_loss([logits], [positions], target, positions)
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(logits.grad).all() and not logits.grad[1].any()
+
+
+def test_the_relevance_loss_pushes_down_exactly_the_irrelevant_tokens_of_each_stage():
+    # 6 image placeholders at sequence positions 3..8; stage 0 scores 4 tokens, the last slot padding (-1)
+    image_positions = torch.arange(3, 9).repeat(2, 1)
+    positions = [torch.tensor([[3, 5, 6, -1], [4, 5, 7, 8]]), torch.tensor([[5, 6], [4, 8]])]
+    irrelevant = torch.zeros(2, 6, dtype=torch.bool)
+    irrelevant[0, 2] = irrelevant[1, 5] = irrelevant[1, 0] = True  # placeholders 5 (sample 0), 8 and 3 (sample 1)
+    logits = [torch.randn(2, 4, requires_grad=True), torch.randn(2, 2, requires_grad=True)]
+    loss = pruner_relevance_loss(logits, positions, irrelevant, image_positions)
+    loss.backward()
+    assert logits[0].grad[0].gt(0).tolist() == [False, True, False, False]
+    assert logits[0].grad[1].gt(0).tolist() == [False, False, False, True]
+    assert logits[1].grad.gt(0).tolist() == [[True, False], [False, True]]
+    assert not logits[0].grad.lt(0).any() and not logits[1].grad.lt(0).any()  # nothing else is pushed either way
+    # sigmoid(z - median of the stage's other real tokens + margin), averaged per stage, then over the stages
+    z0, z1 = logits[0].detach(), logits[1].detach()
+    stage0 = (torch.sigmoid(z0[0, 1] - z0[0, [0, 2]].median() + RELEVANCE_MARGIN)
+              + torch.sigmoid(z0[1, 3] - z0[1, :3].median() + RELEVANCE_MARGIN)) / 2
+    stage1 = (torch.sigmoid(z1[0, 0] - z1[0, 1] + RELEVANCE_MARGIN) + torch.sigmoid(z1[1, 1] - z1[1, 0] + RELEVANCE_MARGIN)) / 2
+    assert loss.item() == pytest.approx(((stage0 + stage1) / 2).item(), rel=1e-6)
+    none = pruner_relevance_loss(logits, positions, torch.zeros(2, 6, dtype=torch.bool), image_positions)
+    assert none.item() == 0

@@ -175,7 +175,7 @@ def test_importance_losses_are_logged_and_train_merger_and_pruners_towards_the_t
 
 @pytest.mark.parametrize("merger_type", ["simple", "question_aware"])
 def test_relevance_labels_zero_the_importance_target_at_the_distractors(tmp_path, tiny_folder, monkeypatch, merger_type):
-    trainer = make_trainer(tmp_path, tiny_folder, **{"method_settings.relevance_labels": True,
+    trainer = make_trainer(tmp_path, tiny_folder, **{"method_settings.relevance_weight": 1.0,
                                                      "method_settings.merger_type": merger_type,
                                                      "method_settings.merge_importance_weight": 1.0,
                                                      "method_settings.pruner_importance_weight": 1.0})
@@ -190,7 +190,7 @@ def test_relevance_labels_zero_the_importance_target_at_the_distractors(tmp_path
     monkeypatch.setattr(trainer_module, "pruner_importance_loss", recording("pruner", trainer_module.pruner_importance_loss))
     monkeypatch.setattr(trainer_module, "merge_importance_loss", recording("merger", trainer_module.merge_importance_loss))
     batch = first_batch(trainer)
-    assert trainer.training_step(batch) is not None
+    values = trainer.training_step(batch)
     distractors = batch["irrelevant"].flatten(1)  # (B, 144): the 12 x 12 grid is the backbone's patch grid
     assert distractors.any(dim=1).sum() >= 2  # the batch has distractors to drop
     ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
@@ -198,6 +198,8 @@ def test_relevance_labels_zero_the_importance_target_at_the_distractors(tmp_path
         attention = trainer.teacher(ids, batch["pixel_values"], mask, labels=labels, record_attention=True).vision_attention
     assert (attention > 0).all()
     assert torch.equal(targets["pruner"], torch.where(distractors, 0.0, attention))
-    # a question-blind merger cannot know what is asked: it keeps learning the teacher's attention
-    expected = torch.where(distractors, 0.0, attention) if merger_type == "question_aware" else attention
-    assert torch.equal(targets["merger"], expected)
+    # a question-blind merger cannot know what is asked: it keeps learning the teacher's attention, with no push
+    aware = merger_type == "question_aware"
+    assert torch.equal(targets["merger"], torch.where(distractors, 0.0, attention) if aware else attention)
+    assert values["pruner_relevance_loss"] > 0 and ("merge_relevance_loss" in values) == aware
+

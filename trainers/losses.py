@@ -52,10 +52,42 @@ def pruner_importance_loss(stage_logits: list[torch.Tensor], stage_positions: li
     """
     losses = []
     for logits, positions in zip(stage_logits, stage_positions):
-        patch = torch.searchsorted(image_positions, positions.clamp_min(0))  # (B, n_s)
-        target = teacher_attention.gather(1, patch.clamp_max(teacher_attention.shape[1] - 1)) * (positions >= 0)
+        target = at_stage(teacher_attention, positions, image_positions)
         losses.append(merge_importance_loss(logits, target / target.sum(dim=1, keepdim=True).clamp_min(1e-30)))
     return torch.stack(losses).mean()
+
+
+def at_stage(values: torch.Tensor, positions: torch.Tensor, image_positions: torch.Tensor) -> torch.Tensor:
+    """``values`` (B, N) over the N image placeholders at ``image_positions`` (B, N, ascending), read at a stage's
+    tokens, given by their original sequence positions (B, n_s); 0 at a padding slot (position -1)."""
+    patch = torch.searchsorted(image_positions, positions.clamp_min(0))  # (B, n_s)
+    return values.gather(1, patch.clamp_max(values.shape[1] - 1)) * (positions >= 0)
+
+
+RELEVANCE_MARGIN = 2.0  # how far below the relevant tokens' median score an irrelevant token is pushed
+
+
+def relevance_loss(logits: torch.Tensor, irrelevant: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean of sigmoid(z_j - median + margin) over the tokens labelled irrelevant (``irrelevant`` (B, n) bool), the
+    median over each sample's other real tokens (``valid`` (B, n)), detached: an irrelevant token's keep logit (or
+    merger score) is pushed below the typical relevant token's (mostly background), so hard mode's top-k drops it
+    first, while the level and order of the relevant tokens are left to the other losses. Bounded: a token the
+    module cannot tell from a relevant one stops pulling once it is far above (a softplus here made the merger's
+    scores diverge). 0 when no token is irrelevant."""
+    logits = logits.float()
+    valid = torch.ones_like(irrelevant) if valid is None else valid
+    others = logits.detach().masked_fill(irrelevant | ~valid, float("nan")).nanmedian(dim=1, keepdim=True).values
+    gap = torch.sigmoid(logits - others.nan_to_num(0.0) + RELEVANCE_MARGIN)
+    weight = (irrelevant & valid).float()
+    return (gap * weight).sum() / weight.sum().clamp_min(1)
+
+
+def pruner_relevance_loss(stage_logits: list[torch.Tensor], stage_positions: list[torch.Tensor],
+                          irrelevant: torch.Tensor, image_positions: torch.Tensor) -> torch.Tensor:
+    """:func:`relevance_loss` for each pruning stage at its tokens (``irrelevant`` (B, N) over the image
+    placeholders, as the teacher's attention is), averaged over the stages."""
+    return torch.stack([relevance_loss(z, at_stage(irrelevant.float(), positions, image_positions) > 0, positions >= 0)
+                        for z, positions in zip(stage_logits, stage_positions)]).mean()
 
 
 def irrelevant_tokens(grids: torch.Tensor, num_tokens: int) -> torch.Tensor:
@@ -84,11 +116,13 @@ class LossTerm:
 LOSS_TERMS = (
     LossTerm("merge_sparsity_loss", "token_merger", "merge_sparsity_weight"),
     LossTerm("merge_importance_loss", "token_merger", "merge_importance_weight"),
+    LossTerm("merge_relevance_loss", "token_merger", "relevance_weight"),
     LossTerm("adv_loss", "layer_pruners", "adv_loss_weight"),
     LossTerm("task_loss", "layer_pruners", "task_loss_weight"),
     LossTerm("pruner_sparsity_loss", "layer_pruners", "pruner_sparsity_weight"),
     LossTerm("distill_loss", "layer_pruners", "distill_weight"),
     LossTerm("pruner_importance_loss", "layer_pruners", "pruner_importance_weight"),
+    LossTerm("pruner_relevance_loss", "layer_pruners", "relevance_weight"),
     LossTerm("real_loss", "discriminator", None),
     LossTerm("fake_loss", "discriminator", None),
 )

@@ -39,7 +39,7 @@ from trainers.distributed import DataParallel
 from trainers.evaluation import evaluate_accuracy, evaluate_pruned, generate_baseline_answers
 from trainers.run_log import RunLog
 from trainers.losses import (distillation_loss, irrelevant_tokens, merge_importance_loss, next_token_positions,
-                             pruner_importance_loss, task_loss, weighted_sum)
+                             pruner_importance_loss, pruner_relevance_loss, relevance_loss, task_loss, weighted_sum)
 from trainers.pictures import grid_side, kept_patch_grids, model_view, strip
 from trainers.pruned_model import load_modules, read_saved_modules, save_pretrained
 from trainers.schedules import TemperatureSchedule
@@ -225,21 +225,29 @@ class Trainer:
                     "pruner_sparsity_loss": torch.stack(student.pruner_sparsity_losses).sum()
                     if student.pruner_sparsity_losses else torch.zeros((), device=device),
                 }
-                attention = teacher.vision_attention  # (B, N) the importance target
-                relevant = attention  # zero where the relevance labels say the question does not need the patch
-                if method.relevance_labels:
-                    relevant = attention * ~irrelevant_tokens(batch["irrelevant"], attention.shape[1]).to(device)
+                attention = relevant = teacher.vision_attention  # (B, N) the importance target
+                # a question-blind merger cannot know what is asked: relevance labels act on the pruners and on a
+                # question-aware merger only
+                aware = method.merger_type == "question_aware"
+                if method.relevance_weight > 0:
+                    irrelevant = irrelevant_tokens(batch["irrelevant"], self.backbone.num_vision_tokens).to(device)
+                    relevant = None if attention is None else attention * ~irrelevant
                 if student.merge is not None:
                     terms["merge_sparsity_loss"] = student.merge.sparsity_loss
-                    if method.merge_importance_weight > 0:  # a question-blind merger cannot know what is asked
-                        terms["merge_importance_loss"] = merge_importance_loss(
-                            student.merge.scores, relevant if method.merger_type == "question_aware" else attention)
+                    if method.merge_importance_weight > 0:
+                        terms["merge_importance_loss"] = merge_importance_loss(student.merge.scores,
+                                                                               relevant if aware else attention)
+                    if method.relevance_weight > 0 and aware:
+                        terms["merge_relevance_loss"] = relevance_loss(student.merge.scores, irrelevant)
+                # the placeholders that hold a vision feature (LLaVA-NeXT's row ends do not), as the teacher's
+                # attention is over them
+                image_positions = sorted_positions(*compact(self.backbone.feature_slots(ids, **images)))  # (B, N)
                 if method.pruner_importance_weight > 0 and student.stage_logits:
-                    # the placeholders that hold a vision feature (LLaVA-NeXT's row ends do not), as the teacher's
-                    # attention is over them
-                    image_positions = sorted_positions(*compact(self.backbone.feature_slots(ids, **images)))  # (B, N)
                     terms["pruner_importance_loss"] = pruner_importance_loss(
                         student.stage_logits, student.stage_positions, relevant, image_positions)
+                if method.relevance_weight > 0 and student.stage_logits:
+                    terms["pruner_relevance_loss"] = pruner_relevance_loss(
+                        student.stage_logits, student.stage_positions, irrelevant, image_positions)
                 if method.distill_weight > 0:
                     terms["distill_loss"] = distillation_loss(student.logits, student.labels,
                                                               teacher.logits, teacher.labels)
