@@ -7,6 +7,10 @@ objects leave. Removal from layer L on is soft mode with keep logits of +-1e4 at
 tokens there (tests/test_pruned_llava.py).
 
     python scripts/distractor_oracle.py --seed 3 --size 1000 --layers 2 4
+
+``--model RUN ...`` adds trained pruned models (a run's output folder, ``pruned_final/``, a training state) on the same
+questions, and a second table: the share of the asked objects and of the distractors each model still holds after its
+merger and after each pruning stage (hard mode).
 """
 
 from __future__ import annotations
@@ -26,14 +30,30 @@ from tqdm import tqdm  # noqa: E402
 
 from data.collator import VQACollator  # noqa: E402
 from data.scoring import accuracy_by_type  # noqa: E402
-from data.synthetic_vqa import SyntheticVQADataset  # noqa: E402
+from data.synthetic_vqa import SyntheticVQADataset, patch_index, question_objects  # noqa: E402
 from models.baselines.base import PreProjectorSelector, gather_tokens  # noqa: E402
 from models.llava_backbone import LlavaBackbone  # noqa: E402
 from models.pruned_llava import PrunedLlava  # noqa: E402
 from trainers.evaluation import generate_pruned  # noqa: E402
 from trainers.losses import irrelevant_tokens  # noqa: E402
+from trainers.pruned_model import PrunedModelError, load_pruned  # noqa: E402
 
 FORCED = 1e4  # a keep logit that decides: log keep ~ 0 or ~ -1e4
+
+
+def asked_mask(samples, num_tokens: int) -> torch.Tensor:
+    """(B, N) bool, True at the vision tokens of the objects the question is about."""
+    mask = torch.zeros(len(samples), num_tokens, dtype=torch.bool)
+    for b, sample in enumerate(samples):
+        mask[b, [patch_index(o) for o in question_objects(sample)]] = True
+    return mask
+
+
+def kept_mask(positions: torch.Tensor, input_ids: torch.Tensor, image_token_id: int, num_tokens: int) -> torch.Tensor:
+    """(B, N) bool: the vision tokens a stage kept, from its (B, k) sequence positions (-1: padding)."""
+    first = (input_ids == image_token_id).long().argmax(dim=1, keepdim=True).to(positions.device)  # (B, 1)
+    patch = (positions - first).clamp(0, num_tokens - 1)
+    return torch.zeros(positions.shape[0], num_tokens, dtype=torch.bool).scatter(1, patch.cpu(), (positions >= 0).cpu())
 
 
 def distractor_mask(samples, num_tokens: int) -> torch.Tensor:
@@ -71,6 +91,8 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=0, help="the eval split's data seed (data_settings.seed)")
     parser.add_argument("--size", type=int, default=1000, help="eval questions")
     parser.add_argument("--layers", type=int, nargs="*", default=[2], help="also remove them from these decoder layers on")
+    parser.add_argument("--model", nargs="*", default=[], metavar="RUN",
+                        help="also trained pruned models (run folders, pruned_final/ folders or training states)")
     parser.add_argument("--batch-size", type=int, default=100)
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
@@ -90,6 +112,14 @@ def main(argv=None) -> None:
         setups[f"distractors removed from layer {layer} on"] = (
             PrunedLlava(backbone, pruners=nn.ModuleList([gate]), pruning_layers=[layer], stage_budgets=[N]).eval(),
             "soft")
+    trained = {}
+    for path in args.model:
+        try:
+            trained[path] = load_pruned(path, backbone=backbone).model.eval()
+        except (OSError, PrunedModelError, ValueError) as err:
+            parser.error(f"--model {path}: {err}")
+        setups[path] = (trained[path], "hard")
+    held = {path: None for path in trained}  # per stage: [asked kept, asked, distractors kept, distractors, kept]
     data = SyntheticVQADataset(args.size, "eval", args.seed)
     collate = VQACollator(backbone.processor, with_answers=False)
     answers = {name: [] for name in setups}
@@ -102,6 +132,17 @@ def main(argv=None) -> None:
             gate.drop = before.drop
         for name, (model, mode) in setups.items():
             answers[name] += generate_pruned(model, batch, mode, 1.0, 4)[0]
+        asked = asked_mask(samples, N)
+        for path, model in trained.items():
+            with torch.no_grad():
+                out = model(batch["input_ids"], batch["pixel_values"], batch["attention_mask"], mode="hard")
+            counts = []
+            for positions in out.kept_positions:
+                kept = kept_mask(positions, batch["input_ids"], backbone.image_token_id, N)
+                counts.append([(kept & asked).sum(), asked.sum(), (kept & before.drop).sum(), before.drop.sum(),
+                               kept.sum()])
+            held[path] = counts if held[path] is None else [[a + b for a, b in zip(x, y)]
+                                                              for x, y in zip(held[path], counts)]
         references += [s.answer for s in samples]
         types += [s.question_type for s in samples]
     scores = {name: accuracy_by_type(a, references, types) for name, a in answers.items()}
@@ -111,6 +152,15 @@ def main(argv=None) -> None:
     print("|---|" + "---|" * len(columns))
     for name, score in scores.items():
         print(f"| {name} | " + " | ".join(f"{score[c]:.3f}" for c in columns) + " |")
+    for path, counts in held.items():
+        model = trained[path]
+        print(f"\n{path}: asked objects / distractors still held (of {int(counts[0][1])} / {int(counts[0][3])})\n")
+        print("| after | asked objects | distractors | vision tokens per question |")
+        print("|---|---|---|---|")
+        names = ["the merger", *(f"pruning before layer {layer}" for layer in sorted(model.stage_of_layer))]
+        for name, (a, n_a, d, n_d, kept) in zip(names, counts):
+            print(f"| {name} | {int(a) / max(int(n_a), 1):.1%} | {int(d) / max(int(n_d), 1):.1%} "
+                  f"| {int(kept) / args.size:.1f} |")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from data.synthetic_vqa import SyntheticVQADataset, patch_index, question_object
 from models.pruned_llava import PrunedLlava
 from scripts import distractor_oracle
 from tests.helpers import SHIPPED_BACKBONE
+from trainers.pruned_model import load_pruned
 
 
 def test_distractor_mask_marks_exactly_the_objects_the_question_is_not_about():
@@ -45,3 +46,25 @@ def test_the_table_has_every_setup_and_bad_layers_are_refused(capsys):
                     "| distractors removed from layer 2 on"]
     with pytest.raises(SystemExit):
         distractor_oracle.main(["--backbone", SHIPPED_BACKBONE, "--size", "2", "--layers", "0"])
+
+
+def test_trained_models_get_a_row_and_a_table_of_what_they_hold(tiny_folder, finished_tiny_run, capsys):
+    saved = finished_tiny_run / "pruned_final"
+    distractor_oracle.main(["--backbone", str(tiny_folder), "--seed", "3", "--size", "6", "--batch-size", "3",
+                            "--layers", "--model", str(saved)])
+    out = capsys.readouterr().out
+    assert f"| {saved} | " in out
+    table = out.split(f"{saved}: asked objects / distractors still held")[1]
+    rows = [line.split(" | ") for line in table.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    model = load_pruned(saved, backbone=str(tiny_folder)).model
+    assert [r[0] for r in rows] == ["| the merger", *(f"| pruning before layer {layer}" for layer in sorted(model.stage_of_layer))]
+    assert [float(r[3].rstrip(" |")) for r in rows] == [model.merged_tokens, *model.stage_budgets]
+    held = [[float(r[1].rstrip("%")), float(r[2].rstrip("%"))] for r in rows]
+    assert all(0 <= v <= 100 for row in held for v in row)
+    assert all(later[0] <= earlier[0] and later[1] <= earlier[1] for earlier, later in zip(held, held[1:]))  # only drops
+
+
+def test_a_model_that_cannot_load_is_named(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        distractor_oracle.main(["--backbone", SHIPPED_BACKBONE, "--size", "2", "--model", str(tmp_path / "nowhere")])
+    assert f"--model {tmp_path / 'nowhere'}" in capsys.readouterr().err

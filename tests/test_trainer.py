@@ -203,3 +203,9 @@ def test_relevance_labels_zero_the_importance_target_at_the_distractors(tmp_path
     assert torch.equal(targets["merger"], torch.where(distractors, 0.0, attention) if aware else attention)
     assert values["pruner_relevance_loss"] > 0 and ("merge_relevance_loss" in values) == aware
 
+
+
+def test_relevance_labels_are_refused_on_a_backbone_without_a_square_patch_grid(tmp_path, tiny_folder, monkeypatch):
+    monkeypatch.setattr(LlavaBackbone, "one_patch_grid", False)
+    with pytest.raises(ValueError, match="relevance_weight is 1 but the relevance labels are a patch grid"):
+        make_trainer(tmp_path, tiny_folder, **{"method_settings.relevance_weight": 1.0})

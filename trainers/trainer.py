@@ -83,6 +83,10 @@ class Trainer:
                              f"over the {self.dp.world_size} processes; make it a multiple of {self.dp.world_size}")
         self.train_set, self.eval_set = train_set, eval_set
         method, trainer = config.method_settings, config.trainer_settings
+        if method.relevance_weight > 0 and not (backbone.one_patch_grid and grid_side(backbone.num_vision_tokens)):
+            raise ValueError(f"method_settings.relevance_weight is {method.relevance_weight:g} but the relevance labels "
+                             f"are a patch grid, and {type(backbone).__name__}'s vision tokens are no single square "
+                             "patch grid; set it to 0")
         self.out = Path(output_dir)
         log.info("Creating Trainer...")
         log.info("Creating Token Merger...")
