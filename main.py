@@ -57,7 +57,8 @@ def prepare(config: Config, config_path: str) -> BackboneShape:
     check_backbone_folder(config.backbone_settings.name_or_path)
     shape = read_backbone_shape(config.backbone_settings.name_or_path, config.data_settings.max_vision_tokens,
                                 config.data_settings.image_max_size)
-    problems = check_against_backbone(config, shape.num_layers, shape.num_vision_tokens, shape.image_size)
+    problems = check_against_backbone(config, shape.num_layers, shape.num_vision_tokens, shape.image_size,
+                                      shape.one_patch_grid)
     cuda = torch.cuda.is_available()
     problems += check_devices(config, cuda, torch.cuda.device_count() if cuda else None)
     if problems:

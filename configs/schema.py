@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
@@ -572,10 +573,24 @@ def check_devices(config: Config, cuda_available: bool, device_count: int | None
     return problems
 
 
-def check_against_backbone(config: Config, num_layers: int, num_vision_tokens: int, image_size: int) -> list[str]:
+def relevance_grid_problem(method: MethodSettings, one_patch_grid: bool, num_vision_tokens: int) -> str | None:
+    """Relevance labels are a patch grid: refused on a backbone whose vision tokens are no single square grid."""
+    square = math.isqrt(num_vision_tokens) ** 2 == num_vision_tokens
+    if method.relevance_weight > 0 and not (one_patch_grid and square):
+        return (f"method_settings.relevance_weight is {method.relevance_weight:g} but the relevance labels are a patch "
+                f"grid, and this backbone's {num_vision_tokens} vision tokens per image are no single square patch "
+                "grid; set it to 0")
+    return None
+
+
+def check_against_backbone(config: Config, num_layers: int, num_vision_tokens: int, image_size: int,
+                           one_patch_grid: bool = True) -> list[str]:
     """Checks that need the backbone's shape (read from its config.json, before any weight loads)."""
     problems = []
     m, d = config.method_settings, config.data_settings
+    relevance = relevance_grid_problem(m, one_patch_grid, num_vision_tokens)
+    if relevance:
+        problems.append(relevance)
     bad = [layer for layer in m.pruning_layers if not 0 < layer < num_layers]
     if bad:
         problems.append(f"method_settings.pruning_layers {m.pruning_layers}: layer(s) {bad} outside 1..{num_layers - 1} "

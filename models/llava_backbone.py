@@ -23,6 +23,7 @@ Facts this file relies on (transformers 5.x):
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,6 +64,7 @@ class BackboneShape:
     num_vision_tokens: int  # per image, after LLaVA's feature selection (576 for llava-1.5)
     image_size: int
     max_positions: int | None = None  # the language model's max_position_embeddings
+    one_patch_grid: bool = True  # the family's vision tokens are one image's patch grid (LlavaBackbone.one_patch_grid)
 
     @classmethod
     def from_config(cls, config) -> "BackboneShape":
@@ -86,7 +88,7 @@ def read_backbone_shape(name_or_path: str, max_vision_tokens: int | None = None,
         raise BackboneNotFoundError(missing_backbone_message(name_or_path, err)) from err
     family = backbone_class(config.model_type, name_or_path)
     family.bound_config(config, max_vision_tokens, image_max_size)
-    return family.shape_from_config(config)
+    return dataclasses.replace(family.shape_from_config(config), one_patch_grid=family.one_patch_grid)
 
 
 @dataclass

@@ -645,7 +645,8 @@ def main(argv: list[str] | None = None) -> int:
                                "letters or digits (it names the runs' folders)"], "command line")
         shape = read_backbone_shape(config.backbone_settings.name_or_path, config.data_settings.max_vision_tokens,
                                     config.data_settings.image_max_size)
-        problems = check_against_backbone(config, shape.num_layers, shape.num_vision_tokens, shape.image_size)
+        problems = check_against_backbone(config, shape.num_layers, shape.num_vision_tokens, shape.image_size,
+                                          shape.one_patch_grid)
         if problems:
             raise ConfigError(problems, args.config)
         kept = plan(args, config, shape)

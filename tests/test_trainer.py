@@ -209,3 +209,18 @@ def test_relevance_labels_are_refused_on_a_backbone_without_a_square_patch_grid(
     monkeypatch.setattr(LlavaBackbone, "one_patch_grid", False)
     with pytest.raises(ValueError, match="relevance_weight is 1 but the relevance labels are a patch grid"):
         make_trainer(tmp_path, tiny_folder, **{"method_settings.relevance_weight": 1.0})
+
+
+def test_relevance_labels_on_a_backbone_without_a_patch_grid_stop_main_before_the_weights_load(tmp_path, tiny_folder,
+                                                                                              monkeypatch, capsys):
+    import main as entry
+    from models import llava_backbone
+    from tests.helpers import main_args
+
+    monkeypatch.setattr(llava_backbone.LlavaBackbone, "one_patch_grid", False)  # as LLaVA-NeXT's and Qwen2-VL's
+    monkeypatch.setattr(llava_backbone.LlavaBackbone, "from_pretrained", lambda *a, **k: pytest.fail("weights loaded"))
+    args, out = main_args(tmp_path, tiny_folder, **{"method_settings.relevance_weight": 1.0})
+    assert entry.main(args) == 2
+    assert "relevance labels are a patch grid, and this backbone's 144 vision tokens per image are no single square" \
+        in capsys.readouterr().err
+    assert not out.exists()

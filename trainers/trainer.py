@@ -27,7 +27,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from configs.schema import Config, config_to_dict
+from configs.schema import Config, config_to_dict, relevance_grid_problem
 from data.build import batches
 from data.collator import VQACollator
 from models.discriminator import adversarial_loss, discriminator_losses
@@ -83,10 +83,9 @@ class Trainer:
                              f"over the {self.dp.world_size} processes; make it a multiple of {self.dp.world_size}")
         self.train_set, self.eval_set = train_set, eval_set
         method, trainer = config.method_settings, config.trainer_settings
-        if method.relevance_weight > 0 and not (backbone.one_patch_grid and grid_side(backbone.num_vision_tokens)):
-            raise ValueError(f"method_settings.relevance_weight is {method.relevance_weight:g} but the relevance labels "
-                             f"are a patch grid, and {type(backbone).__name__}'s vision tokens are no single square "
-                             "patch grid; set it to 0")
+        relevance = relevance_grid_problem(method, backbone.one_patch_grid, backbone.num_vision_tokens)
+        if relevance:  # main.py refuses it before the weights load; here for callers that build a Trainer themselves
+            raise ValueError(relevance)
         self.out = Path(output_dir)
         log.info("Creating Trainer...")
         log.info("Creating Token Merger...")
