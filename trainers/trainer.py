@@ -242,9 +242,10 @@ class Trainer:
                                                                                relevant if aware else attention)
                     if method.relevance_weight > 0 and aware:
                         terms["merge_relevance_loss"] = relevance_loss(student.merge.scores, irrelevant)
-                # the placeholders that hold a vision feature (LLaVA-NeXT's row ends do not), as the teacher's
-                # attention is over them
-                image_positions = sorted_positions(*compact(self.backbone.feature_slots(ids, **images)))  # (B, N)
+                if student.stage_logits and (method.pruner_importance_weight > 0 or method.relevance_weight > 0):
+                    # the placeholders that hold a vision feature (LLaVA-NeXT's row ends do not), as the teacher's
+                    # attention and the labels are over them
+                    image_positions = sorted_positions(*compact(self.backbone.feature_slots(ids, **images)))  # (B, N)
                 if method.pruner_importance_weight > 0 and student.stage_logits:
                     terms["pruner_importance_loss"] = pruner_importance_loss(
                         student.stage_logits, student.stage_positions, relevant, image_positions)
