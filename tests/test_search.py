@@ -188,8 +188,11 @@ def wait_for_running_trial(study, searching):
 
 
 def test_a_killed_worker_s_trial_is_failed_and_run_again(tmp_path, tiny_folder):
-    config = search_config(tmp_path, tiny_folder, **{"search_settings.n_trials": 2, "trainer_settings.max_steps": 8,
-                                                     "trainer_settings.eval_every": 8})
+    # 32 steps, so that the trial seen running is still training when the kill lands (with 8 it could finish first);
+    # the retry must finish, so no endless trial here, unlike the Ctrl-C test
+    config = search_config(tmp_path, tiny_folder, **{"search_settings.n_trials": 2, "trainer_settings.max_steps": 32,
+                                                     "trainer_settings.dl_settings.epochs": 4,
+                                                     "trainer_settings.eval_every": 32})
     study = study_of(config)
     result = {}
     manager = threading.Thread(target=lambda: result.update(code=run_search(config)))
@@ -209,7 +212,10 @@ def test_a_killed_worker_s_trial_is_failed_and_run_again(tmp_path, tiny_folder):
 
 
 def test_ctrl_c_stops_cleanly_and_queues_the_running_trial(tmp_path, tiny_folder):
-    config = search_config(tmp_path, tiny_folder, **{"trainer_settings.max_steps": 8, "trainer_settings.eval_every": 8})
+    # Trials that cannot finish before the Ctrl-C, however fast the machine: only the interrupt ends the one seen
+    # running (with 8 steps it could complete between being seen and the signal, and the test failed on a fast run).
+    config = search_config(tmp_path, tiny_folder, **{"trainer_settings.dl_settings.epochs": 1_000_000,
+                                                     "trainer_settings.max_steps": "null", "trainer_settings.eval_every": 8})
     path = tmp_path / "search.yaml"
     path.write_text(yaml.safe_dump(config_to_dict(config)))
     study = study_of(config)
