@@ -268,3 +268,21 @@ def test_workers_die_with_a_killed_manager(tmp_path, tiny_folder):
         if state == "Z":
             break
         time.sleep(0.05)
+
+
+def test_a_ctrl_c_that_python_swallowed_does_not_leave_the_worker_deaf_to_the_next():
+    from trainers import search_worker
+
+    previous = signal.signal(signal.SIGINT, search_worker.interrupt)
+    try:
+        try:  # where Python swallows it: a weakref callback, a destructor ("Exception ignored in ...")
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)  # the handler runs at the next bytecode; the sleep only gives the signal time to arrive
+        except KeyboardInterrupt:
+            pass
+        assert signal.getsignal(signal.SIGINT) is search_worker.interrupt
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+    finally:
+        signal.signal(signal.SIGINT, previous)

@@ -122,6 +122,7 @@ class Worker:
             except optuna.TrialPruned as err:
                 self.finish(trial, TrialState.PRUNED, message=str(err))
             except KeyboardInterrupt:
+                signal.signal(signal.SIGINT, signal.SIG_IGN)  # later Ctrl-Cs (the manager forwards one) must not cut this short
                 trial.set_user_attr("error", "interrupted (Ctrl-C); queued to run again on the next run of the study")
                 self.finish(trial, TrialState.FAIL, message="interrupted")
                 search.RetryHeartbeatStaleTrialCallback(self.settings.max_retry)(
@@ -151,9 +152,10 @@ class Worker:
         self.say(f"trial {trial.number} {state.name}" + (f": {values}" if values else "") + (f" {message}" if message else ""))
 
 
-def interrupt_once(signum, frame) -> None:
-    """The first Ctrl-C stops the trial; later ones (the manager forwards its own) must not cut the clean-up short."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+def interrupt(signum, frame) -> None:
+    """Ctrl-C stops the trial, at every SIGINT until the trial's clean-up begins (it ignores later ones). Not only the
+    first: one that lands in a weakref callback or a destructor is swallowed by Python ("Exception ignored in ..."),
+    and the worker must still stop at the next (the manager forwards one)."""
     raise KeyboardInterrupt
 
 
@@ -162,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", required=True, help="the study's search_config.yaml")
     parser.add_argument("--worker", type=int, default=0, help="this worker's index (for logs)")
     args = parser.parse_args(argv)
-    signal.signal(signal.SIGINT, interrupt_once)
+    signal.signal(signal.SIGINT, interrupt)
     try:
         return Worker(load_config(args.config), args.worker).run()
     except KeyboardInterrupt:
