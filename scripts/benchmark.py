@@ -321,8 +321,7 @@ def learned_runs(args, config: Config, backbone: LlavaBackbone, kept: dict[float
     targets = {(budget, match): flops_ratio(build_baseline(match, backbone, k, layers, args.fastv_layer, args.seed),
                                             eval_batches)
                for budget, k in kept.items() for match in (args.match_flops if "learned" in args.methods else [])}
-    methods = {None: config.method_settings}  # each variant's own modules cost their own FLOPs
-    methods.update({v: load_config(args.config, [*args.overrides, *v.overrides]).method_settings for v in args.variants})
+    methods = {None: config.method_settings, **args.variant_methods}
 
     def flops_of(variant: Variant | None, merged: int, ratios: list[float]) -> float:
         method = dataclasses.replace(methods[variant], merge_budget="fixed", target_merge_tokens=merged,
@@ -638,8 +637,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(args.config, args.overrides)
         args.variants = [parse_variant(words) for words in args.variants]
-        for variant in args.variants:  # every variant's settings checked before any weights load
-            load_config(args.config, [*args.overrides, *variant.overrides])
+        # every variant's settings checked before any weights load; its modules cost their own FLOPs (learned_runs)
+        args.variant_methods = {v: load_config(args.config, [*args.overrides, *v.overrides]).method_settings
+                                for v in args.variants}
         if len({v.slug for v in args.variants}) < len(args.variants) or "" in {v.slug for v in args.variants}:
             raise ConfigError([f"--variant labels {[v.label for v in args.variants]}: each needs its own name of "
                                "letters or digits (it names the runs' folders)"], "command line")

@@ -36,6 +36,7 @@ from models.llava_backbone import LlavaBackbone  # noqa: E402
 from models.pruned_llava import PrunedLlava  # noqa: E402
 from trainers.evaluation import generate_pruned  # noqa: E402
 from trainers.losses import irrelevant_tokens  # noqa: E402
+from trainers.pictures import kept_patches  # noqa: E402
 from trainers.pruned_model import PrunedModelError, load_pruned  # noqa: E402
 
 FORCED = 1e4  # a keep logit that decides: log keep ~ 0 or ~ -1e4
@@ -47,13 +48,6 @@ def asked_mask(samples, num_tokens: int) -> torch.Tensor:
     for b, sample in enumerate(samples):
         mask[b, [patch_index(o) for o in question_objects(sample)]] = True
     return mask
-
-
-def kept_mask(positions: torch.Tensor, input_ids: torch.Tensor, image_token_id: int, num_tokens: int) -> torch.Tensor:
-    """(B, N) bool: the vision tokens a stage kept, from its (B, k) sequence positions (-1: padding)."""
-    first = (input_ids == image_token_id).long().argmax(dim=1, keepdim=True).to(positions.device)  # (B, 1)
-    patch = (positions - first).clamp(0, num_tokens - 1)
-    return torch.zeros(positions.shape[0], num_tokens, dtype=torch.bool).scatter(1, patch.cpu(), (positions >= 0).cpu())
 
 
 def distractor_mask(samples, num_tokens: int) -> torch.Tensor:
@@ -119,7 +113,7 @@ def main(argv=None) -> None:
         except (OSError, PrunedModelError, ValueError) as err:
             parser.error(f"--model {path}: {err}")
         setups[path] = (trained[path], "hard")
-    held = {path: None for path in trained}  # per stage: [asked kept, asked, distractors kept, distractors, kept]
+    held = {path: 0 for path in trained}  # (stages, 5): asked kept, asked, distractors kept, distractors, kept
     data = SyntheticVQADataset(args.size, "eval", args.seed)
     collate = VQACollator(backbone.processor, with_answers=False)
     answers = {name: [] for name in setups}
@@ -136,13 +130,10 @@ def main(argv=None) -> None:
         for path, model in trained.items():
             with torch.no_grad():
                 out = model(batch["input_ids"], batch["pixel_values"], batch["attention_mask"], mode="hard")
-            counts = []
-            for positions in out.kept_positions:
-                kept = kept_mask(positions, batch["input_ids"], backbone.image_token_id, N)
-                counts.append([(kept & asked).sum(), asked.sum(), (kept & before.drop).sum(), before.drop.sum(),
-                               kept.sum()])
-            held[path] = counts if held[path] is None else [[a + b for a, b in zip(x, y)]
-                                                              for x, y in zip(held[path], counts)]
+            kept = [kept_patches(positions, batch["input_ids"], backbone.image_token_id, N)
+                    for positions in out.kept_positions]
+            held[path] = held[path] + torch.tensor([[(k & asked).sum(), asked.sum(), (k & before.drop).sum(),
+                                                     before.drop.sum(), k.sum()] for k in kept])
         references += [s.answer for s in samples]
         types += [s.question_type for s in samples]
     scores = {name: accuracy_by_type(a, references, types) for name, a in answers.items()}
@@ -158,7 +149,7 @@ def main(argv=None) -> None:
         print("| after | asked objects | distractors | vision tokens per question |")
         print("|---|---|---|---|")
         names = ["the merger", *(f"pruning before layer {layer}" for layer in sorted(model.stage_of_layer))]
-        for name, (a, n_a, d, n_d, kept) in zip(names, counts):
+        for name, (a, n_a, d, n_d, kept) in zip(names, counts.tolist()):
             print(f"| {name} | {int(a) / max(int(n_a), 1):.1%} | {int(d) / max(int(n_d), 1):.1%} "
                   f"| {int(kept) / args.size:.1f} |")
 

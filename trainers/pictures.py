@@ -29,18 +29,23 @@ def _square_side(num_patches: int) -> int:
     return side
 
 
+def kept_patches(positions: torch.Tensor, input_ids: torch.Tensor, image_token_id: int,
+                 num_patches: int) -> torch.Tensor:
+    """(B, num_patches) bool: the patches one stage kept, from its (B, k) sequence positions of the kept vision
+    tokens (-1: a padding slot, which keeps nothing), counted from each sample's first image placeholder."""
+    first = (input_ids == image_token_id).long().argmax(dim=1, keepdim=True).to(positions.device)  # (B, 1)
+    patch = (positions - first).clamp(0, num_patches - 1)
+    kept = torch.zeros(positions.shape[0], num_patches, dtype=torch.bool, device=positions.device)
+    return kept.scatter(1, patch, positions >= 0).cpu()
+
+
 def kept_patch_grids(kept_positions: list[torch.Tensor], input_ids: torch.Tensor, image_token_id: int,
                      num_patches: int, sample: int = 0) -> list[torch.Tensor]:
     """Per stage (the LLM's input, then after each pruning layer): a (side, side) bool grid of ``sample``'s kept
     patches. ``kept_positions``: per stage (B, k) sequence positions of the kept vision tokens."""
     side = _square_side(num_patches)
-    first = int((input_ids[sample] == image_token_id).nonzero()[0])  # the sample's first image placeholder
-    grids = []
-    for positions in kept_positions:
-        grid = torch.zeros(num_patches, dtype=torch.bool)
-        grid[(positions[sample].cpu() - first).clamp(0, num_patches - 1)] = True
-        grids.append(grid.view(side, side))
-    return grids
+    return [kept_patches(positions, input_ids, image_token_id, num_patches)[sample].view(side, side)
+            for positions in kept_positions]
 
 
 def model_view(pixel_values: torch.Tensor, image_processor, sample: int = 0) -> np.ndarray:
