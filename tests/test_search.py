@@ -2,6 +2,7 @@
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -18,7 +19,7 @@ import main as entry
 from configs.schema import SearchSettings, apply_overrides, config_from_dict, config_to_dict, load_config
 from tests.helpers import tiny_run_config
 from trainers import search
-from trainers.manager import PROJECT_ROOT, gpu_subsets, run_search, worker_environments
+from trainers.manager import PROJECT_ROOT, gpu_subsets, queue_left_running, run_search, worker_environments
 
 SPACE = ("{method_settings.task_loss_weight: {type: float, low: 10, high: 50, log: true},"
          " method_settings.merge_ratio: {type: float, low: 0.4, high: 0.6}}")
@@ -77,6 +78,30 @@ def test_a_trial_whose_heartbeat_stopped_is_failed_and_queued_again(tmp_path):
     optuna.storages.fail_stale_trials(study)
     assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.FAIL]  # max_retry 1: not queued again
     assert search.progress_of(study.trials).failed == 1 and search.progress_of(study.trials).retried == 1
+
+
+def test_trials_stopped_workers_left_running_are_failed_and_queued_by_the_manager(tmp_path):
+    # A worker killed after the stop wait, or whose clean-up a second Ctrl-C cut short, leaves its trial RUNNING: the
+    # manager records those of its own workers (this host, their pids), and no other machine's or process's.
+    storage = search.HeartbeatJournalStorage(tmp_path / "journal.log", heartbeat_interval=1, grace_period=600)
+    study = optuna.create_study(storage=storage, study_name="s")
+    owners = {"mine": (socket.gethostname(), 101), "other pid": (socket.gethostname(), 202),
+              "other host": (socket.gethostname() + "-elsewhere", 101), "finished": (socket.gethostname(), 101)}
+    trials = {}
+    for name, (host, pid) in owners.items():
+        trials[name] = study.ask()
+        trials[name].suggest_float("x", 0, 1)
+        trials[name].set_user_attr("worker", {"host": host, "pid": pid})
+    study.ask()  # claimed, its worker not yet recorded: the heartbeat check's, on the next run
+    study.tell(trials["finished"], 1.0)
+    assert queue_left_running(study, storage, {101, 303}, max_retry=1) == [trials["mine"].number]
+    states = {name: study.trials[t.number].state for name, t in trials.items()}
+    assert states == {"mine": TrialState.FAIL, "other pid": TrialState.RUNNING, "other host": TrialState.RUNNING,
+                      "finished": TrialState.COMPLETE}
+    assert "interrupted" in study.trials[trials["mine"].number].user_attrs["error"]
+    (retry,) = [t for t in study.trials if t.state == TrialState.WAITING]
+    assert retry.system_attrs["failed_trial"] == trials["mine"].number and retry.params == trials["mine"].params
+    assert queue_left_running(study, storage, {101}, max_retry=1) == []  # recorded once
 
 
 def test_database_urls(tmp_path):

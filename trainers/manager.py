@@ -10,18 +10,20 @@
 3. shows the progress (trials finished / running / failed, best so far) while they run, and
    restarts a worker that died (its trial is failed and queued again once its heartbeat is
    older than ``grace_period``), at most ``MAX_RESTARTS`` times per worker;
-4. on Ctrl-C, lets every worker record its running trial as FAIL and queue it for the next run,
-   then stops; in every case it writes the best config (or the Pareto front) at the end.
+4. on Ctrl-C, lets every worker record its running trial as FAIL and queue it for the next run
+   (and records any its workers left RUNNING the same way), then stops; in every case it writes
+   the best config (or the Pareto front) at the end.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import optuna
@@ -60,6 +62,7 @@ class WorkerProcess:
     log_path: Path
     process: subprocess.Popen | None = None
     restarts: int = 0
+    pids: list[int] = field(default_factory=list)  # of every process started for this worker
 
     @property
     def devices(self) -> str:
@@ -72,6 +75,7 @@ class WorkerProcess:
                 [sys.executable, "-m", "trainers.search_worker", "--config", str(config_path), "--worker",
                  str(self.index)], env=self.env, cwd=PROJECT_ROOT, stdout=out, stderr=subprocess.STDOUT,
                 preexec_fn=die_with_parent if sys.platform == "linux" else None)
+        self.pids.append(self.process.pid)
 
     def tail(self, lines: int = 5) -> str:
         text = self.log_path.read_text(errors="replace").splitlines() if self.log_path.exists() else []
@@ -167,7 +171,7 @@ def run_search(config: Config) -> int:
             log.info(f"The study already has {settings.n_trials} finished trials; raise search_settings.n_trials to "
                      "run more")
             return finish(study, config, log, 0)
-        code = supervise(workers, config_path, monitor, log)
+        code = supervise(workers, config_path, monitor, log, storage)
         return finish(study, config, log, code)
     except search.SearchError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -176,7 +180,7 @@ def run_search(config: Config) -> int:
         log.close()
 
 
-def supervise(workers: list[WorkerProcess], config_path: Path, monitor: Monitor, log: RunLog) -> int:
+def supervise(workers: list[WorkerProcess], config_path: Path, monitor: Monitor, log: RunLog, storage) -> int:
     """Run the workers to the end of the study (restarting dead ones); Ctrl-C stops them cleanly."""
     for worker in workers:
         worker.start(config_path)
@@ -200,6 +204,10 @@ def supervise(workers: list[WorkerProcess], config_path: Path, monitor: Monitor,
     except KeyboardInterrupt:
         log.info("Ctrl-C: stopping the workers; running trials are recorded FAIL and queued for the next run")
         stop(workers)
+        left = queue_left_running(monitor.study, storage, {pid for w in workers for pid in w.pids},
+                                  monitor.settings.max_retry)
+        if left:
+            log.info(f"Trials {left} were left RUNNING by their stopped workers: recorded FAIL and queued again")
         monitor.update()
         return 130
     monitor.update()
@@ -222,6 +230,17 @@ def stop(workers: list[WorkerProcess]) -> None:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+def queue_left_running(study: optuna.Study, storage, pids: set[int], max_retry: int) -> list[int]:
+    """Record FAIL, and queue again, the RUNNING trials of this machine's workers ``pids`` once they are stopped: a
+    worker killed after STOP_WAIT_S, or one whose clean-up a second Ctrl-C cut short, left them so. Trials of other
+    machines' workers are theirs. The numbers of the trials recorded."""
+    host = socket.gethostname()
+    mine = [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+            if t.user_attrs.get("worker", {}).get("host") == host and t.user_attrs["worker"].get("pid") in pids]
+    return [t.number for t in mine
+            if search.fail_and_queue_again(study, storage, search.storage_id(t), search.INTERRUPTED, max_retry)]
 
 
 def finish(study: optuna.Study, config: Config, log: RunLog, code: int) -> int:

@@ -232,6 +232,21 @@ class Heartbeat:
         self._thread.join()
 
 
+INTERRUPTED = "interrupted (Ctrl-C); queued to run again on the next run of the study"
+
+
+def fail_and_queue_again(study: optuna.Study, storage, trial_id: int, error: str, max_retry: int) -> bool:
+    """Record a RUNNING trial FAIL with ``error`` and queue it again with the same parameters (at most ``max_retry``
+    times), as the heartbeat check does for a dead worker's trial. False when the trial had finished already."""
+    try:
+        storage.set_trial_user_attr(trial_id, "error", error)
+        storage.set_trial_state_values(trial_id, TrialState.FAIL)
+    except optuna.exceptions.UpdateFinishedTrialError:
+        return False
+    RetryHeartbeatStaleTrialCallback(max_retry)(study, storage.get_trial(trial_id))
+    return True
+
+
 # ----------------------------------------------------------------------------- the search space
 def choice_label(choice: Any) -> Any:
     """Optuna's categorical choices are scalars; a list choice (pruning layers) is stored as its YAML text."""

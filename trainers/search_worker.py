@@ -61,6 +61,9 @@ class Worker:
                 self.settings, search.claim_seed(self.config.manager_settings.seed, progress.total - progress.waiting))
             trial = self.study.ask()
             self.storage.record_heartbeat(search.storage_id(trial))  # alive from the claim on
+            # whose it is, so that the manager can record it if this worker is stopped before it does
+            trial.set_user_attr("worker", {"index": self.index, "host": socket.gethostname(), "pid": os.getpid(),
+                                           "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")})
             return trial
 
     def run(self) -> int:
@@ -98,8 +101,6 @@ class Worker:
         folder = search.trial_folder(self.config, trial.number)
         retry_of = self.storage.get_trial(search.storage_id(trial)).system_attrs.get("failed_trial")
         self.say(f"trial {trial.number} starts" + (f" (retry of trial {retry_of})" if retry_of is not None else ""))
-        trial.set_user_attr("worker", {"index": self.index, "host": socket.gethostname(), "pid": os.getpid(),
-                                       "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")})
         trial.set_user_attr("folder", str(folder))
         started = time.time()
         log = None
@@ -123,10 +124,10 @@ class Worker:
                 self.finish(trial, TrialState.PRUNED, message=str(err))
             except KeyboardInterrupt:
                 signal.signal(signal.SIGINT, signal.SIG_IGN)  # later Ctrl-Cs (the manager forwards one) must not cut this short
-                trial.set_user_attr("error", "interrupted (Ctrl-C); queued to run again on the next run of the study")
-                self.finish(trial, TrialState.FAIL, message="interrupted")
-                search.RetryHeartbeatStaleTrialCallback(self.settings.max_retry)(
-                    self.study, self.storage.get_trial(search.storage_id(trial)))
+                # One that lands before the line above still can: the manager then records the trial the same way.
+                if search.fail_and_queue_again(self.study, self.storage, search.storage_id(trial), search.INTERRUPTED,
+                                               self.settings.max_retry):
+                    self.say(f"trial {trial.number} FAIL: interrupted, queued again")
                 raise
             except Exception as err:
                 text = traceback.format_exc()
