@@ -144,7 +144,7 @@ def parse_variant(words: list[str]) -> Variant:
     bad = [o for o in overrides if "=" not in o]
     if not overrides or bad or "=" in label:
         raise ConfigError([f"--variant {' '.join(words)!r}: expected a label, then dotted.key=value settings "
-                           "(--variant 'relevance labels' method_settings.relevance_weight=1)"], "command line")
+                           "(--variant 'no labels' method_settings.relevance_weight=0)"], "command line")
     return Variant(label, tuple(overrides))
 
 
@@ -609,8 +609,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "(and learned_<pct>_<method>_<label>/ per --variant)")
     parser.add_argument("--variant", dest="variants", action="append", nargs="+", default=[], metavar="WORD",
                         help="LABEL dotted.key=value ...: also train and report the learned method with these settings "
-                             "(repeatable), e.g. --variant 'relevance labels' method_settings.relevance_weight=1 "
-                             "method_settings.merger_type=question_aware")
+                             "(repeatable), e.g. --variant 'no labels' method_settings.relevance_weight=0 "
+                             "method_settings.merger_type=simple")
     parser.add_argument("--train-missing", action="store_true", help="train (or finish) missing learned runs with main.py")
     parser.add_argument("--schedules-from", type=Path, metavar="ROOT",
                         help="report 'learned (searched)' with the schedules a search under ROOT found (its "

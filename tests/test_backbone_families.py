@@ -21,16 +21,18 @@ from tests.helpers import ChosenShare, llava_next_like, main_args, qwen2_vl_like
 
 SIZES = [(40, 90), (96, 72), (96, 96)]  # (height, width)
 
-# family -> (adapter, toy builder(text_layers, seed), main.py overrides for its toy model)
+# family -> (adapter, toy builder(text_layers, seed), main.py overrides for its toy model; no relevance labels: its
+# tokens are no square patch grid)
 FAMILIES = {
     "llava_next": (LlavaNextBackbone, lambda layers, seed: llava_next_like(layers, seed),
-                   {"method_settings.target_merge_tokens": 90, "method_settings.merge_ratio": 0.5}),
+                   {"method_settings.target_merge_tokens": 90, "method_settings.merge_ratio": 0.5,
+                    "method_settings.relevance_weight": 0}),
     "qwen2_vl": (Qwen2VLBackbone, lambda layers, seed: qwen2_vl_like("2", layers, seed),
                  {"method_settings.target_merge_tokens": "null", "method_settings.merge_ratio": 0.5,
-                  "data_settings.max_vision_tokens": 36}),
+                  "data_settings.max_vision_tokens": 36, "method_settings.relevance_weight": 0}),
     "qwen2_5_vl": (Qwen2_5_VLBackbone, lambda layers, seed: qwen2_vl_like("2.5", layers, seed),
                    {"method_settings.target_merge_tokens": "null", "method_settings.merge_ratio": 0.5,
-                    "data_settings.max_vision_tokens": 36}),
+                    "data_settings.max_vision_tokens": 36, "method_settings.relevance_weight": 0}),
 }
 
 

@@ -212,7 +212,7 @@ def test_searched_merge_ratio_frees_the_token_target():
     config = load_config("configs/tiny.yaml")
     trial = apply_search_params(config, {"method_settings.merge_ratio": 0.42, "method_settings.pruning_layers": [1, 3, 5]})
     assert trial.method_settings.merge_ratio == 0.42 and trial.method_settings.target_merge_tokens is None
-    assert trial.method_settings.pruning_layers == [1, 3, 5] and config.method_settings.target_merge_tokens == 96
+    assert trial.method_settings.pruning_layers == [1, 3, 5] and config.method_settings.target_merge_tokens == 94
 
 
 def test_optuna_mode_devices(tmp_path):

@@ -15,7 +15,7 @@ SEED_INFO_LINES = [
     "[INFO] Creating Layer-Specific Pruners...",
     "[INFO] Creating Discriminator...",
     "[INFO] Starting training...",
-    "[INFO] Token Merger type: simple",
+    "[INFO] Token Merger type: question_aware",  # configs/tiny.yaml's
     "[INFO] Merge Ratio: 0.5",
     "[INFO] Pruning Layers: [1, 2, 3]",
     "[INFO] Temperature: 1.0 → 0.1",

@@ -11,7 +11,7 @@ from models.llava_backbone import LlavaBackbone
 from models.pruned_llava import PrunedLlava
 from tests.helpers import llava_like, sharpen_attention
 from trainers.losses import (RELEVANCE_MARGIN, irrelevant_tokens, merge_importance_loss, pruner_importance_loss,
-                             pruner_relevance_loss)
+                             pruner_relevance_loss, relevance_loss)
 
 
 @pytest.fixture(scope="module")
@@ -130,3 +130,15 @@ def test_the_relevance_loss_pushes_down_exactly_the_irrelevant_tokens_of_each_st
     assert loss.item() == pytest.approx(((stage0 + stage1) / 2).item(), rel=1e-6)
     none = pruner_relevance_loss(logits, positions, torch.zeros(2, 6, dtype=torch.bool), image_positions)
     assert none.item() == 0
+
+
+def test_the_relevance_loss_is_a_per_sample_mean():
+    # as the other losses are, so that data-parallel shards average to the whole batch's: a sample with two labelled
+    # tokens weighs as much as a sample with one, and a sample with none adds 0
+    z = torch.tensor([[0.0, 0.0, 5.0], [1.0, 1.0, 1.0], [0.0, 0.0, 0.0], [3.0, 0.0, 1.0]])
+    irrelevant = torch.tensor([[True, True, False], [True, False, False], [False, False, False], [True, False, False]])
+    per_sample = [torch.sigmoid(torch.tensor(-5.0 + RELEVANCE_MARGIN)), torch.sigmoid(torch.tensor(RELEVANCE_MARGIN)),
+                  torch.tensor(0.0), torch.sigmoid(torch.tensor(3.0 - 0.0 + RELEVANCE_MARGIN))]  # median of [0, 1]: 0
+    assert relevance_loss(z, irrelevant).item() == pytest.approx(torch.stack(per_sample).mean().item(), rel=1e-6)
+    halves = (relevance_loss(z[:2], irrelevant[:2]) + relevance_loss(z[2:], irrelevant[2:])) / 2
+    assert relevance_loss(z, irrelevant).item() == pytest.approx(halves.item(), rel=1e-6)

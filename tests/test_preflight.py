@@ -144,7 +144,8 @@ def llava_json(tmp_path, records, images=("img0.png",)):
         make_sample(0, "train", i).image.save(folder / name)
     path = tmp_path / "train.json"
     path.write_text(json.dumps(records))
-    return {"data_settings.source": "llava_json", "data_settings.train_json": str(path),
+    return {"data_settings.source": "llava_json", "method_settings.relevance_weight": 0,  # no labels in such files
+            "data_settings.train_json": str(path),
             "data_settings.eval_json": str(path), "data_settings.image_folder": str(folder)}
 
 

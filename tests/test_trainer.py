@@ -119,9 +119,11 @@ def test_checkpoints_are_plain_state_dicts_and_rotate(tmp_path, tiny_folder):
     assert sorted(p.name for p in folder.iterdir()) == sorted(
         f"{n}_step_6.pt" for n in ("token_merger", "layer_pruners", "discriminator", "training_state"))
     merger = copy.deepcopy(trainer.model.merger)
-    torch.nn.init.zeros_(merger.scorer.net[1].weight)
+    for parameter in merger.parameters():
+        torch.nn.init.zeros_(parameter)
     merger.load_state_dict(torch.load(folder / "token_merger_step_6.pt"))  # the seed guide's way
-    assert torch.equal(merger.scorer.net[1].weight, trainer.model.merger.scorer.net[1].weight)
+    for name, value in trainer.model.merger.state_dict().items():
+        assert torch.equal(merger.state_dict()[name], value), name
     trainer.model.pruners.load_state_dict(torch.load(folder / "layer_pruners_step_6.pt", weights_only=True))
     trainer.discriminator.load_state_dict(torch.load(folder / "discriminator_step_6.pt", weights_only=True))
 
@@ -152,12 +154,15 @@ def test_a_crash_during_a_save_leaves_the_previous_checkpoint_loadable(tmp_path,
     assert not (folder / "layer_pruners_step_6.pt").exists()  # the half-written file never got its final name
 
 
-def test_importance_losses_are_logged_and_train_merger_and_pruners_towards_the_teacher(tmp_path, tiny_folder):
+@pytest.mark.parametrize("merger_type", ["simple", "question_aware"])
+def test_importance_losses_are_logged_and_train_merger_and_pruners_towards_the_teacher(tmp_path, tiny_folder,
+                                                                                      merger_type):
     only_importance = {f"method_settings.{k}": 0.0 for k in
                        ("task_loss_weight", "adv_loss_weight", "merge_sparsity_weight", "pruner_sparsity_weight",
-                        "distill_weight")}
+                        "distill_weight", "relevance_weight")}
     trainer = make_trainer(tmp_path, tiny_folder, **only_importance, **{"method_settings.merge_importance_weight": 1.0,
-                                                                        "method_settings.pruner_importance_weight": 1.0})
+                                                                        "method_settings.pruner_importance_weight": 1.0,
+                                                                        "method_settings.merger_type": merger_type})
     sharpen_attention(trainer.backbone.layers)  # else the teacher's attention is flat: nothing to learn
     batch = first_batch(trainer)
     names = ("merge_importance_loss", "pruner_importance_loss")
@@ -166,8 +171,10 @@ def test_importance_losses_are_logged_and_train_merger_and_pruners_towards_the_t
         values = trainer.training_step(batch)
         history.append([values[n] for n in names])
         trainer.step += 1
-    for name, first, last in zip(names, history[0], history[-1]):
-        assert last < first - 1e-3, (name, history)
+    for name, losses in zip(names, zip(*history)):
+        # every step lowers it (the question-aware merger's by about 1e-4 a step from its random start, the others'
+        # by more), far beyond float32 rounding
+        assert all(b < a - 1e-5 for a, b in zip(losses, losses[1:])), (name, history)
     trainer.log_step(values)
     text = (tmp_path / "out" / "logs" / "training.log").read_text()
     assert all(name in text for name in names)

@@ -68,18 +68,19 @@ RELEVANCE_MARGIN = 2.0  # how far below the relevant tokens' median score an irr
 
 
 def relevance_loss(logits: torch.Tensor, irrelevant: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean of sigmoid(z_j - median + margin) over the tokens labelled irrelevant (``irrelevant`` (B, n) bool), the
-    median over each sample's other real tokens (``valid`` (B, n)), detached: an irrelevant token's keep logit (or
-    merger score) is pushed below the typical relevant token's (mostly background), so hard mode's top-k drops it
-    first, while the level and order of the relevant tokens are left to the other losses. Bounded: a token the
-    module cannot tell from a relevant one stops pulling once it is far above (a softplus here made the merger's
-    scores diverge). 0 when no token is irrelevant."""
+    """sigmoid(z_j - median + margin) averaged over each sample's tokens labelled irrelevant (``irrelevant`` (B, n)
+    bool; 0 for a sample with none), then over the samples: a per-sample mean, as every loss here, so that the
+    data-parallel shards' losses average to the whole batch's. The median is over the sample's other real tokens
+    (``valid`` (B, n)), detached: an irrelevant token's keep logit (or merger score) is pushed below the typical
+    relevant token's (mostly background), so hard mode's top-k drops it first, while the level and order of the
+    relevant tokens are left to the other losses. Bounded: a token the module cannot tell from a relevant one stops
+    pulling once it is far above (a softplus here made the merger's scores diverge)."""
     logits = logits.float()
     valid = torch.ones_like(irrelevant) if valid is None else valid
     others = logits.detach().masked_fill(irrelevant | ~valid, float("nan")).nanmedian(dim=1, keepdim=True).values
     gap = torch.sigmoid(logits - others.nan_to_num(0.0) + RELEVANCE_MARGIN)
     weight = (irrelevant & valid).float()
-    return (gap * weight).sum() / weight.sum().clamp_min(1)
+    return ((gap * weight).sum(1) / weight.sum(1).clamp_min(1)).mean()
 
 
 def pruner_relevance_loss(stage_logits: list[torch.Tensor], stage_positions: list[torch.Tensor],
