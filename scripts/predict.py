@@ -51,6 +51,14 @@ def draw(pixels, grids, titles: list[str], path: Path, slots=None) -> None:
     plt.close(fig)
 
 
+def picture_path(out: Path) -> Path:
+    """Where the picture goes: ``out``, kept_tokens.png in it when it is a folder, .png added when it has no suffix
+    (what the plotting library would do, so that the path printed is the file written)."""
+    if out.is_dir():
+        return out / "kept_tokens.png"
+    return out if out.suffix else out.with_suffix(".png")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="run output_dir, saved pruned-model folder or training state")
@@ -59,8 +67,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backbone", help="backbone folder or id (default: the one the modules were trained on)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--max-new-tokens", type=int, default=16)
-    parser.add_argument("--out", type=Path, default=Path("kept_tokens.png"))
+    parser.add_argument("--out", type=Path, default=Path("kept_tokens.png"),
+                        help="the picture's file (a folder: kept_tokens.png in it)")
     args = parser.parse_args(argv)
+    args.out = picture_path(args.out)
     try:
         image = Image.open(args.image).convert("RGB")
         pruned = load_pruned(args.model, backbone=args.backbone, device=args.device)
@@ -87,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
                              model.backbone.num_vision_tokens)
     titles = [f"after the merger: {counts[0]:g}"] + [f"layer {layer}: {c:g}" for layer, c in zip(layers, counts[1:])]
     slots = prefill.merge.assignment[0] if prefill.merge is not None and prefill.merge.assignment is not None else None
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     draw(model_view(inputs["pixel_values"], pruned.processor.image_processor), grids, titles, args.out, slots)
     print(f"wrote {args.out}")
     return 0

@@ -65,4 +65,7 @@ def test_predict_prints_the_answer_and_draws_the_kept_patches(finished_tiny_run,
     counts = " → ".join(str(c) for c in [144, model.merged_tokens, *model.stage_budgets])
     assert "answer: " in printed and f"vision tokens: {counts} (merger" in printed and "saved" in printed
     assert out.read_bytes()[:4] == b"\x89PNG"
+    # a folder gets kept_tokens.png in it, a name without a suffix .png, and the line printed names that file
+    assert predict.picture_path(tmp_path) == tmp_path / "kept_tokens.png"
+    assert predict.picture_path(tmp_path / "new" / "kept") == tmp_path / "new" / "kept.png"
     assert predict.main(["--model", str(tmp_path / "absent"), "--image", str(image), "--question", "q"]) == 2
