@@ -30,7 +30,7 @@ from tqdm import tqdm  # noqa: E402
 
 from data.collator import VQACollator  # noqa: E402
 from data.scoring import accuracy_by_type  # noqa: E402
-from data.synthetic_vqa import SyntheticVQADataset, patch_index, question_objects  # noqa: E402
+from data.synthetic_vqa import GRID, SyntheticVQADataset, question_objects  # noqa: E402
 from models.baselines.base import PreProjectorSelector, gather_tokens  # noqa: E402
 from models.llava_backbone import LlavaBackbone  # noqa: E402
 from models.pruned_llava import PrunedLlava  # noqa: E402
@@ -43,11 +43,13 @@ FORCED = 1e4  # a keep logit that decides: log keep ~ 0 or ~ -1e4
 
 
 def asked_mask(samples, num_tokens: int) -> torch.Tensor:
-    """(B, N) bool, True at the vision tokens of the objects the question is about."""
-    mask = torch.zeros(len(samples), num_tokens, dtype=torch.bool)
+    """(B, N) bool, True at the vision tokens of the objects the question is about, on the backbone's patch grid as
+    :func:`distractor_mask` (a finer grid than the scenes' marks every token of an object's patch)."""
+    grids = np.zeros((len(samples), GRID, GRID), dtype=bool)
     for b, sample in enumerate(samples):
-        mask[b, [patch_index(o) for o in question_objects(sample)]] = True
-    return mask
+        for obj in question_objects(sample):
+            grids[(b, *obj.patch)] = True
+    return irrelevant_tokens(torch.as_tensor(grids), num_tokens)
 
 
 def distractor_mask(samples, num_tokens: int) -> torch.Tensor:

@@ -21,6 +21,18 @@ def test_distractor_mask_marks_exactly_the_objects_the_question_is_not_about():
     assert mask.any()
 
 
+def test_the_asked_objects_map_onto_the_backbones_patch_grid_as_the_distractors_do():
+    data = SyntheticVQADataset(20, "eval", seed=3)
+    samples = [data[i] for i in range(20)]
+    asked = distractor_oracle.asked_mask(samples, 144)
+    for b, sample in enumerate(samples):
+        assert set(torch.nonzero(asked[b]).flatten().tolist()) == {patch_index(o) for o in question_objects(sample)}
+    # on a grid twice as fine (24 x 24 tokens) each object covers its 2 x 2 block, there as in distractor_mask
+    fine, coarse = distractor_oracle.asked_mask(samples, 576), asked.view(-1, 12, 12)
+    assert torch.equal(fine.view(-1, 24, 24), coarse.repeat_interleave(2, 1).repeat_interleave(2, 2))
+    assert not (fine & distractor_oracle.distractor_mask(samples, 576)).any()
+
+
 def test_removed_before_the_language_model_are_the_distractors_only(shipped_backbone):
     data = SyntheticVQADataset(6, "eval", seed=3)
     samples = [data[i] for i in range(6)]
