@@ -5,7 +5,7 @@
     python main.py --config configs/tiny.yaml --set trainer_settings.dl_settings.batch_size=8
     python main.py --config configs/tiny.yaml --resume auto    # continue the run in output_dir
     python main.py --config configs/tiny.yaml --set manager_settings.mode=optuna --set search_settings.enable=true
-    torchrun --standalone --nproc_per_node 2 main.py --config configs/tiny.yaml   # data parallel (or accelerate launch)
+    accelerate launch --num_processes 8 main.py --config configs/llava_1_5_7b_665k.yaml   # data parallel (or torchrun)
 
 CLI -> config (validated, every problem at once) -> checks against the backbone's shape
 (before any weight loads) -> run mode: train, eval, or optuna (trainers/manager.py).
@@ -22,12 +22,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no machine this runs on may down
 
 import torch  # noqa: E402
 
-from configs.schema import (ConfigError, Config, check_against_backbone, check_devices, load_config,  # noqa: E402
-                            save_config)
+from configs.schema import (ConfigError, Config, batch_split_problem, check_against_backbone,  # noqa: E402
+                            check_devices, load_config, save_config)
 from data.instruction_json import BadSampleError  # noqa: E402
 from models.llava_backbone import BackboneNotFoundError, BackboneShape, read_backbone_shape  # noqa: E402
 from trainers.checkpoint import CheckpointError  # noqa: E402
-from trainers.distributed import DataParallel  # noqa: E402
+from trainers.distributed import finish, is_main_launch_process, join_processes, launched_processes  # noqa: E402
 from trainers.manager import run_search  # noqa: E402
 from trainers.metrics_log import summary  # noqa: E402
 from trainers.preflight import PreflightError, check_backbone_folder, check_output_dir, load_data, resume_state  # noqa: E402
@@ -63,18 +63,16 @@ def prepare(config: Config, config_path: str) -> BackboneShape:
     problems += check_devices(config, cuda, torch.cuda.device_count() if cuda else None)
     if problems:
         raise ConfigError(problems, config_path)
+    split = batch_split_problem(config, launched_processes())  # the launch against the config: one line
+    if split:
+        raise ValueError(split)
     return shape
 
 
-def launched_in_parallel() -> bool:
-    """Started by accelerate launch / torchrun with more than one process."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
-
-
 def run(config: Config, log: RunLog, resume: tuple[Path, dict] | None, out: Path, data,
-        data_parallel: DataParallel = DataParallel()) -> dict[str, float]:
-    world = load_world(config, log, data, data_parallel)
-    trainer = make_trainer(config, world, log, out, data_parallel)
+        processes=None) -> dict[str, float]:
+    world = load_world(config, log, data, processes)
+    trainer = make_trainer(config, world, log, out)
     if resume is not None:
         trainer.load_training_state(*resume)
     if config.manager_settings.mode == "eval":
@@ -93,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         shape = prepare(config, args.config)
         out = Path(config.manager_settings.output_dir)
         mode = config.manager_settings.mode
-        if launched_in_parallel() and mode != "train":
+        if launched_processes() > 1 and mode != "train":
             raise ValueError(f"manager_settings.mode {mode!r} runs as one process (the optuna manager starts its own "
                              "workers); start it with python main.py, not accelerate launch or torchrun")
         if mode == "optuna":
@@ -107,16 +105,17 @@ def main(argv: list[str] | None = None) -> int:
         resume = resume_state(args.resume, out, config, fresh_allowed=mode == "eval")
         data = load_data(config, shape.num_vision_tokens, shape.max_positions)
     except (ConfigError, BackboneNotFoundError, PreflightError, BadSampleError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        if is_main_launch_process():  # every process finds the same problem: one of them says it
+            print(f"error: {err}", file=sys.stderr)
         return 2
-    data_parallel = DataParallel.from_environment()
+    processes = join_processes()
     torch.manual_seed(config.manager_settings.seed)
-    if data_parallel.is_main:  # an evaluation writes its own config: the run's resolved_config.yaml stays the run's
+    if processes.is_main_process:  # an evaluation writes its own config: the run's resolved_config.yaml stays the run's
         save_config(config, out / ("eval_config.yaml" if config.manager_settings.mode == "eval" else "resolved_config.yaml"))
-    log = RunLog(out / "logs" / "training.log" if data_parallel.is_main else None, echo=data_parallel.is_main)
+    log = RunLog(out / "logs" / "training.log" if processes.is_main_process else None, echo=processes.is_main_process)
     try:
-        run(config, log, resume, out, data, data_parallel)
-        data_parallel.finish()
+        run(config, log, resume, out, data, processes)
+        finish()
     except NonFiniteLossError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -57,8 +57,16 @@ class ManagerSettings:
 
 @dataclass(frozen=True)
 class OptimizerSettings:
+    """One optimizer group: AdamW at ``lr``, with a linear warm-up from 0 over ``warmup_steps`` optimizer steps (or
+    ``warmup_ratio`` of all of them), then ``scheduler``: constant, or a cosine decay to ``min_lr_ratio`` x lr at the
+    last step (transformers' schedules: the first step of a warm-up runs at lr 0)."""
+
     lr: float = num(2e-5, gt=0)
     weight_decay: float = num(0.0, ge=0)
+    scheduler: Literal["constant", "cosine"] = "constant"
+    warmup_ratio: float = num(0.0, ge=0, lt=1)
+    warmup_steps: int | None = num(None, ge=0)  # overrides warmup_ratio
+    min_lr_ratio: float = num(0.0, ge=0, le=1)  # cosine only: the learning rate at the end, as a share of lr
 
 
 @dataclass(frozen=True)
@@ -71,7 +79,10 @@ class Optimizers:
 @dataclass(frozen=True)
 class DLSettings:
     epochs: int = num(1, ge=1)
+    # the global batch of one optimizer step, over every process and accumulation step: each process computes
+    # batch_size / (processes x gradient_accumulation_steps) samples at a time
     batch_size: int = num(12, ge=1)
+    gradient_accumulation_steps: int = num(1, ge=1)
     optimizers: Optimizers = field(default_factory=Optimizers)
 
 
@@ -87,7 +98,7 @@ class TrainerSettings:
     best_metric: str = "accuracy_hard"  # eval metric that picks *_best.pt
     best_mode: Literal["max", "min"] = "max"
     max_nonfinite_steps: int = num(3, ge=1)  # non-finite losses in a row before the run stops
-    mixed_precision: Literal["no", "bf16"] = "no"  # bf16 autocast (GPUs)
+    mixed_precision: Literal["no", "bf16"] = "no"  # bf16 autocast through accelerate (GPUs)
     gradient_checkpointing: bool = False  # recompute decoder layers in backward (saves GPU memory)
     eval_soft: bool = True  # evaluations also decode in soft mode (accuracy_soft; one forward per new token)
     eval_baseline: bool = True  # evaluations also measure the unpruned backbone (accuracy_baseline, once per eval set)
@@ -371,6 +382,15 @@ def cross_check(config: Config) -> list[str]:
     if best in skipped and not getattr(config.trainer_settings, skipped[best]):
         problems.append(f"trainer_settings.best_metric is {best!r}, which trainer_settings.{skipped[best]}: false "
                         "does not measure; choose another metric or measure it")
+    for name in ("token_merger", "layer_pruners", "discriminator"):
+        o = getattr(config.trainer_settings.dl_settings.optimizers, name)
+        where = f"trainer_settings.dl_settings.optimizers.{name}"
+        if o.warmup_steps is not None and o.warmup_ratio > 0:
+            problems.append(f"{where}: warmup_steps ({o.warmup_steps}) and warmup_ratio ({o.warmup_ratio:g}) are both "
+                            "set; give one of them")
+        if o.scheduler == "constant" and o.min_lr_ratio > 0:
+            problems.append(f"{where}.min_lr_ratio ({o.min_lr_ratio:g}) applies to scheduler: cosine only; set "
+                            "scheduler: cosine or remove it")
     if any(not 0 < r <= 1 for r in m.pruner_keep_ratios):
         problems.append(f"method_settings.pruner_keep_ratios {m.pruner_keep_ratios}: each must be in (0, 1]")
     if m.pruner_d_internal % m.pruner_num_heads:
@@ -571,6 +591,19 @@ def check_devices(config: Config, cuda_available: bool, device_count: int | None
             problems.append(f"manager_settings.gpus_per_subtask is {mg.gpus_per_subtask} but {device_count} GPU(s) "
                             "are visible; lower it or widen CUDA_VISIBLE_DEVICES")
     return problems
+
+
+def batch_split_problem(config: Config, num_processes: int) -> str | None:
+    """The global batch must split into equal micro-batches over the processes and accumulation steps."""
+    dl = config.trainer_settings.dl_settings
+    parts = num_processes * dl.gradient_accumulation_steps
+    if dl.batch_size % parts == 0:
+        return None
+    fits = sorted({p for p in (dl.batch_size // parts * parts, (dl.batch_size // parts + 1) * parts) if p > 0})
+    return (f"trainer_settings.dl_settings.batch_size ({dl.batch_size}) is the global batch and must split evenly "
+            f"over {num_processes} process(es) x {dl.gradient_accumulation_steps} accumulation step(s) = {parts} "
+            f"micro-batches; set it to a multiple of {parts} (e.g. {' or '.join(map(str, fits))}) or change "
+            "gradient_accumulation_steps or the number of processes")
 
 
 def relevance_grid_problem(method: MethodSettings, one_patch_grid: bool, num_vision_tokens: int) -> str | None:

@@ -46,9 +46,10 @@ class Discriminator(nn.Module):
                 module.reset_parameters()
 
 
-def discriminator_losses(disc: Discriminator, real: torch.Tensor, fake: torch.Tensor) -> dict[str, torch.Tensor]:
-    """BCE of the discriminator on detached pooled real/fake inputs, and its mean probabilities."""
-    real_logit, fake_logit = disc(real.detach()), disc(fake.detach())
+def discriminator_losses(disc: nn.Module, real: torch.Tensor, fake: torch.Tensor) -> dict[str, torch.Tensor]:
+    """BCE of the discriminator on detached pooled real/fake inputs, and its mean probabilities. One call of ``disc``
+    on both (a data-parallel wrapper expects one forward per backward)."""
+    real_logit, fake_logit = disc(torch.cat([real.detach(), fake.detach()])).split([len(real), len(fake)])
     return {
         "real_loss": F.binary_cross_entropy_with_logits(real_logit, torch.ones_like(real_logit)),
         "fake_loss": F.binary_cross_entropy_with_logits(fake_logit, torch.zeros_like(fake_logit)),
@@ -58,6 +59,8 @@ def discriminator_losses(disc: Discriminator, real: torch.Tensor, fake: torch.Te
 
 
 def adversarial_loss(disc: Discriminator, fake: torch.Tensor) -> torch.Tensor:
-    """Non-saturating generator loss: -log D(fake); gradients flow to whatever produced ``fake``."""
-    logit = disc(fake)
+    """Non-saturating generator loss: -log D(fake), through the discriminator's weights held fixed: gradients flow to
+    whatever produced ``fake``, never into the discriminator, so one backward can serve both players."""
+    fixed = {name: p.detach() for name, p in disc.named_parameters()}
+    logit = torch.func.functional_call(disc, fixed, (fake,))
     return F.binary_cross_entropy_with_logits(logit, torch.ones_like(logit))

@@ -22,6 +22,7 @@ def make_trainer(tmp_path, folder, **overrides):
 
 
 def first_batch(trainer):
+    """The micro-batches of the first step (one without gradient accumulation)."""
     return next(trainer.train_batches())
 
 
@@ -81,7 +82,7 @@ def test_nan_loss_stops_the_update_before_any_optimizer_step(tmp_path, tiny_fold
     log = (tmp_path / "out" / "logs" / "training.log").read_text()
     # numbered as the loss log numbers the step (the step is counted after training_step), naming the samples
     assert (f"[Step 1] non-finite task_loss: update skipped (1 in a row, limit 2); batch samples: "
-            f"{', '.join(batch['ids'])}") in log
+            f"{', '.join(i for micro in batch for i in micro['ids'])}") in log
     with pytest.raises(NonFiniteLossError, match="last good state is saved"):
         trainer.training_step(next(data))
     assert trainer.checkpointer.latest() is not None
@@ -196,8 +197,8 @@ def test_relevance_labels_zero_the_importance_target_at_the_distractors(tmp_path
 
     monkeypatch.setattr(trainer_module, "pruner_importance_loss", recording("pruner", trainer_module.pruner_importance_loss))
     monkeypatch.setattr(trainer_module, "merge_importance_loss", recording("merger", trainer_module.merge_importance_loss))
-    batch = first_batch(trainer)
-    values = trainer.training_step(batch)
+    (batch,) = micro_batches = first_batch(trainer)
+    values = trainer.training_step(micro_batches)
     distractors = batch["irrelevant"].flatten(1)  # (B, 144): the 12 x 12 grid is the backbone's patch grid
     assert distractors.any(dim=1).sum() >= 2  # the batch has distractors to drop
     ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]

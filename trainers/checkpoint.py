@@ -104,12 +104,17 @@ def rng_state() -> dict:
     }
     if torch.cuda.is_available():  # the Gumbel noise is drawn on the device, from each GPU's own generator
         state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda_current"] = torch.cuda.get_rng_state()  # this process's device: a data-parallel rank's
     return state
 
 
-def restore_rng_state(state: dict) -> None:
+def restore_rng_state(state: dict, data_parallel: bool = False) -> None:
+    """``state`` back into every generator. ``data_parallel``: each process restores its own device's generator from
+    rank 0's (ranks draw the same noise amounts from the same seed on their own device, so their states agree)."""
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
+    if data_parallel and "cuda_current" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda_current"])
+    elif "cuda" in state and torch.cuda.is_available():
         if len(state["cuda"]) != torch.cuda.device_count():
             raise CheckpointError(f"the checkpoint holds the RNG states of {len(state['cuda'])} GPU(s), this process "
                                   f"sees {torch.cuda.device_count()}: an exact resume needs the same GPUs "

@@ -130,6 +130,7 @@ LOSS_TERMS = (
 
 
 def weighted_sum(terms: dict[str, torch.Tensor], method) -> torch.Tensor:
-    """sum of weight x value over the generator's terms present in ``terms`` (weights from ``method``)."""
-    weights = {t.name: getattr(method, t.weight_key) for t in LOSS_TERMS if t.weight_key is not None}
-    return sum(weights[name] * value for name, value in terms.items())
+    """The loss one backward takes: weight x value over the generator's terms present in ``terms`` (weights from
+    ``method``) plus the discriminator's own losses; other entries (its probabilities) are not losses."""
+    weights = {t.name: 1.0 if t.weight_key is None else getattr(method, t.weight_key) for t in LOSS_TERMS}
+    return sum(weights[name] * value for name, value in terms.items() if name in weights)

@@ -12,7 +12,7 @@ import time
 
 import torch
 
-PHASES = ("teacher", "student", "discriminator", "optimizer")  # optimizer: generator backward, clipping and steps
+PHASES = ("teacher", "student", "backward", "optimizer")  # backward: the losses and their backward; optimizer: clip, step
 
 
 class Throughput:

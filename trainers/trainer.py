@@ -1,48 +1,51 @@
-"""The adversarial trainer: teacher pass, student pass, discriminator step, generator step.
+"""The adversarial trainer: teacher pass, student pass, then one backward for the discriminator and the generator.
 
-Each step:
-1. teacher: the unpruned backbone on the batch (no grad);
+Each optimizer step takes one global batch, as ``gradient_accumulation_steps`` micro-batches on each
+process (trainers/distributed.py: accelerate). Per micro-batch:
+1. teacher: the unpruned backbone (no grad);
 2. student: merger + soft pruners at temperature tau(step);
-3. discriminator update on detached real (teacher) / fake (student) answer states;
-4. generator update: task_loss_weight * task + adv_loss_weight * adv
+3. discriminator losses on detached real (teacher) / fake (student) answer states;
+4. generator losses: task_loss_weight * task + adv_loss_weight * adv
    + merge_sparsity_weight * merge_sparsity + pruner_sparsity_weight * pruner sparsity
    (+ distill_weight * KL(teacher || student) on the answer tokens)
    (+ merge_importance_weight * H(teacher attention, softmax(merger scores)), and the same for
-   each pruner's logits with pruner_importance_weight), stepping the
-   ``token_merger`` and ``layer_pruners`` optimizers.
-Three AdamW optimizers own disjoint parameter sets; every update is checked for non-finite
-losses before its optimizer step. Logs follow the quick-start guide's formats; checkpoints
-and exact resume are in trainers/checkpoint.py. Under data parallelism (trainers/distributed.py)
-each rank trains on its shard of every global batch with averaged gradients, and rank 0 alone
-logs, evaluates and writes checkpoints.
+   each pruner's logits with pruner_importance_weight), the adversarial term through the
+   discriminator's weights held fixed;
+and one backward of their sum, which reaches the discriminator from (3) only and the merger and
+pruners from (4) only. After the last micro-batch the three AdamW optimizers (disjoint parameter
+sets) clip and step, each with its learning-rate schedule. Both players update from the same
+discriminator (simultaneous updates): that makes the step independent of how the global batch is
+split into micro-batches and processes. A non-finite loss anywhere skips the whole update. Logs follow the quick-start
+guide's formats; checkpoints and exact resume are in trainers/checkpoint.py; rank 0 alone logs,
+evaluates and writes checkpoints.
 """
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 from typing import Callable
 
 import torch
+from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from configs.schema import Config, config_to_dict, relevance_grid_problem
+from configs.schema import Config, batch_split_problem, config_to_dict, relevance_grid_problem
 from data.build import batches
 from data.collator import VQACollator
 from models.discriminator import adversarial_loss, discriminator_losses
 from models.llava_backbone import LlavaBackbone
-from models.pruned_llava import PrunedLlava, compact, sorted_positions
+from models.pruned_llava import PrunedLlava, PrunedOutput, compact, sorted_positions
 from trainers.build import build_discriminator, build_pruned_model, stage_keep_ratios
 from trainers.checkpoint import STATE, Checkpointer, load, restore_rng_state, rng_state
-from trainers.distributed import DataParallel
+from trainers.distributed import make_accelerator, shard
 from trainers.evaluation import evaluate_accuracy, evaluate_pruned, generate_baseline_answers
 from trainers.run_log import RunLog
 from trainers.losses import (distillation_loss, irrelevant_tokens, merge_importance_loss, next_token_positions,
                              pruner_importance_loss, pruner_relevance_loss, relevance_loss, task_loss, weighted_sum)
 from trainers.pictures import grid_side, kept_patch_grids, model_view, strip
 from trainers.pruned_model import load_modules, read_saved_modules, save_pretrained
-from trainers.schedules import TemperatureSchedule
+from trainers.schedules import TemperatureSchedule, learning_rate_schedule
 from trainers.metrics_log import MetricsLog, summary
 from trainers.throughput import Throughput
 
@@ -54,13 +57,14 @@ def eval_set_identity(data) -> dict:
 
 
 def planned_steps(config: Config, train_size: int, world_size: int = 1) -> tuple[int, int]:
-    """(steps per epoch, total steps) of a run on ``train_size`` samples over ``world_size`` processes.
+    """(optimizer steps per epoch, total steps) of a run on ``train_size`` samples over ``world_size`` processes.
 
-    Equal shards: every rank draws the same amount of noise, so the ranks' RNGs stay in step; a last
-    batch that does not split evenly over the processes is left out."""
+    Equal micro-batches: every rank draws the same amount of noise, so the ranks' RNGs stay in step, and every
+    micro-batch weighs the same in the step; a last batch that does not split evenly into processes x accumulation
+    steps micro-batches is left out."""
     trainer = config.trainer_settings
     full, rest = divmod(train_size, trainer.dl_settings.batch_size)
-    per_epoch = full + (rest > 0 and rest % world_size == 0)
+    per_epoch = full + (rest > 0 and rest % (world_size * trainer.dl_settings.gradient_accumulation_steps) == 0)
     total = per_epoch * trainer.dl_settings.epochs
     return per_epoch, total if trainer.max_steps is None else min(total, trainer.max_steps)
 
@@ -72,15 +76,28 @@ class NonFiniteLossError(RuntimeError):
     pass
 
 
+class TrainedParts(nn.Module):
+    """The merger and the pruners as one module whose forward is the pruned forward: what accelerate prepares (DDP
+    over several processes), so their gradients are averaged while the frozen backbone, held outside the module
+    tree, is neither broadcast nor watched."""
+
+    def __init__(self, model: PrunedLlava):
+        super().__init__()
+        self.merger, self.pruners = model.merger, model.pruners
+        self._pruned = [model]  # a list: not a submodule
+
+    def forward(self, *args, **kwargs) -> PrunedOutput:
+        return self._pruned[0](*args, **kwargs)
+
+
 class Trainer:
     def __init__(self, config: Config, backbone: LlavaBackbone, train_set, eval_set, log: RunLog,
-                 output_dir: str | Path, data_parallel: DataParallel = DataParallel()):
+                 output_dir: str | Path):
         self.config, self.backbone, self.log = config, backbone, log
-        self.dp = data_parallel
-        bs = config.trainer_settings.dl_settings.batch_size
-        if bs % self.dp.world_size:
-            raise ValueError(f"trainer_settings.dl_settings.batch_size ({bs}) is the global batch and must split evenly "
-                             f"over the {self.dp.world_size} processes; make it a multiple of {self.dp.world_size}")
+        self.accelerator = make_accelerator(config.trainer_settings)
+        split = batch_split_problem(config, self.accelerator.num_processes)
+        if split:  # main.py refuses it before the weights load; here for callers that build a Trainer themselves
+            raise ValueError(split)
         self.train_set, self.eval_set = train_set, eval_set
         method, trainer = config.method_settings, config.trainer_settings
         relevance = relevance_grid_problem(method, backbone.one_patch_grid, backbone.num_vision_tokens)
@@ -95,7 +112,6 @@ class Trainer:
         log.info("Creating Discriminator...")
         self.discriminator = build_discriminator(method, backbone)
         self.teacher = PrunedLlava(backbone)  # the unpruned forward, through the same code path
-        self.dp.broadcast_parameters([self.model.merger, self.model.pruners, self.discriminator])
         params = {
             "token_merger": list(self.model.merger.parameters()) if self.model.merger is not None else [],
             "layer_pruners": list(self.model.pruners.parameters()),
@@ -107,8 +123,14 @@ class Trainer:
             for name, group in params.items() if group
         }
         self.collate = VQACollator(backbone.processor)
-        self.steps_per_epoch, self.total_steps = planned_steps(config, len(train_set), self.dp.world_size)
-        self.local_samples = 0  # samples of the current batch on this rank
+        self.steps_per_epoch, self.total_steps = planned_steps(config, len(train_set), self.accelerator.num_processes)
+        self.schedulers = {name: learning_rate_schedule(opt, getattr(trainer.dl_settings.optimizers, name),
+                                                        self.total_steps) for name, opt in self.optimizers.items()}
+        # What the step runs through accelerate: the trained parts and the discriminator, each called once per
+        # micro-batch (DDP over several processes; the modules themselves otherwise)
+        self.student = self.accelerator.prepare_model(TrainedParts(self.model)) if params["token_merger"] + \
+            params["layer_pruners"] else self.model
+        self.critic = self.accelerator.prepare_model(self.discriminator)
         self.temperature = TemperatureSchedule(method.temperature, method.temperature_min,
                                                method.temperature_anneal_rate, self.total_steps)
         self.checkpointer = Checkpointer(self.out / "checkpoints", trainer.keep_last)
@@ -131,6 +153,7 @@ class Trainer:
         return {
             "step": self.step, "temperature": self.temperature(self.step), "modules": self.module_states(),
             "optimizers": {name: opt.state_dict() for name, opt in self.optimizers.items()},
+            "schedulers": {name: scheduler.state_dict() for name, scheduler in self.schedulers.items()},
             "rng": rng_state(), "best": self.best, "nonfinite_in_a_row": self.nonfinite_in_a_row,
             "accuracy_baseline": self.accuracy_baseline, "baseline_eval_set": self.baseline_eval_set,
             "data_position": {"epoch": self.step // self.steps_per_epoch, "batch": self.step % self.steps_per_epoch},
@@ -150,128 +173,144 @@ class Trainer:
         self.discriminator.load_state_dict(state["modules"]["discriminator"])
         for name, opt in self.optimizers.items():
             opt.load_state_dict(state["optimizers"][name])
+            if "schedulers" in state:  # written since the schedules exist; before, every rate was constant
+                self.schedulers[name].load_state_dict(state["schedulers"][name])
         self.step, self.best = state["step"], state["best"]
         self.nonfinite_in_a_row, self.accuracy_baseline = state["nonfinite_in_a_row"], state["accuracy_baseline"]
         self.baseline_eval_set = state.get("baseline_eval_set")
-        restore_rng_state(state["rng"])
+        restore_rng_state(state["rng"], self.accelerator.num_processes > 1)
         self.log.info(f"Resumed from {path} at step {self.step}")
 
     def save(self, tag: str | None = None) -> Path:
-        if not self.dp.is_main:  # rank 0 writes; every rank reports the same path
+        if not self.accelerator.is_main_process:  # rank 0 writes; every rank reports the same path
             return self.checkpointer.folder / f"{STATE}_{tag or f'step_{self.step}'}.pt"
         return self.checkpointer.save(self.step, self.module_states(), self.training_state(), tag)
 
     # ------------------------------------------------------------------ data
     def train_batches(self):
-        """Batches from the current step on: a fresh permutation per epoch, seeded, so a resume continues exactly."""
+        """This process's micro-batches of each optimizer step from the current step on, one list per step: a fresh
+        permutation per epoch, seeded, so a resume continues exactly. A global batch is cut into
+        ``gradient_accumulation_steps`` consecutive parts and each part into one shard per process."""
         bs = self.config.trainer_settings.dl_settings.batch_size
+        parts = self.config.trainer_settings.dl_settings.gradient_accumulation_steps
+        rank, world = self.accelerator.process_index, self.accelerator.num_processes
         epoch, start = divmod(self.step, self.steps_per_epoch)
         while True:
             order = torch.randperm(len(self.train_set),
                                    generator=torch.Generator().manual_seed(self.config.manager_settings.seed + epoch))
-            index_batches = [self.dp.shard(order[i:i + bs].tolist())
-                             for i in range(0, len(order), bs)][start:self.steps_per_epoch]
+            steps = [order[i:i + bs].tolist() for i in range(0, len(order), bs)][start:self.steps_per_epoch]
+            micro_batches = [shard(part, rank, world) for batch in steps for part in
+                             (batch[len(batch) * k // parts: len(batch) * (k + 1) // parts] for k in range(parts))]
             # Its own generator: a DataLoader draws a seed when iterated, which must not move the global RNG
             # (the Gumbel noise's) differently in a resumed run.
-            loader = DataLoader(self.train_set, batch_sampler=index_batches, collate_fn=self.collate,
-                                num_workers=self.config.data_settings.num_workers,
-                                generator=torch.Generator().manual_seed(epoch))
-            yield from loader
+            loader = iter(DataLoader(self.train_set, batch_sampler=micro_batches, collate_fn=self.collate,
+                                     num_workers=self.config.data_settings.num_workers,
+                                     generator=torch.Generator().manual_seed(epoch)))
+            for _ in steps:
+                yield [next(loader) for _ in range(parts)]
             epoch, start = epoch + 1, 0
 
     # ------------------------------------------------------------------ one step
-    def autocast(self):
-        if self.config.trainer_settings.mixed_precision == "bf16":
-            return torch.autocast(self.backbone.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
-
-    def training_step(self, batch: dict) -> dict[str, float] | None:
-        """One step; returns the logged values, or None when a non-finite loss skipped the update."""
+    def training_step(self, micro_batches: list[dict]) -> dict[str, float] | None:
+        """One optimizer step over this process's micro-batches; returns the logged values (means over the
+        micro-batches), or None when a non-finite loss skipped the update."""
         method = self.config.method_settings
         tau = self.temperature(self.step)
-        device = self.backbone.device
-        ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-        pixels, labels = batch["pixel_values"].to(device, self.backbone.dtype), batch["labels"].to(device)
-        images = self.backbone.image_inputs(batch)  # what else the family's vision path reads (LLaVA-NeXT: sizes)
         self.model.train()
         self.discriminator.train()
         if method.disc_reinit_prob > 0 and torch.rand(()).item() < method.disc_reinit_prob:
             self.discriminator.reset_parameters()
             self.optimizers["discriminator"].state.clear()
         clock = self.throughput
-        clock.start_step(ids.shape[0], int(mask.sum()))
+        clock.start_step(sum(len(b["ids"]) for b in micro_batches),
+                         sum(int(b["attention_mask"].sum()) for b in micro_batches))
+        means: dict[str, torch.Tensor] = {}
+        bad: set[str] = set()
+        for batch in micro_batches:
+            with self.accelerator.accumulate(self.student, self.critic):
+                terms = self.losses(batch, tau)
+                bad |= {name for name, value in terms.items() if not torch.isfinite(value).all()}
+                self.accelerator.backward(weighted_sum(terms, method))
+            clock.lap("backward")
+            for name, value in terms.items():
+                means[name] = means.get(name, 0.0) + value.detach().float() / len(micro_batches)
+        if self._skip_update(bad, [i for b in micro_batches for i in b["ids"]]):
+            for opt in self.optimizers.values():
+                opt.zero_grad(set_to_none=True)
+            return None
+        for name, opt in self.optimizers.items():
+            self.accelerator.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]],
+                                             self.config.trainer_settings.max_grad_norm)
+            opt.step()
+            self.schedulers[name].step()
+            opt.zero_grad(set_to_none=True)
+        clock.lap("optimizer")
+        self.nonfinite_in_a_row = 0
+        values = {name: v.item() for name, v in means.items()}
+        values["temperature"] = tau
+        return values
 
-        with self.autocast():
+    def losses(self, batch: dict, tau: float) -> dict[str, torch.Tensor]:
+        """Every loss term of one micro-batch (trainers/losses.LOSS_TERMS; ``real_loss`` and ``fake_loss`` for the
+        discriminator) and the discriminator's mean probabilities."""
+        method = self.config.method_settings
+        device = self.backbone.device
+        ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+        pixels, labels = batch["pixel_values"].to(device, self.backbone.dtype), batch["labels"].to(device)
+        images = self.backbone.image_inputs(batch)  # what else the family's vision path reads (LLaVA-NeXT: sizes)
+        clock = self.throughput
+        with self.accelerator.autocast():
             with torch.no_grad():
                 teacher = self.teacher(ids, pixels, mask, labels=labels, image_inputs=images,  # (1) unpruned
                                        record_attention=method.merge_importance_weight + method.pruner_importance_weight > 0)
             clock.lap("teacher")
-            student = self.model(ids, pixels, mask, labels=labels, mode="soft", tau=tau, image_inputs=images)  # (2)
+            student = self.student(ids, pixels, mask, labels=labels, mode="soft", tau=tau, image_inputs=images)  # (2)
             clock.lap("student")
             real = self.discriminator.features(teacher.hidden, teacher.logits, next_token_positions(teacher.labels))
             fake = self.discriminator.features(student.hidden, student.logits, next_token_positions(student.labels))
+            terms = discriminator_losses(self.critic, real, fake)  # (3) on detached inputs
+            terms.update({  # (4)
+                "task_loss": task_loss(student.logits, student.labels),
+                "adv_loss": adversarial_loss(self.discriminator, fake),
+                "pruner_sparsity_loss": torch.stack(student.pruner_sparsity_losses).sum()
+                if student.pruner_sparsity_losses else torch.zeros((), device=device),
+            })
+            attention = relevant = teacher.vision_attention  # (B, N) the importance target
+            # a question-blind merger cannot know what is asked: relevance labels act on the pruners and on a
+            # question-aware merger only
+            aware = method.merger_type == "question_aware"
+            if method.relevance_weight > 0:
+                irrelevant = irrelevant_tokens(batch["irrelevant"], self.backbone.num_vision_tokens).to(device)
+                relevant = None if attention is None else attention * ~irrelevant
+            if student.merge is not None:
+                terms["merge_sparsity_loss"] = student.merge.sparsity_loss
+                if method.merge_importance_weight > 0:
+                    terms["merge_importance_loss"] = merge_importance_loss(student.merge.scores,
+                                                                           relevant if aware else attention)
+                if method.relevance_weight > 0 and aware:
+                    terms["merge_relevance_loss"] = relevance_loss(student.merge.scores, irrelevant)
+            if student.stage_logits and (method.pruner_importance_weight > 0 or method.relevance_weight > 0):
+                # the placeholders that hold a vision feature (LLaVA-NeXT's row ends do not), as the teacher's
+                # attention and the labels are over them
+                image_positions = sorted_positions(*compact(self.backbone.feature_slots(ids, **images)))  # (B, N)
+            if method.pruner_importance_weight > 0 and student.stage_logits:
+                terms["pruner_importance_loss"] = pruner_importance_loss(
+                    student.stage_logits, student.stage_positions, relevant, image_positions)
+            if method.relevance_weight > 0 and student.stage_logits:
+                terms["pruner_relevance_loss"] = pruner_relevance_loss(
+                    student.stage_logits, student.stage_positions, irrelevant, image_positions)
+            if method.distill_weight > 0:
+                terms["distill_loss"] = distillation_loss(student.logits, student.labels,
+                                                          teacher.logits, teacher.labels)
+        return terms
 
-            # (3) discriminator on detached inputs
-            d = discriminator_losses(self.discriminator, real, fake)
-        if not self._finite({"real_loss": d["real_loss"], "fake_loss": d["fake_loss"]}, batch["ids"]):
-            return None
-        self._update(["discriminator"], d["real_loss"] + d["fake_loss"])
-        clock.lap("discriminator")
-
-        # (4) generator: merger and pruners; the discriminator only judges
-        self.discriminator.requires_grad_(False)
-        try:
-            with self.autocast():
-                terms = {
-                    "task_loss": task_loss(student.logits, student.labels),
-                    "adv_loss": adversarial_loss(self.discriminator, fake),
-                    "pruner_sparsity_loss": torch.stack(student.pruner_sparsity_losses).sum()
-                    if student.pruner_sparsity_losses else torch.zeros((), device=device),
-                }
-                attention = relevant = teacher.vision_attention  # (B, N) the importance target
-                # a question-blind merger cannot know what is asked: relevance labels act on the pruners and on a
-                # question-aware merger only
-                aware = method.merger_type == "question_aware"
-                if method.relevance_weight > 0:
-                    irrelevant = irrelevant_tokens(batch["irrelevant"], self.backbone.num_vision_tokens).to(device)
-                    relevant = None if attention is None else attention * ~irrelevant
-                if student.merge is not None:
-                    terms["merge_sparsity_loss"] = student.merge.sparsity_loss
-                    if method.merge_importance_weight > 0:
-                        terms["merge_importance_loss"] = merge_importance_loss(student.merge.scores,
-                                                                               relevant if aware else attention)
-                    if method.relevance_weight > 0 and aware:
-                        terms["merge_relevance_loss"] = relevance_loss(student.merge.scores, irrelevant)
-                if student.stage_logits and (method.pruner_importance_weight > 0 or method.relevance_weight > 0):
-                    # the placeholders that hold a vision feature (LLaVA-NeXT's row ends do not), as the teacher's
-                    # attention and the labels are over them
-                    image_positions = sorted_positions(*compact(self.backbone.feature_slots(ids, **images)))  # (B, N)
-                if method.pruner_importance_weight > 0 and student.stage_logits:
-                    terms["pruner_importance_loss"] = pruner_importance_loss(
-                        student.stage_logits, student.stage_positions, relevant, image_positions)
-                if method.relevance_weight > 0 and student.stage_logits:
-                    terms["pruner_relevance_loss"] = pruner_relevance_loss(
-                        student.stage_logits, student.stage_positions, irrelevant, image_positions)
-                if method.distill_weight > 0:
-                    terms["distill_loss"] = distillation_loss(student.logits, student.labels,
-                                                              teacher.logits, teacher.labels)
-        finally:
-            self.discriminator.requires_grad_(True)
-        if not self._finite(terms, batch["ids"]):
-            return None
-        self._update(["token_merger", "layer_pruners"], weighted_sum(terms, method))
-        clock.lap("optimizer")
-        self.nonfinite_in_a_row = 0
-        values = {name: v.item() for name, v in terms.items()}
-        values.update({k: v.item() for k, v in d.items()})
-        values["temperature"] = tau
-        return values
-
-    def _finite(self, terms: dict[str, torch.Tensor], sample_ids: list[str]) -> bool:
-        bad = [name for name, value in terms.items() if not torch.isfinite(value).all()]
-        if not self.dp.any(bool(bad)):  # every rank skips the update together
-            return True
-        bad = bad or ["a loss on another process"]
+    def _skip_update(self, bad: set[str], sample_ids: list[str]) -> bool:
+        """True (on every process) when a loss of this step was non-finite on some process: the update is skipped,
+        logged with the terms and samples, and the run stops after ``max_nonfinite_steps`` such steps in a row."""
+        anywhere = self.accelerator.reduce(torch.tensor([float(bool(bad))], device=self.accelerator.device), "sum")
+        if anywhere.item() == 0:
+            return False
+        bad = sorted(bad) or ["a loss on another process"]
         self.nonfinite_in_a_row += 1
         limit = self.config.trainer_settings.max_nonfinite_steps
         step = self.step + 1  # the number the loss log gives this step
@@ -284,19 +323,14 @@ class Trainer:
                 f"{self.nonfinite_in_a_row} steps in a row had non-finite losses ({', '.join(bad)}) at step {step}; "
                 f"the last good state is saved in {path}. Lower the learning rates or the loss weights, or try "
                 "trainer_settings.mixed_precision: no")
-        return False
+        return True
 
-    def _update(self, groups: list[str], loss: torch.Tensor) -> None:
-        groups = [g for g in groups if g in self.optimizers]
-        for g in groups:
-            self.optimizers[g].zero_grad(set_to_none=True)
-        loss.backward()
-        self.dp.average_gradients([p for g in groups for group in self.optimizers[g].param_groups
-                                   for p in group["params"]], self.local_samples)
-        for g in groups:
-            params = [p for group in self.optimizers[g].param_groups for p in group["params"]]
-            torch.nn.utils.clip_grad_norm_(params, self.config.trainer_settings.max_grad_norm)
-            self.optimizers[g].step()
+    def _mean_over_processes(self, values: dict[str, float]) -> dict[str, float]:
+        """Logged values averaged over the processes (equal micro-batches: the whole global batch's means)."""
+        keys = sorted(values)
+        mean = self.accelerator.reduce(torch.tensor([values[k] for k in keys], dtype=torch.float64,
+                                                    device=self.accelerator.device), "mean")
+        return dict(zip(keys, mean.tolist()))
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self) -> dict[str, float]:
@@ -363,23 +397,22 @@ class Trainer:
                       f"mode: {self.backbone.num_vision_tokens} → "
                       + " → ".join(str(k) for k in self._budget_trajectory()))
         metrics: dict[str, float] = {}
-        bar = tqdm(total=self.total_steps, initial=self.step, desc="training", disable=not self.dp.is_main)
+        main = self.accelerator.is_main_process
+        bar = tqdm(total=self.total_steps, initial=self.step, desc="training", disable=not main)
         data = self.train_batches()
         try:
             while self.step < self.total_steps:
-                batch = next(data)
-                self.local_samples = batch["input_ids"].shape[0]
-                values = self.training_step(batch)
+                values = self.training_step(next(data))
                 self.step += 1
                 bar.update(1)
                 if values is not None:
                     bar.set_postfix(task=f"{values['task_loss']:.3f}", tau=f"{values['temperature']:.2f}")
                     if self.step % trainer.log_every == 0:
-                        values = self.dp.mean(values, self.local_samples)
-                        if self.dp.is_main:
+                        values = self._mean_over_processes(values)
+                        if main:
                             self.log_step(values)
                 last = self.step == self.total_steps
-                if (self.step % trainer.eval_every == 0 or last) and self.dp.is_main:
+                if (self.step % trainer.eval_every == 0 or last) and main:
                     metrics = self.evaluate()
                     self.log_eval(metrics)
                     self._keep_best(metrics)
@@ -387,7 +420,7 @@ class Trainer:
                         on_eval(self.step, metrics)
                 if self.step % trainer.save_every == 0 or last:
                     self.save()
-                if last and self.dp.is_main:
+                if last and main:
                     save_pretrained(self.model, self.config, self.out / "pruned_final")
         finally:
             bar.close()

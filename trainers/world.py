@@ -11,11 +11,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from accelerate import PartialState
 
 from configs.schema import Config
 from data.build import build_datasets
 from models.llava_backbone import LlavaBackbone
-from trainers.distributed import DataParallel
 from trainers.placement import place_pruners, spread_backbone
 from trainers.run_log import RunLog
 from trainers.trainer import Trainer
@@ -35,13 +35,13 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def subtask_devices(config: Config, data_parallel: DataParallel) -> list[torch.device]:
+def subtask_devices(config: Config, processes: PartialState | None = None) -> list[torch.device]:
     """The devices of this process: its rank's, or the config's device, or ``gpus_per_subtask`` GPUs from it on."""
-    if data_parallel.enabled:
+    if processes is not None and processes.num_processes > 1:
         if config.manager_settings.gpus_per_subtask > 1:
             raise ValueError("data-parallel launches put one process on each GPU; set manager_settings."
                              "gpus_per_subtask to 1, or start one process without accelerate to spread the backbone")
-        return [data_parallel.device]
+        return [processes.device]
     device = resolve_device(config.backbone_settings.device)
     count = config.manager_settings.gpus_per_subtask
     if device.type != "cuda" or count == 1:
@@ -53,11 +53,11 @@ def subtask_devices(config: Config, data_parallel: DataParallel) -> list[torch.d
     return [torch.device("cuda", first + i) for i in range(count)]
 
 
-def load_world(config: Config, log: RunLog, data=None, data_parallel: DataParallel = DataParallel()) -> BackboneAndData:
+def load_world(config: Config, log: RunLog, data=None, processes: PartialState | None = None) -> BackboneAndData:
     """The frozen backbone and the train / eval data sets (``data``, checked before: trainers/preflight.py; built
-    here when None), with what the seed guide prints."""
+    here when None), with what the seed guide prints. ``processes``: the launch's (trainers/distributed.py)."""
     settings = config.backbone_settings
-    devices = subtask_devices(config, data_parallel)
+    devices = subtask_devices(config, processes)
     log.info("Preloading backbone and dataset...")
     backbone = LlavaBackbone.from_pretrained(settings.name_or_path, settings.dtype, settings.attn_implementation,
                                              devices[0])
@@ -66,12 +66,19 @@ def load_world(config: Config, log: RunLog, data=None, data_parallel: DataParall
     train_set, eval_set = data if data is not None else build_datasets(config.data_settings)
     for name, dataset in (("train", train_set), ("eval", eval_set)):
         skipped, rewritten = getattr(dataset, "skipped", []), getattr(dataset, "rewritten", [])
-        log.info(f"{name} set: {len(dataset)} samples" + (f", {len(skipped)} bad samples skipped" if skipped else ""))
+        text_only, truncated = getattr(dataset, "text_only", 0), getattr(dataset, "truncated", [])
+        counts = [f"{text_only} text-only records skipped" if text_only else "",
+                  f"{len(skipped)} bad records skipped" if skipped else "",
+                  f"{len(truncated)} conversations cut to fit" if truncated else ""]
+        log.info(f"{name} set: {len(dataset)} samples" + "".join(f", {c}" for c in counts if c))
         for reason in skipped[:5]:
             log.info(f"  skipped: {reason}")
+        if truncated:
+            log.info(f"  {len(truncated)} conversations keep only the whole turns that fit the backbone's positions "
+                     f"(e.g. {', '.join(truncated[:3])})")
         if rewritten:
-            log.info(f"  {len(rewritten)} samples had no <image> or several in their question (e.g. "
-                     f"{', '.join(rewritten[:3])}); the image is placed once, before the question")
+            log.info(f"  {len(rewritten)} samples had no <image>, several, or one after the first question (e.g. "
+                     f"{', '.join(rewritten[:3])}); the image is placed once, before the first question")
     log.info("Freezing backbone parameters...")
     frozen = sum(p.numel() for p in backbone.parameters() if not p.requires_grad)
     where = (f"decoder layers over {', '.join(str(d) for d in devices)}" if layer_devices else f"device {devices[0]}")
@@ -81,9 +88,8 @@ def load_world(config: Config, log: RunLog, data=None, data_parallel: DataParall
     return BackboneAndData(backbone, train_set, eval_set, layer_devices)
 
 
-def make_trainer(config: Config, world: BackboneAndData, log: RunLog, output_dir: str | Path,
-                 data_parallel: DataParallel = DataParallel()) -> Trainer:
-    trainer = Trainer(config, world.backbone, world.train_set, world.eval_set, log, output_dir, data_parallel)
+def make_trainer(config: Config, world: BackboneAndData, log: RunLog, output_dir: str | Path) -> Trainer:
+    trainer = Trainer(config, world.backbone, world.train_set, world.eval_set, log, output_dir)
     if world.layer_devices is not None:
         place_pruners(trainer.model, world.layer_devices)
     return trainer
