@@ -1,9 +1,13 @@
-"""What several test modules build: tiny random LLaVA models and the shrunk tiny run (as a Config or main.py args)."""
+"""What several test modules build: tiny random LLaVA models, the shrunk tiny run (as a Config or main.py args) and a
+LLaVA-665K-shaped instruction file."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
+from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -113,3 +117,64 @@ class ChosenShare(nn.Module):
         priority = priority.masked_fill(rank >= self.tokens[:, None], -1.0)  # a shorter sample's padding slots
         order = priority.argsort(dim=1, descending=True).argsort(dim=1)  # each token's place in the priority
         return torch.where(order < self.keep[:, None], 30.0, -30.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class LlavaLikeFile:
+    """What :func:`write_llava_665k_like` wrote, with the counts a data set over it reports under
+    ``on_bad_sample: skip``."""
+
+    json_path: Path
+    image_folder: Path  # data_settings.image_folder: the records' 'image' paths are relative to it
+    records: int  # every record of the file
+    samples: int  # the image records a data set keeps (len(dataset))
+    multi_turn: int  # of those, the ones of 2 to 4 turns
+    turns: int  # the (question, answer) turns of those samples, all together
+    text_only: int  # records without 'image' (dataset.text_only)
+    bad: tuple[str, ...]  # ids of the bad records (an image file that does not exist): one reason each in skipped
+
+
+def write_llava_665k_like(folder, image_records: int = 12, text_only: int = 3, seed: int = 0, split: str = "train",
+                          name: str = "llava_665k_like.json") -> LlavaLikeFile:
+    """A file shaped like LLaVA-1.5's llava_v1_5_mix665k.json, in the tiny backbone's vocabulary, and its images.
+
+    Image records over synthetic scenes (data/synthetic_vqa.py), images as JPEGs under ``folder/coco/train2017/``:
+    1 to 4 turns each (the scene's own question first, then others about the same scene, every answer read off it),
+    one with ``<image>`` after its question, one grounding-style question naming an object's box as
+    ``[x0, y0, x1, y1]`` (its digits and brackets are unknown words to the tiny tokenizer); ``text_only`` records
+    without an image (ShareGPT-like); one record whose image file is missing. Records in a fixed shuffled order;
+    ``split`` and ``seed`` name the images, so a train and an eval file can share ``folder``."""
+    from data.synthetic_vqa import GRID, make_sample, scene_questions
+
+    folder = Path(folder)
+    (folder / "coco" / "train2017").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng([seed, image_records, text_only])
+    records, turn_counts = [], []
+    for index in range(image_records):
+        sample = make_sample(seed, split, index)
+        image = f"coco/train2017/{split}_{seed}_{index:012d}.jpg"
+        sample.image.save(folder / image, quality=95)
+        others = [(q, a) for _, q, a in scene_questions(sample.objects, rng) if q != sample.question]
+        turns = [(sample.question, sample.answer), *others[: index % 4]]
+        if index == 1:  # grounding: a region given as a normalized box, as in LLaVA's RefCOCO / VG records
+            obj = sample.objects[0]
+            row, col = obj.patch
+            box = ", ".join(f"{v / GRID:.2f}" for v in (col, row, col + 1, row + 1))
+            turns = [(f"what color is the object in [{box}] ?", obj.color)]
+        values = [text for pair in turns for text in pair]  # human, gpt, human, gpt, ...
+        values[0] = f"{values[0]}\n<image>" if index == 2 else f"<image>\n{values[0]}"
+        records.append({"id": sample.id, "image": image, "conversations": [
+            {"from": ("human", "gpt")[i % 2], "value": value} for i, value in enumerate(values)]})
+        turn_counts.append(len(turns))
+    for i in range(text_only):
+        records.append({"id": f"sharegpt-{split}-{i}", "conversations": [
+            {"from": "human", "value": "what shape is a circle ?"}, {"from": "gpt", "value": "circle"},
+            {"from": "human", "value": "how many objects are there ?"}, {"from": "gpt", "value": "two"}]})
+    bad = f"{split}-{seed}-missing"
+    records.append({"id": bad, "image": f"coco/train2017/{split}_{seed}_missing.jpg", "conversations": [
+        {"from": "human", "value": "<image>\nwhat color is the object in the top row ?"}, {"from": "gpt", "value": "red"}]})
+    order = rng.permutation(len(records))
+    json_path = folder / name
+    json_path.write_text(json.dumps([records[i] for i in order], indent=1))
+    return LlavaLikeFile(json_path, folder, len(records), image_records, sum(n > 1 for n in turn_counts),
+                         sum(turn_counts), text_only, (bad,))

@@ -185,3 +185,68 @@ def test_question_longer_than_the_model_positions(tmp_path, tiny_folder, capsys,
     assert entry.main(args) == 2
     err = one_error(capsys)
     assert "sample 'long' takes" in err and "max_position_embeddings is 1024" in err
+
+
+TURNS = (("what color is the object in the top row ?", "red"), ("is there a red circle ?", "yes"),
+         ("how many blue objects are there ?", "two"), ("what shape is the red object ?", "circle"),
+         ("what row is the red object in ?", "top"))
+
+
+def conversation(sample_id, turns):
+    values = [text for pair in turns for text in pair]
+    values[0] = f"<image>\n{values[0]}"
+    return {"id": sample_id, "image": "img0.png",
+            "conversations": [{"from": ("human", "gpt")[i % 2], "value": v} for i, v in enumerate(values)]}
+
+
+def positions(processor, turns) -> int:
+    """The positions the collator's training text of ``turns`` takes."""
+    from data.collator import VQACollator
+    from data.instruction_json import InstructionSample
+
+    sample = InstructionSample("x", make_sample(0, "train", 0).image, *turns[0], turns=turns)
+    return int(VQACollator(processor)([sample])["attention_mask"].sum())
+
+
+def instruction_data(tmp_path, records, on_bad_sample="error"):
+    from data.instruction_json import LlavaInstructionDataset
+
+    settings = llava_json(tmp_path, records)
+    return LlavaInstructionDataset(settings["data_settings.train_json"], settings["data_settings.image_folder"],
+                                   on_bad_sample)
+
+
+@pytest.mark.parametrize("fitting", [1, 3])
+def test_long_conversations_keep_the_whole_turns_that_fit(tmp_path, processor, fitting):
+    """The limit is exactly the positions of the first ``fitting`` turns (one fewer: one turn fewer fits)."""
+    from tests.helpers import SHIPPED_BACKBONE
+    from trainers.preflight import check_prompt_lengths
+
+    limit = positions(processor, TURNS[:fitting])
+    assert positions(processor, TURNS[:fitting + 1]) > limit
+    data = instruction_data(tmp_path, [conversation("long", TURNS), conversation("short", TURNS[:1])])
+    check_prompt_lengths(data, SHIPPED_BACKBONE, 144, limit)
+    assert [r.turns for r in data.records] == [TURNS[:fitting], TURNS[:1]]
+    assert data.truncated == ["long"] and data.skipped == []
+    assert data[0].turns == TURNS[:fitting] and positions(processor, data[0].turns) <= limit
+
+    data = instruction_data(tmp_path, [conversation("long", TURNS), conversation("short", TURNS[:1])])
+    check_prompt_lengths(data, SHIPPED_BACKBONE, 144, limit + 1000)
+    assert [r.turns for r in data.records] == [TURNS, TURNS[:1]] and data.truncated == []
+
+
+def test_a_first_turn_longer_than_the_positions_is_a_bad_record(tmp_path, processor):
+    from tests.helpers import SHIPPED_BACKBONE
+    from trainers.preflight import PreflightError, check_prompt_lengths
+
+    long_first = ((" ".join(["what color is the object in the top row ?"] * 3), "red"), *TURNS[1:])
+    limit = positions(processor, long_first[:1]) - 1
+    records = [conversation("a", TURNS[:2]), conversation("long", long_first), conversation("b", TURNS[:1])]
+    with pytest.raises(PreflightError, match=f"1 sample\\(s\\) need more positions than the model has for their first "
+                                             f"turn alone.*max_position_embeddings is {limit}\\): sample 'long' takes "
+                                             f"{limit + 1} tokens .*on_bad_sample: skip"):
+        check_prompt_lengths(instruction_data(tmp_path, records), SHIPPED_BACKBONE, 144, limit)
+    data = instruction_data(tmp_path, records, on_bad_sample="skip")
+    check_prompt_lengths(data, SHIPPED_BACKBONE, 144, limit)
+    assert [r.id for r in data.records] == ["a", "b"] and data.truncated == []
+    assert len(data.skipped) == 1 and "sample 'long'" in data.skipped[0] and "first turn is longer" in data.skipped[0]

@@ -3,8 +3,9 @@
 ``python main.py`` calls these in order after the config loads: the backbone folder (config,
 processor and tokenizer files), the output folder (a folder, writable), the checkpoint to resume
 (readable, a training state, trained with a config this run can continue), and the data (every
-record and image of the files, every prompt within the model's positions). Nothing in the output
-folder is written until all of them have passed, so a run that fails here changes nothing there.
+record and image of the files; every training conversation within the model's positions, a long one
+cut to whole turns). Nothing in the output folder is written until all of them have passed, so a run
+that fails here changes nothing there.
 """
 
 from __future__ import annotations
@@ -48,22 +49,21 @@ def check_backbone_folder(name_or_path: str) -> None:
 
 # ----------------------------------------------------------------------------- the output folder
 def check_output_dir(out: Path) -> None:
-    """``out`` is (or can become) a folder this process can write."""
+    """``out`` is (or can become) a folder this process can write; nothing is created (a refused run leaves no trace)."""
     if out.exists() and not out.is_dir():
         raise PreflightError("manager_settings.output_dir is a file, not a folder", str(out),
                              "choose another output_dir, or move the file away")
     existing = out
     while not existing.exists():
         existing = existing.parent
-    if not os.access(existing, os.W_OK | os.X_OK):
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
         raise PreflightError("manager_settings.output_dir is not writable", str(existing),
                              "choose an output_dir on a writable disk, or fix the folder's permissions")
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out):
+        with tempfile.TemporaryFile(dir=existing):
             pass
     except OSError as err:
-        raise PreflightError(f"cannot write in manager_settings.output_dir ({err.strerror or err})", str(out),
+        raise PreflightError(f"cannot write in manager_settings.output_dir ({err.strerror or err})", str(existing),
                              "choose an output_dir on a writable disk with free space") from err
 
 
@@ -179,7 +179,7 @@ def _read_state(path: Path) -> dict:
 
 # ----------------------------------------------------------------------------- data
 def load_data(config: Config, num_vision_tokens: int, max_positions: int | None):
-    """(train, eval) data sets, every record and image header checked, prompts within the model's positions."""
+    """(train, eval) data sets, every record and image header checked, conversations within the model's positions."""
     from data.build import build_datasets
     from data.instruction_json import LlavaInstructionDataset
 
@@ -192,21 +192,56 @@ def load_data(config: Config, num_vision_tokens: int, max_positions: int | None)
 
 
 def check_prompt_lengths(dataset, name_or_path: str, num_vision_tokens: int, max_positions: int) -> None:
-    """Every training text (prompt, answer, end token; the image as its vision tokens) fits ``max_positions``."""
-    from transformers import AutoTokenizer
+    """Every training conversation (every turn as data/collator.py renders it, the image as its vision tokens) fits
+    ``max_positions``. A longer one keeps the longest run of whole turns that fits, as LLaVA truncates long
+    conversations (counted in ``dataset.truncated``); a record whose first turn alone does not fit is a bad record."""
+    from data.instruction_json import SHOWN_PROBLEMS
 
-    from data.collator import build_prompt
-
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path, local_files_only=True)
-    texts = [f"{build_prompt(r.question)} {r.answer}" for r in dataset.records]
-    lengths = [len(ids) + num_vision_tokens for ids in tokenizer(texts, add_special_tokens=True)["input_ids"]]
-    too_long = {r.id: n for r, n in zip(dataset.records, lengths) if n > max_positions}
-    if not too_long:
+    records = dataset.records
+    processor = _load_processor(name_or_path)
+    lengths = _training_lengths(processor, [r.turns for r in records], num_vision_tokens)
+    long = [i for i, n in enumerate(lengths) if n > max_positions]
+    if not long:
         return
-    first, n = next(iter(too_long.items()))
-    if dataset.on_bad_sample == "error":
-        raise PreflightError(f"{len(too_long)} sample(s) need more positions than the model has: sample {first!r} "
-                             f"takes {n} tokens with its {num_vision_tokens} vision tokens, the backbone's "
-                             f"max_position_embeddings is {max_positions}", str(dataset.json_path),
+    # Only the long conversations are measured again, one run of turns at a time.
+    prefixes = [(i, k) for i in long for k in range(1, len(records[i].turns))]
+    prefix_lengths = dict(zip(prefixes, _training_lengths(processor, [records[i].turns[:k] for i, k in prefixes],
+                                                          num_vision_tokens)))
+    kept = [len(r.turns) for r in records]
+    for i in long:
+        kept[i] = sum(prefix_lengths[i, k] <= max_positions for k in range(1, len(records[i].turns)))
+    too_long = [(records[i].id, prefix_lengths.get((i, 1), lengths[i])) for i in long if kept[i] == 0]
+    if too_long and dataset.on_bad_sample == "error":
+        named = "; ".join(f"sample {sample_id!r} takes {n} tokens" for sample_id, n in too_long[:SHOWN_PROBLEMS])
+        more = f"; and {len(too_long) - SHOWN_PROBLEMS} more" if len(too_long) > SHOWN_PROBLEMS else ""
+        raise PreflightError(f"{len(too_long)} sample(s) need more positions than the model has for their first turn "
+                             f"alone, with its {num_vision_tokens} vision tokens (the backbone's "
+                             f"max_position_embeddings is {max_positions}): {named}{more}", str(dataset.json_path),
                              "shorten them, or set data_settings.on_bad_sample: skip to leave them out")
-    dataset.drop(set(too_long), f"longer than the backbone's {max_positions} positions")
+    dataset.keep_turns(kept, f"the first turn is longer than the backbone's {max_positions} positions")
+
+
+def _load_processor(name_or_path: str):
+    """The backbone's processor (its chat template, image token and tokenizer), as the backbone will load it."""
+    from transformers import AutoConfig
+
+    from models.llava_backbone import backbone_class
+
+    config = AutoConfig.from_pretrained(name_or_path, local_files_only=True)
+    return backbone_class(config.model_type, name_or_path).load_processor(name_or_path, local_files_only=True)
+
+
+def _training_lengths(processor, conversations: list, num_vision_tokens: int, batch: int = 4096) -> list[int]:
+    """The positions each conversation's training text takes once the processor has replaced its image token by the
+    vision tokens; tokenized in batches with the fast tokenizer, as a file holds up to 665K records."""
+    from tqdm import tqdm
+
+    from data.collator import adds_special_tokens, render_conversation
+
+    tokenizer, lengths = processor.tokenizer, []
+    for start in tqdm(range(0, len(conversations), batch), desc="measuring conversations", unit="batch",
+                      disable=len(conversations) < 10 * batch):
+        texts = [render_conversation(processor, turns) for turns in conversations[start:start + batch]]
+        ids = tokenizer(texts, add_special_tokens=adds_special_tokens(tokenizer, texts[0]))["input_ids"]
+        lengths += [len(row) - 1 + num_vision_tokens for row in ids]
+    return lengths
