@@ -372,6 +372,10 @@ def cross_check(config: Config) -> list[str]:
     if layers and not m.pruner_keep_ratios:
         problems.append("method_settings.pruner_keep_ratios is empty; give one keep ratio per pruning layer (or as "
                         "many as you like: a schedule with another count is spread geometrically over the layers)")
+    if not layers and m.pruner_keep_ratios:  # no pruners: the merger trains alone, and no stage takes a ratio
+        problems.append(f"method_settings.pruning_layers is [] (no pruners) but pruner_keep_ratios is "
+                        f"{m.pruner_keep_ratios}; to train the token merger alone set pruner_keep_ratios: [] too, "
+                        "otherwise list the decoder layers that get a pruner")
     best = config.trainer_settings.best_metric
     if not is_eval_metric(best):
         close = difflib.get_close_matches(best, EVAL_METRICS, n=1, cutoff=0.5)
@@ -654,6 +658,47 @@ def check_against_backbone(config: Config, num_layers: int, num_vision_tokens: i
 
 
 # ----------------------------------------------------------------------------- loading
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, recording each key written twice in one mapping (PyYAML itself keeps the last value
+    silently): ``duplicates`` holds (key, line of its first writing, line of the repeat)."""
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self.duplicates: list[tuple[Any, int, int]] = []
+
+    def construct_mapping(self, node, deep=False):
+        first_line: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # '<<: *anchor' may be followed by keys it overrides
+                continue
+            key, line = self.construct_object(key_node, deep=True), key_node.start_mark.line + 1
+            try:
+                if key in first_line:
+                    self.duplicates.append((key, first_line[key], line))
+                else:
+                    first_line[key] = line
+            except TypeError:  # an unhashable key: the constructor below refuses it itself
+                continue
+        return super().construct_mapping(node, deep)
+
+
+def _parse_yaml(text: str) -> tuple[Any, list[tuple[Any, int, int]]]:
+    """The YAML document in ``text`` and its duplicated keys (:class:`_UniqueKeyLoader`); raises yaml.YAMLError."""
+    loader = _UniqueKeyLoader(text)
+    try:
+        return loader.get_single_data(), sorted(loader.duplicates, key=lambda duplicate: duplicate[2])
+    finally:
+        loader.dispose()
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """A YAML error in one line: what the parser expected and where."""
+    if isinstance(err, yaml.MarkedYAMLError) and err.problem:
+        mark = err.problem_mark
+        return f"{err.problem} at line {mark.line + 1}, column {mark.column + 1}" if mark else err.problem
+    return str(err).splitlines()[0]
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """``"a.b.c=value"`` -> (["a", "b", "c"], value typed as YAML would type it)."""
     if "=" not in text:
@@ -662,7 +707,17 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     parts = key.strip().split(".")
     if not all(parts):
         raise ConfigError([f"--set {text!r}: empty key part in {key!r}"], "command line")
-    return parts, yaml.safe_load(raw) if raw.strip() else ""
+    if not raw.strip():
+        return parts, ""
+    try:
+        value, duplicates = _parse_yaml(raw)
+    except yaml.YAMLError as err:
+        raise ConfigError([f"--set {text!r}: not a valid YAML value ({_yaml_problem(err)}); quote it or fix its "
+                           "brackets and quotes"], "command line") from err
+    if duplicates:
+        raise ConfigError([f"--set {text!r}: key {k!r} is written twice in the value; keep one"
+                           for k, _, _ in duplicates], "command line")
+    return parts, value
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
@@ -695,11 +750,19 @@ def read_yaml(path: str | Path) -> dict:
     if not path.is_file():
         raise ConfigError([f"no such file: {path} (pass --config PATH; shipped configs are in configs/)"], str(path))
     try:
-        data = yaml.safe_load(path.read_text())
+        data, duplicates = _parse_yaml(path.read_text())
     except yaml.YAMLError as err:
         raise ConfigError([f"not valid YAML: {err}"], str(path)) from err
-    if data is None:
-        return {}
+    if duplicates:
+        problems = []
+        for key, first, line in duplicates:
+            where = f"lines {first} and {line}" if first != line else f"line {line}"
+            problems.append(f"key {key!r} is written twice in one mapping, at {where}: YAML would keep only the last; "
+                            "remove one or merge them")
+        raise ConfigError(problems, str(path))
+    if data is None or data == {}:
+        raise ConfigError([f"{path} holds no settings (it is empty or only comments); write the sections to change, "
+                           "or start from a shipped config such as configs/tiny.yaml"], str(path))
     if not isinstance(data, dict):
         raise ConfigError([f"top level must be a mapping of sections, got {type(data).__name__}"], str(path))
     return data

@@ -1,4 +1,5 @@
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -144,6 +145,80 @@ def test_file_errors(tmp_path):
         load_config(write(tmp_path, "- 1\n"))
 
 
+@pytest.mark.parametrize("name", sorted(str(p) for p in Path("configs").glob("*.yaml")))
+def test_every_shipped_config_loads(name):
+    assert load_config(name).backbone_settings.name_or_path
+
+
+@pytest.mark.parametrize("text", ["", "\n\n", "# nothing set yet\n", "{}\n"])
+def test_a_config_without_settings_is_refused(tmp_path, text):
+    """An empty file would run with every default (the 7B backbone) instead of saying what is wrong."""
+    path = write(tmp_path, text)
+    assert problems_of(path) == [f"{path} holds no settings (it is empty or only comments); write the sections to "
+                                 "change, or start from a shipped config such as configs/tiny.yaml"]
+
+
+def test_a_key_written_twice_is_refused_at_any_depth(tmp_path):
+    path = write(tmp_path, """\
+        trainer_settings:
+          log_every: 5
+        method_settings:
+          merge_ratio: 0.4
+          merge_ratio: 0.5
+          optimizers_like: {lr: 1, lr: 2}
+        trainer_settings:
+          eval_every: 7
+        """)
+    repeats = "YAML would keep only the last; remove one or merge them"
+    assert problems_of(path) == [f"key 'merge_ratio' is written twice in one mapping, at lines 4 and 5: {repeats}",
+                                 f"key 'lr' is written twice in one mapping, at line 6: {repeats}",
+                                 f"key 'trainer_settings' is written twice in one mapping, at lines 1 and 7: {repeats}"]
+    assert problems_of(path, ["method_settings.merge_ratio=0.4"])[0].startswith("key 'merge_ratio'")
+
+
+def test_a_merge_key_may_be_overridden(tmp_path):
+    """'<<: *anchor' followed by a key it holds is YAML's way to override, not a key written twice."""
+    path = write(tmp_path, """\
+        backbone_settings: {name_or_path: backbones/tiny-llava, device: cpu}
+        trainer_settings:
+          dl_settings:
+            optimizers:
+              token_merger: &fast {lr: 0.005, weight_decay: 0.1}
+              layer_pruners: {<<: *fast, lr: 0.001}
+        """)
+    optimizers = load_config(path).trainer_settings.dl_settings.optimizers
+    assert (optimizers.layer_pruners.lr, optimizers.layer_pruners.weight_decay) == (0.001, 0.1)
+
+
+@pytest.mark.parametrize("override, problem", [
+    ("method_settings.pruning_layers=[2,4", "not a valid YAML value (expected ',' or ']', but got '<stream end>' at "
+                                            "line 1, column 5); quote it or fix its brackets and quotes"),
+    ("data_settings.train_json=\"a.json", "not a valid YAML value (found unexpected end of stream at line 1, "
+                                          "column 8); quote it or fix its brackets and quotes"),
+    ("method_settings={merge_ratio: 0.4, merge_ratio: 0.5}", "key 'merge_ratio' is written twice in the value; keep one"),
+])
+def test_a_malformed_override_is_one_line_naming_it(override, problem, capsys):
+    import main as entry
+
+    assert problems_of("configs/tiny.yaml", [override]) == [f"--set {override!r}: {problem}"]
+    assert entry.main(["--config", "configs/tiny.yaml", "--set", override]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: command line: 1 problem(s):\n  - --set {override!r}: {problem}\n"
+
+
+def test_no_pruning_layers_trains_the_merger_alone_only_without_keep_ratios():
+    """pruning_layers [] means no pruners: a keep-ratio schedule then has no stage to apply to and is refused at
+    load (the model would refuse it only after the weights load); with no ratios either, every stage list agrees."""
+    from trainers.build import stage_keep_ratios
+
+    assert problems_of("configs/tiny.yaml", ["method_settings.pruning_layers=[]"]) == [
+        "method_settings.pruning_layers is [] (no pruners) but pruner_keep_ratios is [0.5, 0.75, 0.67]; to train the "
+        "token merger alone set pruner_keep_ratios: [] too, otherwise list the decoder layers that get a pruner"]
+    alone = load_config("configs/tiny.yaml", ["method_settings.pruning_layers=[]", "method_settings.pruner_keep_ratios=[]"])
+    assert alone.method_settings.pruning_layers == [] and stage_keep_ratios(alone.method_settings) == []
+    assert check_against_backbone(alone, num_layers=8, num_vision_tokens=144, image_size=96) == []
+
+
 def search_problems(tmp_path, search_yaml, manager="{mode: optuna}"):
     return problems_of(write(tmp_path, f"manager_settings: {manager}\nsearch_settings:\n" + textwrap.indent(
         textwrap.dedent(search_yaml), "  ")))
@@ -287,3 +362,23 @@ def test_relevance_labels_need_data_that_has_them(tmp_path):
     assert problems == ["method_settings.relevance_weight is 1 but data_settings.source 'llava_json' has no relevance "
                         "labels (only the synthetic scenes mark the objects a question is not about); set it to 0"]
     assert load_config("configs/tiny.yaml", ["method_settings.relevance_weight=2"]).method_settings.relevance_weight == 2
+
+
+def test_schedules_and_accumulation_are_checked():
+    from configs.schema import batch_split_problem, config_from_dict, read_yaml
+
+    group = "trainer_settings.dl_settings.optimizers.token_merger"
+    with pytest.raises(ConfigError) as err:
+        config_from_dict(apply_overrides(read_yaml("configs/tiny.yaml"), [
+            f"{group}.warmup_steps=10", f"{group}.warmup_ratio=0.1", f"{group}.min_lr_ratio=0.1",
+            "trainer_settings.dl_settings.optimizers.discriminator.scheduler=linear",
+            "trainer_settings.dl_settings.gradient_accumulation_steps=0"]))
+    problems = "\n".join(err.value.problems)
+    assert f"{group}: warmup_steps (10) and warmup_ratio (0.1) are both set; give one of them" in problems
+    assert f"{group}.min_lr_ratio (0.1) applies to scheduler: cosine only" in problems
+    assert "discriminator.scheduler: 'linear' is not one of ['constant', 'cosine']" in problems
+    assert "gradient_accumulation_steps: 0 is out of range, must be >= 1" in problems
+    config = config_from_dict(apply_overrides(read_yaml("configs/tiny.yaml"), [
+        "trainer_settings.dl_settings.batch_size=16", "trainer_settings.dl_settings.gradient_accumulation_steps=4"]))
+    assert batch_split_problem(config, 4) is None
+    assert "a multiple of 12 (e.g. 12 or 24)" in batch_split_problem(config, 3)
