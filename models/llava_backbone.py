@@ -488,5 +488,5 @@ def missing_backbone_message(name_or_path: str, err: Exception) -> str:
                 f"at the folder of a llava-hf checkpoint, {cpu_default}")
     return (f"backbone {name_or_path!r} is not in the local Hugging Face cache (HF_HOME / ~/.cache/huggingface) and "
             "nothing is downloaded at run time (backbone_settings.name_or_path): download it once on a machine with "
-            f"network access (huggingface-cli download {name_or_path}) and point name_or_path at the folder, "
+            f"network access (hf download {name_or_path}) and point name_or_path at the folder, "
             f"{cpu_default}")

@@ -1,15 +1,17 @@
 """The prepared GPU check: training steps, the largest batch that fits, and the prefill table, in one command.
 
     python scripts/gpu_check.py                       # one CUDA GPU, llava-1.5-7b's shapes, random init
+    python scripts/gpu_check.py --config configs/llava_1_5_7b_665k.yaml --batch-size 8 --accumulation 2  # the recipe
     python scripts/gpu_check.py --shapes tiny --device cpu --batch-size 2 --max-batch 4 --steps 1 --repeats 1
 
 With llava-1.5-7b's shapes (CLIP-L/336, 576 vision tokens, a 32-layer 4096-wide Llama, bf16
 weights; configs/vision_token_pruning.yaml's merger, pruners and pruning layers) nothing is
 downloaded: the weights are random, which is all that speed and memory depend on. It prints
-1. the trainer's step (trainers/trainer.Trainer.training_step, the one main.py runs) at
-   ``--batch-size`` with bf16 autocast, without and with gradient checkpointing: seconds per
-   step, samples/s, tokens/s, the split into teacher, student, discriminator and optimizer,
-   and peak device memory;
+1. the trainer's step (trainers/trainer.Trainer.training_step, the one main.py runs) over
+   ``--accumulation`` micro-batches of ``--batch-size`` with bf16 autocast and the config's
+   learning-rate schedules, without and with gradient checkpointing: seconds per step,
+   samples/s, tokens/s, the split into teacher, student, backward and optimizer, and peak
+   device memory;
 2. the largest batch that fits, each way (doubling from ``--batch-size`` up to ``--max-batch``);
 3. scripts/benchmark_pruning.py's prefill table with cached generation of ``--new-tokens``.
 About 6 minutes on one H200. The second line runs the same code at the tiny backbone's size on
@@ -45,12 +47,14 @@ def out_of_memory(err: BaseException) -> bool:
     return isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in str(err).lower()
 
 
-def training_figures(config, backbone, batch_size: int, checkpointing: bool, steps: int) -> dict:
-    """Throughput of ``steps`` trainer steps at ``batch_size`` after one warm-up step (trainers/throughput.py)."""
+def training_figures(config, backbone, batch_size: int, checkpointing: bool, steps: int, accumulation: int = 1) -> dict:
+    """Throughput of ``steps`` trainer steps of ``accumulation`` micro-batches of ``batch_size`` each, after one
+    warm-up step (trainers/throughput.py); the config's learning-rate schedules step with them."""
     trainer_settings = dataclasses.replace(
         config.trainer_settings, gradient_checkpointing=checkpointing,
         mixed_precision="bf16" if backbone.device.type == "cuda" else "no",
-        dl_settings=dataclasses.replace(config.trainer_settings.dl_settings, batch_size=batch_size))
+        dl_settings=dataclasses.replace(config.trainer_settings.dl_settings, batch_size=batch_size * accumulation,
+                                        gradient_accumulation_steps=accumulation))
     config = dataclasses.replace(config, trainer_settings=trainer_settings)
     data = SyntheticVQADataset(batch_size, "train", seed=0)
     with tempfile.TemporaryDirectory() as out:
@@ -60,13 +64,19 @@ def training_figures(config, backbone, batch_size: int, checkpointing: bool, ste
             for step in range(steps + 1):
                 if step == 1:
                     trainer.throughput.report()  # the warm-up step does not count
-                if trainer.training_step(batch) is None:
+                if trainer.training_step([batch] * accumulation) is None:
                     raise RuntimeError("a non-finite loss skipped the update")
             return trainer.throughput.report()
         finally:
             del trainer
             if backbone.device.type == "cuda":
                 torch.cuda.empty_cache()
+
+
+def epoch_hours(samples_per_s: float, epoch_samples: int, gpus: int) -> float:
+    """Hours of one epoch when each of ``gpus`` data-parallel GPUs keeps this GPU's pace (gradients are averaged once
+    per optimizer step, a small share of a 7B step)."""
+    return epoch_samples / (samples_per_s * gpus) / 3600
 
 
 def largest_batch(config, backbone, start: int, limit: int, checkpointing: bool) -> tuple[int | None, str]:
@@ -88,22 +98,30 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shapes", choices=list(benchmark_pruning.DEFAULT_CONFIG), default="llava-1.5-7b")
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--batch-size", type=int, default=12, help="the training batch measured (the seed's 12)")
+    parser.add_argument("--config", help="the run's config (method, schedules); default: the shapes' config. Its "
+                        "backbone is not read: the check builds a random-init one of --shapes")
+    parser.add_argument("--batch-size", type=int, default=12,
+                        help="samples per micro-batch on this GPU (the seed's 12; the 665K recipe's is 8)")
+    parser.add_argument("--accumulation", type=int, default=1,
+                        help="micro-batches per optimizer step (the 665K recipe's gradient_accumulation_steps: 2)")
     parser.add_argument("--steps", type=int, default=3, help="timed training steps per setting, after one warm-up")
+    parser.add_argument("--epoch-samples", type=int, default=624_000,
+                        help="training samples of an epoch, for its expected time (LLaVA-665K's records with an image)")
+    parser.add_argument("--gpus", type=int, default=8, help="GPUs of the data-parallel run, for the epoch's time")
     parser.add_argument("--max-batch", type=int, default=96, help="where the search for the largest batch stops")
     parser.add_argument("--repeats", type=int, default=5, help="interleaved rounds of the prefill table")
     parser.add_argument("--new-tokens", type=int, default=32, help="tokens of cached generation in the prefill table")
     parser.add_argument("--json", type=Path, help="also write every figure to this file")
     args = parser.parse_args(argv)
-    if args.batch_size < 1 or args.steps < 1 or args.repeats < 1 or args.new_tokens < 1:
-        parser.error("--batch-size, --steps, --repeats and --new-tokens must be at least 1")
+    if min(args.batch_size, args.accumulation, args.steps, args.repeats, args.new_tokens) < 1:
+        parser.error("--batch-size, --accumulation, --steps, --repeats and --new-tokens must be at least 1")
     if args.max_batch < args.batch_size:
         parser.error(f"--max-batch ({args.max_batch}) is below --batch-size ({args.batch_size})")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("--device cuda but no CUDA device is visible; on a CPU machine pass --shapes tiny --device cpu")
 
     started = time.perf_counter()
-    config = load_config(benchmark_pruning.DEFAULT_CONFIG[args.shapes])
+    config = load_config(args.config or benchmark_pruning.DEFAULT_CONFIG[args.shapes])
     dtype = "bfloat16" if args.device.startswith("cuda") else "float32"
     torch.manual_seed(0)
     backbone = benchmark_pruning.load_backbone(args.shapes, config.backbone_settings.name_or_path, dtype, args.device)
@@ -114,16 +132,18 @@ def main(argv: list[str] | None = None) -> dict:
     for checkpointing in (False, True):
         print(f"training step, batch {args.batch_size}, gradient checkpointing {checkpointing}...", file=sys.stderr)
         try:
-            figures = training_figures(config, backbone, args.batch_size, checkpointing, args.steps)
+            figures = training_figures(config, backbone, args.batch_size, checkpointing, args.steps, args.accumulation)
         except RuntimeError as err:
             if not out_of_memory(err):
                 raise
             figures = {"out_of_memory": True}
-        results["training"].append({"batch": args.batch_size, "gradient_checkpointing": checkpointing, **figures})
+        results["training"].append({"batch": args.batch_size, "accumulation": args.accumulation,
+                                    "gradient_checkpointing": checkpointing, **figures})
         fits, why = largest_batch(config, backbone, args.batch_size, args.max_batch, checkpointing)
         results["largest_batch"]["on" if checkpointing else "off"] = {"batch": fits, "stopped": why}
 
-    print(f"\nTraining step (trainers/trainer.py), {args.shapes} shapes, {device}, mean of {args.steps} steps\n")
+    print(f"\nTraining step (trainers/trainer.py), {args.shapes} shapes, {device}, mean of {args.steps} steps of "
+          f"{args.accumulation} micro-batch(es) of --batch-size each\n")
     print("| batch | gradient checkpointing | s/step | samples/s | tokens/s | " + " | ".join(PHASES) + " | peak memory |")
     print("|---|---|---|---|---|" + "---|" * len(PHASES) + "---|")
     for row in results["training"]:
@@ -134,6 +154,13 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"| {row['batch']} | {'on' if row['gradient_checkpointing'] else 'off'} | {row['step_s']:.2f} "
               f"| {row['samples_per_s']:.1f} | {row['tokens_per_s']:,.0f} | "
               + " | ".join(f"{row[f'{phase}_s']:.2f} s" for phase in PHASES) + f" | {memory} |")
+    for row in results["training"]:
+        if not row.get("out_of_memory"):
+            hours = epoch_hours(row["samples_per_s"], args.epoch_samples, args.gpus)
+            row["epoch_hours"] = hours
+            print(f"\nAn epoch of {args.epoch_samples:,} samples on {args.gpus} such GPUs, gradient checkpointing "
+                  f"{'on' if row['gradient_checkpointing'] else 'off'}: {hours:.1f} h (this GPU's pace x {args.gpus}, "
+                  "evaluations not counted)")
     for way, found in results["largest_batch"].items():
         print(f"\nLargest training batch that fits, gradient checkpointing {way}: {found['batch']} ({found['stopped']})")
 

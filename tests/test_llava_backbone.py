@@ -81,7 +81,7 @@ def test_missing_backbone_names_what_was_looked_for(name):
         read_backbone_shape(name)
     message = str(err.value)
     assert name in message and "configs/tiny.yaml" in message
-    assert ("huggingface-cli download" in message) == (not name.startswith(".")), "download advice for a model id only"
+    assert ("hf download" in message) == (not name.startswith(".")), "download advice for a model id only"
     with pytest.raises(BackboneNotFoundError):
         LlavaBackbone.from_pretrained(name)
 

@@ -39,7 +39,7 @@ def test_main_trains_logs_and_writes_the_seed_outputs(tmp_path, tiny_folder, cap
                   "  layer_pruners:\n    - adv_loss: ", "    - task_loss: ",
                   "  discriminator:\n    - real_loss: ", "    - fake_loss: ",
                   "[Step 4] Temperature: 0.10", "[INFO] disc_prob_real: ", "[INFO] disc_prob_fake: ",
-                  "[Step 2] Throughput: ", " samples/s, ", " tokens/s, ", " s/step (teacher ",
+                  "[Step 2] Throughput: ", " samples/s, ", " tokens/s, ", " s/step (teacher ", ", ETA 0:00:",
                   "[Eval Step 4]\n  - accuracy_baseline: ", "  - accuracy_soft: ", "  - accuracy_hard: ",
                   "  - keep_ratio_merge: 0.500", "  - avg_original_tokens: 144", "  - avg_merged_tokens: 72",
                   "  - tokens_after_layer_3: 25", "  - flops_reduction: ", "  - prefill_ms_per_sample: ", "[Summary] targets of the quick-start guide"]:
@@ -60,6 +60,9 @@ def test_main_trains_logs_and_writes_the_seed_outputs(tmp_path, tiny_folder, cap
             "eval/accuracy_soft", "eval/accuracy_hard", "eval/keep_ratio_merge", "eval/avg_merged_tokens",
             "eval/tokens_after_layer_1", "eval/flops_reduction", "eval/prefill_ms_per_sample", "throughput/samples_per_s",
             "throughput/tokens_per_s", "throughput/teacher_s", "throughput/optimizer_s"} <= tags
+    lr = resolved["trainer_settings"]["dl_settings"]["optimizers"]
+    for group in ("token_merger", "layer_pruners", "discriminator"):  # constant schedules: the configured rate
+        assert [e.value for e in events.Scalars(f"lr/{group}")] == pytest.approx([lr[group]["lr"]] * 2)
     assert set(events.Tags()["images"]) == {f"kept_tokens/{i}" for i in range(4)}  # 4 of the 6 eval samples
     picture = events.Images("kept_tokens/0")[-1]
     # the image, what each patch merged into, the merger's output and 3 stages, 2 px apart

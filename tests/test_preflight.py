@@ -44,7 +44,7 @@ def test_missing_or_empty_backbone_folder(tmp_path, capsys, no_weights, make, ex
     args, _ = main_args(tmp_path, folder)
     assert entry.main(args) == 2
     err = one_error(capsys)
-    assert expected in err and "huggingface-cli" not in err and "python main.py --config configs/tiny.yaml" in err
+    assert expected in err and "hf download" not in err and "python main.py --config configs/tiny.yaml" in err
 
 
 def test_backbone_without_processor_files(tmp_path, tiny_folder, capsys, no_weights):

@@ -36,8 +36,10 @@ class MetricsLog:
             self._writer = SummaryWriter(str(self.tensorboard_dir))
         return self._writer
 
-    def training_step(self, step: int, values: dict[str, float], speed: dict[str, float]) -> None:
-        """The seed's loss block per optimizer group, temperature and discriminator lines, then the throughput."""
+    def training_step(self, step: int, values: dict[str, float], speed: dict[str, float],
+                      learning_rates: dict[str, float] | None = None) -> None:
+        """The seed's loss block per optimizer group, temperature and discriminator lines, then the throughput (and
+        the run's ETA); each optimizer group's learning rate to TensorBoard (``lr/<group>``)."""
         lines = [f"[Step {step}] Losses:"]
         for group in dict.fromkeys(t.group for t in LOSS_TERMS):
             present = [t.name for t in LOSS_TERMS if t.group == group and t.name in values]
@@ -53,6 +55,8 @@ class MetricsLog:
         self.log.block(f"[Step {step}] Throughput: {describe_throughput(speed)}")
         for key, value in speed.items():
             self.writer.add_scalar(f"throughput/{key}", value, step)
+        for group, lr in (learning_rates or {}).items():
+            self.writer.add_scalar(f"lr/{group}", lr, step)
         self.writer.add_scalar("temperature", values["temperature"], step)
         self.writer.add_scalar("discriminator/disc_prob_real", values["disc_prob_real"], step)
         self.writer.add_scalar("discriminator/disc_prob_fake", values["disc_prob_fake"], step)

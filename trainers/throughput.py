@@ -8,6 +8,7 @@ last report, the way nanoGPT and torchtitan print throughput at every log step.
 
 from __future__ import annotations
 
+import datetime
 import time
 
 import torch
@@ -61,4 +62,12 @@ def describe(report: dict[str, float]) -> str:
             f"{report['step_s']:.3f} s/step ({phases})")
     if "peak_memory_gib" in report:
         text += f", peak memory {report['peak_memory_gib']:.2f} GiB"
+    if "eta_s" in report:
+        text += f", ETA {datetime.timedelta(seconds=round(report['eta_s']))}"
     return text
+
+
+def eta_seconds(started: float, steps_done: int, steps_left: int) -> float:
+    """The time the ``steps_left`` will take at the pace of this process so far (``steps_done`` since ``started``,
+    a ``time.perf_counter()``), evaluations and checkpoints included."""
+    return (time.perf_counter() - started) / max(steps_done, 1) * steps_left

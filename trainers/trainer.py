@@ -22,6 +22,7 @@ evaluates and writes checkpoints.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -47,7 +48,7 @@ from trainers.pictures import grid_side, kept_patch_grids, model_view, strip
 from trainers.pruned_model import load_modules, read_saved_modules, save_pretrained
 from trainers.schedules import TemperatureSchedule, learning_rate_schedule
 from trainers.metrics_log import MetricsLog, summary
-from trainers.throughput import Throughput
+from trainers.throughput import Throughput, eta_seconds
 
 
 def eval_set_identity(data) -> dict:
@@ -140,6 +141,7 @@ class Trainer:
         self.accuracy_baseline: float | None = None
         self.baseline_eval_set: dict | None = None  # the eval set accuracy_baseline was measured on
         self.throughput = Throughput(backbone.device)
+        self._started, self._started_step = time.perf_counter(), 0  # where the ETA's pace is measured from
         self.metrics = MetricsLog(log, self.out / "logs" / "tensorboard")
 
     # ------------------------------------------------------------------ state
@@ -352,7 +354,10 @@ class Trainer:
 
     # ------------------------------------------------------------------ logging (trainers/metrics_log.py)
     def log_step(self, values: dict[str, float]) -> None:
-        self.metrics.training_step(self.step, values, self.throughput.report())
+        speed = self.throughput.report()
+        speed["eta_s"] = eta_seconds(self._started, self.step - self._started_step, self.total_steps - self.step)
+        self.metrics.training_step(self.step, values, speed,
+                                   {name: s.get_last_lr()[0] for name, s in self.schedulers.items()})
 
     def log_eval(self, metrics: dict[str, float]) -> None:
         self.metrics.evaluation(self.step, metrics, self.kept_token_pictures())
@@ -398,6 +403,7 @@ class Trainer:
                       + " → ".join(str(k) for k in self._budget_trajectory()))
         metrics: dict[str, float] = {}
         main = self.accelerator.is_main_process
+        self._started, self._started_step = time.perf_counter(), self.step  # the run's ETA counts from here
         bar = tqdm(total=self.total_steps, initial=self.step, desc="training", disable=not main)
         data = self.train_batches()
         try:
