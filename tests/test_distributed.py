@@ -39,6 +39,13 @@ def first_losses(out: Path) -> str:
     return log[log.index("[Step 1] Losses:"):log.index("[Step 1] Temperature")]
 
 
+def evaluation(out: Path) -> list[str]:
+    """The last evaluation block's lines, but its wall-clock time."""
+    log = (out / "logs" / "training.log").read_text()
+    block = log[log.rindex(f"[Eval Step {STEPS}]"):log.index("[Summary]")]
+    return [line for line in block.splitlines() if "prefill_ms" not in line]
+
+
 def test_two_processes_with_accumulation_take_the_step_of_one_process(tmp_path, tiny_folder, monkeypatch):
     # tests/noise_free_main.py fixes the training noise, which each process would otherwise draw for itself.
     monkeypatch.setattr(gumbel, "_uniform_open", lambda shape_like, generator=None: torch.full_like(shape_like, 0.5))
@@ -62,6 +69,8 @@ def test_two_processes_with_accumulation_take_the_step_of_one_process(tmp_path, 
     assert first_losses(runs["2x2"]) == first_losses(runs[1])  # logged losses: means over the whole batch
     log = (runs["2x2"] / "logs" / "training.log").read_text()
     assert log.count("[Step 1] Losses:") == 1 and log.count(f"[Eval Step {STEPS}]") == 1  # rank 0 only
+    # the evaluation shared by the two processes (3 of the 6 questions each, gathered) is the one process's
+    assert evaluation(runs["2x2"]) == evaluation(runs[1])
     assert run.stdout.count("[INFO] Starting training...") == 1
 
 

@@ -13,7 +13,10 @@ before any weight loads, and the trainer drives its step through an ``accelerate
   loss by the accumulation steps, so the step equals the one a single process would take on the
   whole batch (for losses that are means over samples);
 - ``autocast`` applies ``trainer_settings.mixed_precision``;
-- rank 0 alone logs, evaluates and writes checkpoints; the other ranks wait at the next collective.
+- evaluation is shared: every process answers its share of the eval set and ``gather_for_metrics``
+  brings the answers and counts together;
+- rank 0 alone logs and writes checkpoints (and draws the kept-token pictures); the other ranks
+  wait for it at the next collective.
 
 Every rank seeds the same RNG and draws the same amount from it (equal micro-batches), so the ranks'
 RNGs stay in step: a discriminator re-initialisation (``disc_reinit_prob``) happens on all ranks at
@@ -32,7 +35,7 @@ from accelerate.state import AcceleratorState, GradientState
 
 from configs.schema import TrainerSettings
 
-# Ranks other than 0 wait at their next collective while rank 0 evaluates; a long evaluation must not time out.
+# Ranks other than 0 wait at their next collective while rank 0 writes checkpoints and pictures; must not time out.
 COLLECTIVE_TIMEOUT = timedelta(hours=2)
 
 

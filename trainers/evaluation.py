@@ -84,14 +84,25 @@ def majority_accuracy(references: list[str]) -> float:
     return max(counts.values()) / len(references) if references else 0.0
 
 
+def collect_answers(answer_fn, batches: Iterable[dict], desc: str = "eval",
+                    show_progress: bool = True) -> list[tuple[str, str, str]]:
+    """(prediction, reference, question type) of every sample of prompt-only ``batches``, ``answer_fn(batch) ->
+    list[str]`` answering: what :func:`evaluate_accuracy` scores, and what data-parallel evaluation gathers."""
+    rows = []
+    for batch in tqdm(batches, desc=desc, leave=False, disable=not show_progress):
+        rows += zip(answer_fn(batch), batch["answers"], batch["question_types"])
+    return rows
+
+
+def answer_accuracy(rows: list[tuple[str, str, str]]) -> dict[str, float]:
+    """Accuracy overall and per question type of :func:`collect_answers`' rows."""
+    predictions, references, types = (list(column) for column in zip(*rows)) if rows else ([], [], [])
+    return accuracy_by_type(predictions, references, types)
+
+
 def evaluate_accuracy(answer_fn, batches: Iterable[dict], desc: str = "eval", show_progress: bool = True) -> dict[str, float]:
     """Accuracy overall and per question type of ``answer_fn(batch) -> list[str]`` over prompt-only batches."""
-    predictions, references, types = [], [], []
-    for batch in tqdm(batches, desc=desc, leave=False, disable=not show_progress):
-        predictions += answer_fn(batch)
-        references += batch["answers"]
-        types += batch["question_types"]
-    return accuracy_by_type(predictions, references, types)
+    return answer_accuracy(collect_answers(answer_fn, batches, desc, show_progress))
 
 
 def sample_flops(model: PrunedLlava, prefill: PrunedOutput, attention_mask: torch.Tensor,
@@ -157,23 +168,18 @@ def module_flops(model: PrunedLlava, question_tokens: int, merged: int | None = 
     return total
 
 
-def evaluate_pruned(model: PrunedLlava, batches: Iterable[dict], tau: float, max_new_tokens: int,
-                    show_progress: bool = True, soft: bool = True) -> dict[str, float]:
-    """accuracy_soft, accuracy_hard, token counts per stage and prefill FLOPs over prompt-only batches."""
+def pruned_results(model: PrunedLlava, batches: Iterable[dict], tau: float, max_new_tokens: int,
+                   show_progress: bool = True, soft: bool = True) -> list[dict]:
+    """Per batch: its size ``n``, its samples' hard (and soft) answers, references and question types, the sums over
+    its samples of the token counts, prefill FLOPs and time, and its fewest and most merged tokens. What
+    :func:`summarize_pruned` turns into metrics, and what data-parallel evaluation gathers from every process."""
     was_training = model.training
     model.eval()
-    soft_answers, hard, types, refs = [], [], [], []
-    sums: dict[str, float] = {}
-    samples = 0
-    lowest, highest = float("inf"), 0
+    results = []
     for batch in tqdm(batches, desc="eval (soft, hard)" if soft else "eval (hard)", leave=False,
                       disable=not show_progress):
-        if soft:
-            soft_answers += generate_pruned(model, batch, "soft", tau, max_new_tokens)[0]
+        soft_answers = generate_pruned(model, batch, "soft", tau, max_new_tokens)[0] if soft else None
         answers, prefill = generate_pruned(model, batch, "hard", tau, max_new_tokens)
-        hard += answers
-        types += batch["question_types"]
-        refs += batch["answers"]
         n = len(answers)
         per_layer = prefill.vision_tokens_per_layer
         counts = {"avg_original_tokens": prefill.image_tokens.float().mean().item(), "avg_merged_tokens": per_layer[0],
@@ -182,22 +188,40 @@ def evaluate_pruned(model: PrunedLlava, batches: Iterable[dict], tau: float, max
             counts[f"tokens_after_layer_{layer}"] = prefill.vision_tokens_per_layer[layer]
         counts.update(prefill_flops(model, prefill, batch["attention_mask"].to(model.backbone.device)))
         counts["prefill_ms_per_sample"] = prefill.prefill_seconds * 1e3 / n
-        for key, value in counts.items():
-            sums[key] = sums.get(key, 0.0) + value * n
-        samples += n
         merged = prefill.vision_counts[0]  # (B,) tokens each image kept after the merger
-        lowest = min(lowest, int(merged.min()))
-        highest = max(highest, int(merged.max()))
+        results.append({"n": n, "hard": answers, "soft": soft_answers, "references": batch["answers"],
+                        "types": batch["question_types"], "sums": {key: value * n for key, value in counts.items()},
+                        "fewest": int(merged.min()), "most": int(merged.max())})
     model.train(was_training)
+    return results
+
+
+def summarize_pruned(results: list[dict]) -> dict[str, float]:
+    """accuracy_soft (when the results hold soft answers), accuracy_hard overall and per question type, token counts
+    per stage and prefill FLOPs over the samples of :func:`pruned_results`' batches."""
+    samples = sum(r["n"] for r in results)
+    sums: dict[str, float] = {}
+    for r in results:
+        for key, value in r["sums"].items():
+            sums[key] = sums.get(key, 0.0) + value
     metrics = {key: value / samples for key, value in sums.items()}
-    metrics["merged_tokens_min"], metrics["merged_tokens_max"] = float(lowest), float(highest)
+    metrics["merged_tokens_min"] = float(min(r["fewest"] for r in results))
+    metrics["merged_tokens_max"] = float(max(r["most"] for r in results))
     metrics["keep_ratio_merge"] = metrics["avg_merged_tokens"] / metrics["avg_original_tokens"]
-    acc_hard = accuracy_by_type(hard, refs, types)
-    if soft:
-        metrics["accuracy_soft"] = accuracy_by_type(soft_answers, refs, types)["overall"]
+    refs = [ref for r in results for ref in r["references"]]
+    types = [t for r in results for t in r["types"]]
+    acc_hard = accuracy_by_type([a for r in results for a in r["hard"]], refs, types)
+    if all(r["soft"] is not None for r in results):
+        metrics["accuracy_soft"] = accuracy_by_type([a for r in results for a in r["soft"]], refs, types)["overall"]
     metrics["accuracy_hard"] = acc_hard["overall"]
     metrics["accuracy_majority"] = majority_accuracy(refs)
     for qtype, value in acc_hard.items():
         if qtype not in ("overall", "all"):
             metrics[f"accuracy_hard/{qtype}"] = value
     return metrics
+
+
+def evaluate_pruned(model: PrunedLlava, batches: Iterable[dict], tau: float, max_new_tokens: int,
+                    show_progress: bool = True, soft: bool = True) -> dict[str, float]:
+    """accuracy_soft, accuracy_hard, token counts per stage and prefill FLOPs over prompt-only batches."""
+    return summarize_pruned(pruned_results(model, batches, tau, max_new_tokens, show_progress, soft))

@@ -16,8 +16,8 @@ pruners from (4) only. After the last micro-batch the three AdamW optimizers (di
 sets) clip and step, each with its learning-rate schedule. Both players update from the same
 discriminator (simultaneous updates): that makes the step independent of how the global batch is
 split into micro-batches and processes. A non-finite loss anywhere skips the whole update. Logs follow the quick-start
-guide's formats; checkpoints and exact resume are in trainers/checkpoint.py; rank 0 alone logs,
-evaluates and writes checkpoints.
+guide's formats; checkpoints and exact resume are in trainers/checkpoint.py. Every process
+evaluates its share of the eval set; rank 0 alone logs and writes checkpoints.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from typing import Callable
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from configs.schema import Config, batch_split_problem, config_to_dict, relevance_grid_problem
@@ -40,7 +40,8 @@ from models.pruned_llava import PrunedLlava, PrunedOutput, compact, sorted_posit
 from trainers.build import build_discriminator, build_pruned_model, stage_keep_ratios
 from trainers.checkpoint import STATE, Checkpointer, load, restore_rng_state, rng_state
 from trainers.distributed import make_accelerator, shard
-from trainers.evaluation import evaluate_accuracy, evaluate_pruned, generate_baseline_answers
+from trainers.evaluation import (answer_accuracy, collect_answers, generate_baseline_answers, pruned_results,
+                                 summarize_pruned)
 from trainers.run_log import RunLog
 from trainers.losses import (distillation_loss, irrelevant_tokens, merge_importance_loss, next_token_positions,
                              pruner_importance_loss, pruner_relevance_loss, relevance_loss, task_loss, weighted_sum)
@@ -336,20 +337,27 @@ class Trainer:
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self) -> dict[str, float]:
+        """The evaluation metrics; under data parallelism every process answers its share of the eval set and the
+        answers and counts are gathered (``gather_for_metrics``), so every process returns the whole set's."""
         data = self.config.data_settings
         prompts = VQACollator(self.backbone.processor, with_answers=False)
-        eval_batches = lambda: batches(self.eval_set, prompts, data.eval_batch_size)
+        share = Subset(self.eval_set, shard(list(range(len(self.eval_set))), self.accelerator.process_index,
+                                            self.accelerator.num_processes))
+        eval_batches = lambda: batches(share, prompts, data.eval_batch_size)
+        gather = lambda rows: self.accelerator.gather_for_metrics(rows, use_gather_object=True)
+        show = self.accelerator.is_main_process
         trainer = self.config.trainer_settings
         if self.baseline_eval_set != eval_set_identity(data):  # a checkpoint's baseline is of another eval set
             self.accuracy_baseline = None
         if self.accuracy_baseline is None and trainer.eval_baseline:  # once per eval set: the backbone is frozen
             self.baseline_eval_set = eval_set_identity(data)
-            self.accuracy_baseline = evaluate_accuracy(
-                lambda b: generate_baseline_answers(self.backbone, b, data.max_new_tokens), eval_batches(),
-                desc="accuracy_baseline")["overall"]
+            rows = collect_answers(lambda b: generate_baseline_answers(self.backbone, b, data.max_new_tokens),
+                                   eval_batches(), desc="accuracy_baseline", show_progress=show)
+            self.accuracy_baseline = answer_accuracy(gather(rows))["overall"]
         metrics = {} if self.accuracy_baseline is None else {"accuracy_baseline": self.accuracy_baseline}
-        metrics.update(evaluate_pruned(self.model, eval_batches(), self.temperature(self.step), data.max_new_tokens,
-                                       soft=trainer.eval_soft))
+        results = pruned_results(self.model, eval_batches(), self.temperature(self.step), data.max_new_tokens,
+                                 show_progress=show, soft=trainer.eval_soft)
+        metrics.update(summarize_pruned(gather(results)))
         return metrics
 
     # ------------------------------------------------------------------ logging (trainers/metrics_log.py)
@@ -418,12 +426,13 @@ class Trainer:
                         if main:
                             self.log_step(values)
                 last = self.step == self.total_steps
-                if (self.step % trainer.eval_every == 0 or last) and main:
-                    metrics = self.evaluate()
-                    self.log_eval(metrics)
-                    self._keep_best(metrics)
-                    if on_eval is not None:
-                        on_eval(self.step, metrics)
+                if self.step % trainer.eval_every == 0 or last:
+                    metrics = self.evaluate()  # every process its share of the eval set
+                    if main:
+                        self.log_eval(metrics)
+                        self._keep_best(metrics)
+                        if on_eval is not None:
+                            on_eval(self.step, metrics)
                 if self.step % trainer.save_every == 0 or last:
                     self.save()
                 if last and main:
