@@ -36,8 +36,9 @@ def test_a_665k_shaped_file_trains_on_every_answer_and_counts_what_it_leaves_out
     args, out = main_args(tmp_path, tiny_folder, **RUN, **data_settings(train, evaluation, "skip"))
     assert entry.main(args) == 0
     log = (out / "logs" / "training.log").read_text()
-    assert (f"train set: {train.samples} samples, {train.text_only} text-only records skipped, "
-            f"{len(train.bad)} bad records skipped") in log
+    counts = (f"train set: {train.samples} samples, {train.text_only} text-only records skipped, "
+              f"{len(train.bad)} bad records skipped")
+    assert log.count(counts) == 2 and log.rindex(counts) > log.index("[Summary]")  # at start-up and in the summary
     assert f"sample {train.bad[0]!r}" in log and "does not exist" in log
     assert "[Eval Step 3]" in log and (out / "pruned_final").is_dir()
 

@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from configs.schema import Config, batch_split_problem, config_to_dict, relevance_grid_problem
-from data.build import batches
+from data.build import batches, describe
 from data.collator import VQACollator
 from models.discriminator import adversarial_loss, discriminator_losses
 from models.llava_backbone import LlavaBackbone
@@ -441,6 +441,8 @@ class Trainer:
             bar.close()
             self.close()
         self.log.block(summary(metrics))
+        if hasattr(self.train_set, "skipped"):  # instruction data: what the run left out, beside what it reached
+            self.log.info(describe("train", self.train_set))
         return metrics
 
     def close(self) -> None:

@@ -14,7 +14,7 @@ import torch
 from accelerate import PartialState
 
 from configs.schema import Config
-from data.build import build_datasets
+from data.build import build_datasets, describe
 from models.llava_backbone import LlavaBackbone
 from trainers.placement import place_pruners, spread_backbone
 from trainers.run_log import RunLog
@@ -66,11 +66,8 @@ def load_world(config: Config, log: RunLog, data=None, processes: PartialState |
     train_set, eval_set = data if data is not None else build_datasets(config.data_settings)
     for name, dataset in (("train", train_set), ("eval", eval_set)):
         skipped, rewritten = getattr(dataset, "skipped", []), getattr(dataset, "rewritten", [])
-        text_only, truncated = getattr(dataset, "text_only", 0), getattr(dataset, "truncated", [])
-        counts = [f"{text_only} text-only records skipped" if text_only else "",
-                  f"{len(skipped)} bad records skipped" if skipped else "",
-                  f"{len(truncated)} conversations cut to fit" if truncated else ""]
-        log.info(f"{name} set: {len(dataset)} samples" + "".join(f", {c}" for c in counts if c))
+        truncated = getattr(dataset, "truncated", [])
+        log.info(describe(name, dataset))
         for reason in skipped[:5]:
             log.info(f"  skipped: {reason}")
         if truncated:
