@@ -8,7 +8,7 @@
     accelerate launch --num_processes 8 main.py --config configs/llava_1_5_7b_665k.yaml   # data parallel (or torchrun)
 
 CLI -> config (validated, every problem at once) -> checks against the backbone's shape
-(before any weight loads) -> run mode: train, eval, or optuna (trainers/manager.py).
+(before any weight loads) -> run mode: train, eval, or optuna (trainers/search/manager.py).
 """
 
 from __future__ import annotations
@@ -25,15 +25,16 @@ import torch  # noqa: E402
 from configs.schema import (ConfigError, Config, batch_split_problem, check_against_backbone,  # noqa: E402
                             check_devices, load_config, save_config)
 from data.instruction_json import BadSampleError  # noqa: E402
-from models.llava_backbone import BackboneNotFoundError, BackboneShape, read_backbone_shape  # noqa: E402
+from models.backbones import read_backbone_shape  # noqa: E402
+from models.llava_backbone import BackboneNotFoundError, BackboneShape  # noqa: E402
 from trainers.checkpoint import CheckpointError  # noqa: E402
-from trainers.distributed import finish, is_main_launch_process, join_processes, launched_processes  # noqa: E402
-from trainers.manager import run_search  # noqa: E402
-from trainers.metrics_log import summary  # noqa: E402
-from trainers.preflight import PreflightError, check_backbone_folder, check_output_dir, load_data, resume_state  # noqa: E402
 from trainers.run_log import RunLog  # noqa: E402
-from trainers.trainer import NonFiniteLossError  # noqa: E402
-from trainers.world import load_world, make_trainer  # noqa: E402
+from trainers.search.manager import run_search  # noqa: E402
+from trainers.training.distributed import finish, is_main_launch_process, join_processes, launched_processes  # noqa: E402
+from trainers.training.metrics_log import summary  # noqa: E402
+from trainers.training.preflight import PreflightError, check_backbone_folder, check_output_dir, load_data, resume_state  # noqa: E402
+from trainers.training.trainer import NonFiniteLossError  # noqa: E402
+from trainers.training.world import load_world, make_trainer  # noqa: E402
 
 DEFAULT_CONFIG = "configs/vision_token_pruning.yaml"
 

@@ -123,7 +123,7 @@ class MethodSettings:
     # the tokens a pruner drops leave their attention weight to the kept tokens most like them (cosine of the hidden
     # states), so that the language model's attention mass over the image is kept (models/pruned_llava.fold_weights)
     pruner_proportional_attention: bool = False
-    merge_importance_weight: float = num(0.0, ge=0)  # merger scores vs the teacher's attention (trainers/losses.py)
+    merge_importance_weight: float = num(0.0, ge=0)  # merger scores vs the teacher's attention (trainers/training/losses.py)
     pruner_importance_weight: float = num(0.0, ge=0)  # each pruner's logits vs the teacher's attention
     # weight of the relevance losses: with data that marks the patches a question does not need (the synthetic
     # scenes' distractors), the pruners' (and a question-aware merger's) keep logits there are pushed down and their
@@ -167,7 +167,7 @@ class Objective:
     direction: Literal["maximize", "minimize"] = "maximize"
 
 
-# Evaluation metrics (trainers/evaluation.py), besides accuracy_hard/<question type> and tokens_after_layer_<L>.
+# Evaluation metrics (trainers/inference/evaluation.py), besides accuracy_hard/<question type> and tokens_after_layer_<L>.
 EVAL_METRICS = ("accuracy_baseline", "accuracy_soft", "accuracy_hard", "accuracy_majority", "keep_ratio_merge",
                 "avg_original_tokens", "avg_merged_tokens", "merged_tokens_min", "merged_tokens_max",
                 "avg_vision_tokens_per_layer", "flops_baseline", "flops_pruned", "flops_reduction",
@@ -178,7 +178,7 @@ def is_eval_metric(name: str) -> bool:
     return name in EVAL_METRICS or bool(re.fullmatch(r"accuracy_hard/\w+|tokens_after_layer_\d+", name))
 
 
-# Evaluation metrics (trainers/evaluation.py) a search may optimise.
+# Evaluation metrics (trainers/inference/evaluation.py) a search may optimise.
 SEARCH_METRICS = ("accuracy_hard", "accuracy_soft", "flops_reduction", "vision_flops_reduction", "flops_pruned",
                   "keep_ratio_merge", "avg_merged_tokens", "avg_vision_tokens_per_layer")
 

@@ -16,7 +16,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from models.pruned_llava import IGNORE_INDEX
+from models.sequences import IGNORE_INDEX
 PROMPT_TEMPLATE = "USER: {image}\n{question} ASSISTANT:"
 NEXT_TURN_TEMPLATE = "{conversation} USER: {question} ASSISTANT:"
 

@@ -201,7 +201,7 @@ class LlavaInstructionDataset:
                               f"{reasons}")
 
     def keep_turns(self, kept: list[int], reason: str) -> None:
-        """Keep the first ``kept[i]`` turns of record i (trainers/preflight.py: those that fit the backbone's
+        """Keep the first ``kept[i]`` turns of record i (trainers/training/preflight.py: those that fit the backbone's
         positions). A record cut short is counted in ``truncated``; one left with none is left out, counted in
         ``skipped`` with ``reason``."""
         records = []

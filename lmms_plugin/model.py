@@ -1,4 +1,4 @@
-"""``pruned_llava``: lmms-eval's simple-model interface over trainers/pruned_model.PrunedModel.
+"""``pruned_llava``: lmms-eval's simple-model interface over trainers/inference/pruned_model.PrunedModel.
 
 model_args (comma-separated, as lmms-eval passes them):
 - ``pretrained``: the LLaVA backbone (a llava-hf folder or a model id in the local cache);
@@ -15,10 +15,10 @@ from lmms_eval.api.model import lmms
 from tqdm import tqdm
 
 from configs.schema import config_from_dict
+from models.backbones import load_backbone
 from models.baselines import BASELINES, build_baseline, kept_tokens
-from models.llava_backbone import LlavaBackbone
 from models.pruned_llava import PrunedLlava
-from trainers.pruned_model import PrunedModel, load_pruned
+from trainers.inference.pruned_model import PrunedModel, load_pruned
 
 
 def _load(pretrained: str | None, pruner: str | None, method: str | None, budget: float | None, device: str,
@@ -30,7 +30,7 @@ def _load(pretrained: str | None, pruner: str | None, method: str | None, budget
     if pretrained is None:
         raise ValueError("pass pretrained=<llava backbone> (and pruner=<folder> or method=<baseline>,budget=<fraction>)")
     config = config_from_dict({"backbone_settings": {"name_or_path": pretrained}})
-    backbone = LlavaBackbone.from_pretrained(pretrained, dtype or "float32", "sdpa", device)
+    backbone = load_backbone(pretrained, dtype or "float32", "sdpa", device)
     if method is None:
         return PrunedModel(PrunedLlava(backbone), config)
     if method not in BASELINES:

@@ -3,9 +3,9 @@
 Everything that knows attribute paths, the decoder-layer call signature, rotary embeddings
 and mask conventions of `LlavaForConditionalGeneration` lives here; the pruning modules and
 the trainer only call the methods below. A new backbone family is a subclass in a file of its
-own that overrides what differs (models/llava_next_backbone.py); ``LlavaBackbone.from_pretrained``
-and ``read_backbone_shape`` pick the family from the checkpoint's ``model_type`` before any
-weight loads.
+own that overrides what differs (models/llava_next_backbone.py), listed in models/backbones.py,
+whose ``load_backbone`` and ``read_backbone_shape`` pick the family from the checkpoint's
+``model_type`` before any weight loads.
 
 Facts this file relies on (transformers 5.x):
 - ``model.model`` is a ``LlavaModel`` with ``.vision_tower`` (CLIP), ``.multi_modal_projector``
@@ -23,33 +23,17 @@ Facts this file relies on (transformers 5.x):
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import transformers
 from torch import nn
+from transformers import AutoConfig, AutoProcessor, DynamicCache
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
 
 from models.flops import projector_flops, vision_tower_flops
-
-
-def _families() -> dict[str, type["LlavaBackbone"]]:
-    """config.json's model_type -> the adapter that runs it."""
-    from models.llava_next_backbone import LlavaNextBackbone
-    from models.qwen2_vl_backbone import Qwen2_5_VLBackbone, Qwen2VLBackbone
-
-    return {"llava": LlavaBackbone, "llava_next": LlavaNextBackbone, "qwen2_vl": Qwen2VLBackbone,
-            "qwen2_5_vl": Qwen2_5_VLBackbone}
-
-
-def backbone_class(model_type: str, name_or_path: str = "the backbone") -> type["LlavaBackbone"]:
-    families = _families()
-    if model_type not in families:
-        raise ValueError(f"{name_or_path!r} is a {model_type!r} model; supported model types: {', '.join(families)} "
-                         "(LlavaForConditionalGeneration, LlavaNextForConditionalGeneration, "
-                         "Qwen2VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration); other families need "
-                         "an adapter of their own")
-    return families[model_type]
+from models.sequences import causal_padding_mask
 
 
 class BackboneNotFoundError(FileNotFoundError):
@@ -75,22 +59,6 @@ class BackboneShape:
                    getattr(config.text_config, "max_position_embeddings", None))
 
 
-def read_backbone_shape(name_or_path: str, max_vision_tokens: int | None = None,
-                        image_max_size: int | None = None) -> BackboneShape:
-    """The backbone's shape from its config.json (local folder or local HF cache), weights untouched; for a family
-    whose token count follows the image, within the bounds (``data_settings.max_vision_tokens`` / ``image_max_size``:
-    LlavaBackbone.apply_bounds)."""
-    from transformers import AutoConfig
-
-    try:
-        config = AutoConfig.from_pretrained(name_or_path, local_files_only=True)
-    except OSError as err:
-        raise BackboneNotFoundError(missing_backbone_message(name_or_path, err)) from err
-    family = backbone_class(config.model_type, name_or_path)
-    family.bound_config(config, max_vision_tokens, image_max_size)
-    return dataclasses.replace(family.shape_from_config(config), one_patch_grid=family.one_patch_grid)
-
-
 @dataclass
 class ImageFeatures:
     """Pre-projector vision features of a batch, one image per sample."""
@@ -102,6 +70,7 @@ class ImageFeatures:
 class LlavaBackbone(nn.Module):
     """A frozen (or, for the tiny builder, trainable) LLaVA model, exposed piece by piece."""
 
+    model_type = "llava"  # config.json's model_type this family runs (models/backbones.py: FAMILIES)
     model_class = "LlavaForConditionalGeneration"  # the transformers class this family loads
     image_input_keys: tuple[str, ...] = ()  # processor outputs besides pixel_values that the vision path reads
     one_patch_grid = True  # the vision tokens are one image's patch grid, in order (pictures of what is kept)
@@ -137,26 +106,24 @@ class LlavaBackbone(nn.Module):
     @classmethod
     def from_pretrained(cls, name_or_path: str, dtype: str = "float32", attn_implementation: str = "sdpa",
                         device: str | torch.device = "cpu") -> "LlavaBackbone":
-        """Load a checkpoint from a local folder or the local Hugging Face cache, never the network, with the adapter
-        of its family (its config.json's ``model_type``)."""
-        import transformers
-        from transformers import AutoConfig
-
+        """Load a checkpoint of this family from a local folder or the local Hugging Face cache, never the network
+        (models/backbones.load_backbone picks the family from the checkpoint's config.json)."""
         kwargs = dict(local_files_only=True)
         try:
-            family = backbone_class(AutoConfig.from_pretrained(name_or_path, **kwargs).model_type, name_or_path)
-            model = getattr(transformers, family.model_class).from_pretrained(
+            model_type = AutoConfig.from_pretrained(name_or_path, **kwargs).model_type
+            if model_type != cls.model_type:
+                raise ValueError(f"{name_or_path!r} is a {model_type!r} model, not {cls.model_type!r}: load it with "
+                                 "models.backbones.load_backbone, which picks the family from config.json")
+            model = getattr(transformers, cls.model_class).from_pretrained(
                 name_or_path, dtype=getattr(torch, dtype), attn_implementation=attn_implementation, **kwargs
             )
-            processor = family.load_processor(name_or_path, **kwargs)
+            processor = cls.load_processor(name_or_path, **kwargs)
         except OSError as err:
             raise BackboneNotFoundError(missing_backbone_message(name_or_path, err)) from err
-        return family(model.to(device), processor, freeze=True)
+        return cls(model.to(device), processor, freeze=True)
 
     @staticmethod
     def load_processor(name_or_path: str, **kwargs):
-        from transformers import AutoProcessor
-
         return AutoProcessor.from_pretrained(name_or_path, **kwargs)
 
     @staticmethod
@@ -396,8 +363,6 @@ class LlavaBackbone(nn.Module):
         mask, softmax in float32) for the requested rows only, so the model keeps running with SDPA.
         Written against ``LlamaAttention`` (transformers 5.x), LLaVA-1.5's language model.
         """
-        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
-
         layer = self.layers[index]
         attn = layer.self_attn
         x = layer.input_layernorm(hidden)  # (B, T, D)
@@ -417,8 +382,6 @@ class LlavaBackbone(nn.Module):
         return torch.softmax(scores + mask, dim=-1, dtype=torch.float32)
 
     def new_cache(self):
-        from transformers import DynamicCache
-
         return DynamicCache(config=self.text_config)
 
     # ----- whole passes -----
@@ -456,23 +419,6 @@ class VisionAttention:
     cls_attention: torch.Tensor  # (B, N) the CLS query's attention to each token, mean over heads
     keys: torch.Tensor  # (B, N, Dv) that layer's attention keys of each token, heads concatenated
     valid: torch.Tensor | None = None  # (B, N) bool, False at the padding of smaller images; None: none
-
-
-def causal_padding_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """(B, T) 1/0 padding mask -> (B, 1, T, T) additive mask: 0 where query i may see key j (j <= i, j real)."""
-    T = attention_mask.shape[1]
-    causal = torch.ones(T, T, dtype=torch.bool, device=attention_mask.device).tril()
-    allowed = causal[None] & attention_mask.bool()[:, None, :]  # (B, T, T)
-    # A padded query sees no real key; let it see itself so softmax stays finite (its output is never used).
-    allowed = allowed | torch.eye(T, dtype=torch.bool, device=attention_mask.device)[None]
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=attention_mask.device)
-    return mask.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
-
-
-def key_padding_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """(B, S) 1/0 mask of cached keys -> (B, 1, 1, S) additive mask for one new query that follows them all."""
-    mask = torch.zeros(attention_mask.shape, dtype=dtype, device=attention_mask.device)
-    return mask.masked_fill(~attention_mask.bool(), torch.finfo(dtype).min)[:, None, None, :]
 
 
 def missing_backbone_message(name_or_path: str, err: Exception) -> str:

@@ -27,8 +27,10 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
+from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
 
 from models.llava_backbone import BackboneShape, ImageFeatures, LlavaBackbone, VisionAttention
+from models.sequences import compact
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,7 @@ class ImageLayout:
 
 
 class LlavaNextBackbone(LlavaBackbone):
+    model_type = "llava_next"
     model_class = "LlavaNextForConditionalGeneration"
     image_input_keys = ("image_sizes",)
     one_patch_grid = False  # a base crop and a tile grid of the image's own size
@@ -93,8 +96,6 @@ class LlavaNextBackbone(LlavaBackbone):
 
     # ----- layout -----
     def _layout(self, height: int, width: int) -> ImageLayout:
-        from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
-
         config = self.config
         size = config.vision_config.image_size
         side = size // config.vision_config.patch_size
@@ -114,8 +115,6 @@ class LlavaNextBackbone(LlavaBackbone):
     def _slot_sources(self, input_ids: torch.Tensor, image_sizes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, P) positions of each sample's placeholders (left-aligned, compact) and (B, P) their feature sources
         (-1: a row end, -2: padding)."""
-        from models.pruned_llava import compact
-
         layouts = self.layouts(image_sizes)
         placeholders, valid = compact(self.image_token_mask(input_ids))  # (B, P)
         counts = valid.sum(dim=1).tolist()

@@ -48,10 +48,10 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from models.gumbel import gumbel_log_sigmoid
-from models.llava_backbone import LlavaBackbone, causal_padding_mask, key_padding_mask
+from models.llava_backbone import LlavaBackbone
+from models.sequences import IGNORE_INDEX, causal_padding_mask, compact, key_padding_mask
 from models.token_merger import MergeOutput, TokenMerger
 
-IGNORE_INDEX = -100  # labels of tokens that are not supervised (and, for the pruners, part of the prompt)
 DEAD_LOGIT = -1e4  # keep logit of an unused vision slot: ranked last in hard mode, log-keep ~ -1e4 / tau in soft mode
 FOLD_TEMPERATURE = 0.02  # of the softmax over cosine similarity that sends a dropped token's weight to kept ones
 NEVER = -1e9  # a log weight that is exactly zero after exp, finite so that sums and gradients stay finite
@@ -254,30 +254,6 @@ def with_key_bias(mask: torch.Tensor, key_bias: torch.Tensor, dtype: torch.dtype
     """A float32 additive mask (B, 1, Q, T) plus ``key_bias`` (B, T) on every query's logit towards key j, clamped to
     ``dtype``'s range and cast to it."""
     return (mask + key_bias[:, None, None, :]).clamp_min(torch.finfo(dtype).min).to(dtype)
-
-
-def compact(mask: torch.Tensor, right: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, T) bool -> the columns where it holds, in order, (B, c) with c the largest count of a row, and (B, c) bool
-    ``valid``. A row with fewer is padded with some of its other columns (distinct, marked invalid): after its own
-    (left-aligned, the default) or, with ``right=True``, before them, so that the last column stays last (what a
-    left-padded sequence needs: its last slot predicts the next token). Batched: no loop over rows."""
-    counts = mask.sum(dim=1)  # (B,)
-    width = int(counts.max()) if mask.numel() else 0
-    slots = torch.arange(width, device=mask.device)
-    if right:
-        index = mask.int().argsort(dim=1, stable=True)[:, mask.shape[1] - width:]  # unselected first, then selected
-        return index, slots >= (width - counts).unsqueeze(1)
-    index = (~mask).int().argsort(dim=1, stable=True)[:, :width]  # selected first, in order
-    return index, slots < counts.unsqueeze(1)
-
-
-def sorted_positions(index: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """:func:`compact`'s (left-aligned) columns with the padding slots moved past every column, so that each row
-    stays ascending (for ``torch.searchsorted``)."""
-    if not index.numel():
-        return index
-    beyond = int(index.max()) + 1 + torch.arange(index.shape[1], device=index.device)  # (c,) past every column
-    return torch.where(valid, index, beyond)
 
 
 def scaled_budgets(budget: int, reference: int, entering: torch.Tensor, available: torch.Tensor) -> torch.Tensor:

@@ -28,25 +28,17 @@ does; merging single patches before the grouping would break the 2 x 2 groups th
 from __future__ import annotations
 
 import torch
+from transformers import AutoImageProcessor, AutoTokenizer
+from transformers.vision_utils import get_vision_attention_seqlens, get_vision_position_ids, get_vision_window_index
 
+from data.processors import image_only_processor
 from models.llava_backbone import BackboneShape, ImageFeatures, LlavaBackbone, VisionAttention
 
 DEFAULT_MAX_TOKENS = 16384  # Qwen2-VL's processor default (max_pixels 12845056 at 28 px per token)
 
 
-def image_only_processor(image_processor, tokenizer):
-    """The family's processor without its video processor (which needs torchvision): images and text only."""
-    from transformers import Qwen2VLProcessor
-
-    class ImageOnlyQwenProcessor(Qwen2VLProcessor):
-        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-            super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
-
-    return ImageOnlyQwenProcessor(image_processor=image_processor, tokenizer=tokenizer,
-                                  chat_template=getattr(tokenizer, "chat_template", None))
-
-
 class Qwen2VLBackbone(LlavaBackbone):
+    model_type = "qwen2_vl"
     model_class = "Qwen2VLForConditionalGeneration"
     image_input_keys = ("image_grid_thw", "mm_token_type_ids")
     one_patch_grid = False  # each image's own grid
@@ -66,8 +58,6 @@ class Qwen2VLBackbone(LlavaBackbone):
 
     @staticmethod
     def load_processor(name_or_path: str, **kwargs):
-        from transformers import AutoImageProcessor, AutoTokenizer
-
         return image_only_processor(AutoImageProcessor.from_pretrained(name_or_path, **kwargs),
                                     AutoTokenizer.from_pretrained(name_or_path, **kwargs))
 
@@ -127,9 +117,6 @@ class Qwen2VLBackbone(LlavaBackbone):
     def _patch_states(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> torch.Tensor:
         """The ViT's output before the PatchMerger (sum of t*h*w, Dv), every 4 rows one 2 x 2 group, images in order
         and each in raster order of its groups (Qwen2.5-VL's window order undone)."""
-        from transformers.vision_utils import (get_vision_attention_seqlens, get_vision_position_ids,
-                                               get_vision_window_index)
-
         tower = self.vision_tower
         positions = get_vision_position_ids(image_grid_thw, tower.spatial_merge_size)
         full, longest = get_vision_attention_seqlens(image_grid_thw, tower.config)
@@ -207,4 +194,5 @@ class Qwen2VLBackbone(LlavaBackbone):
 
 
 class Qwen2_5_VLBackbone(Qwen2VLBackbone):
+    model_type = "qwen2_5_vl"
     model_class = "Qwen2_5_VLForConditionalGeneration"

@@ -53,17 +53,18 @@ from configs.schema import (Config, ConfigError, check_against_backbone, config_
 from data.build import batches, build_datasets  # noqa: E402
 from data.collator import VQACollator  # noqa: E402
 from data.scoring import accuracy_by_type  # noqa: E402
+from models.backbones import load_backbone, read_backbone_shape  # noqa: E402
 from models.baselines import build_baseline, check_baseline, kept_tokens  # noqa: E402
 from models.layer_pruner import geometric_ratios, stage_budgets  # noqa: E402
-from models.llava_backbone import BackboneNotFoundError, BackboneShape, LlavaBackbone, read_backbone_shape  # noqa: E402
+from models.llava_backbone import BackboneNotFoundError, BackboneShape, LlavaBackbone  # noqa: E402
 from models.pruned_llava import PrunedLlava  # noqa: E402
-from trainers.build import build_pruned_model  # noqa: E402
-from trainers.pruned_model import load_pruned  # noqa: E402
 from trainers.checkpoint import Checkpointer, load  # noqa: E402
-from trainers.evaluation import generate_pruned, prefill_flops, sample_flops, stage_counts  # noqa: E402
-from trainers.timing import machine, timed_interleaved  # noqa: E402
-from trainers.trainer import planned_steps  # noqa: E402
-from trainers.world import resolve_device  # noqa: E402
+from trainers.inference.build import build_pruned_model  # noqa: E402
+from trainers.inference.evaluation import generate_pruned, prefill_flops, sample_flops, stage_counts  # noqa: E402
+from trainers.inference.pruned_model import load_pruned  # noqa: E402
+from trainers.inference.timing import machine, timed_interleaved  # noqa: E402
+from trainers.training.trainer import planned_steps  # noqa: E402
+from trainers.training.world import resolve_device  # noqa: E402
 
 METHODS = ("learned", "fastv", "pyramiddrop", "visionzip", "tome", "tome_pa", "pooling", "random")
 FINGERPRINT = "fingerprint.txt"  # backbone weights and training data of a run the benchmark trained
@@ -389,7 +390,7 @@ def fingerprint(backbone: LlavaBackbone, train_set, samples: int = 64) -> str:
 
 
 def load_run(path: Path, backbone: LlavaBackbone) -> tuple[PrunedLlava, Config, dict]:
-    """The pruned model of a training-state file (trainers/pruned_model.py loads it), its config and its state."""
+    """The pruned model of a training-state file (trainers/inference/pruned_model.py loads it), its config and its state."""
     pruned = load_pruned(path, backbone=backbone)
     return pruned.model, pruned.config, load(path)
 
@@ -666,7 +667,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     settings = config.backbone_settings
-    backbone = LlavaBackbone.from_pretrained(settings.name_or_path, settings.dtype, settings.attn_implementation,
+    backbone = load_backbone(settings.name_or_path, settings.dtype, settings.attn_implementation,
                                              resolve_device(settings.device))
     args.fingerprint = fingerprint(backbone, build_datasets(config.data_settings)[0])
     eval_data = config.data_settings

@@ -35,22 +35,23 @@ import torch  # noqa: E402
 
 from configs.schema import check_against_backbone, load_config  # noqa: E402
 from data.collator import VQACollator  # noqa: E402
+from data.processors import word_level_processor  # noqa: E402
 from data.synthetic_vqa import SyntheticVQADataset  # noqa: E402
-from data.word_tokenizer import word_level_processor  # noqa: E402
+from models.backbones import load_backbone  # noqa: E402
 from models.layer_pruner import geometric_ratios  # noqa: E402
 from models.llava_backbone import LlavaBackbone  # noqa: E402
 from models.pruned_llava import PrunedLlava  # noqa: E402
 from models.tiny_llava import build_llava  # noqa: E402
-from trainers.build import build_pruned_model  # noqa: E402
-from trainers.evaluation import prefill_flops, sample_flops, stage_counts  # noqa: E402
-from trainers.timing import machine, speedups, timed_rounds  # noqa: E402
+from trainers.inference.build import build_pruned_model  # noqa: E402
+from trainers.inference.evaluation import prefill_flops, sample_flops, stage_counts  # noqa: E402
+from trainers.inference.timing import machine, speedups, timed_rounds  # noqa: E402
 
 DEFAULT_CONFIG = {"tiny": "configs/tiny.yaml", "llava-1.5-7b": "configs/vision_token_pruning.yaml"}
 
 
-def load_backbone(shapes: str, name_or_path: str, dtype: str, device: str) -> LlavaBackbone:
+def shaped_backbone(shapes: str, name_or_path: str, dtype: str, device: str) -> LlavaBackbone:
     if shapes == "tiny":
-        return LlavaBackbone.from_pretrained(name_or_path, dtype, "sdpa", device)
+        return load_backbone(name_or_path, dtype, "sdpa", device)
     processor = word_level_processor(336, 14)
     default = torch.get_default_dtype()
     torch.set_default_dtype(getattr(torch, dtype))  # built in the target dtype: no float32 copy of 7B weights
@@ -104,7 +105,7 @@ def main(argv: list[str] | None = None, backbone: LlavaBackbone | None = None) -
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     if backbone is None:
-        backbone = load_backbone(args.shapes, config.backbone_settings.name_or_path, args.dtype, args.device)
+        backbone = shaped_backbone(args.shapes, config.backbone_settings.name_or_path, args.dtype, args.device)
     shape = backbone.shape
     problems = check_against_backbone(config, shape.num_layers, shape.num_vision_tokens, shape.image_size)
     if problems:

@@ -17,27 +17,24 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
-from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
-from tqdm import tqdm  # noqa: E402
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
 
-from data.collator import VQACollator  # noqa: E402
-from data.scoring import accuracy_by_type  # noqa: E402
-from data.synthetic_vqa import GRID, SyntheticVQADataset, question_objects  # noqa: E402
-from models.baselines.base import PreProjectorSelector, gather_tokens  # noqa: E402
-from models.llava_backbone import LlavaBackbone  # noqa: E402
-from models.pruned_llava import PrunedLlava  # noqa: E402
-from trainers.evaluation import generate_pruned  # noqa: E402
-from trainers.losses import irrelevant_tokens  # noqa: E402
-from trainers.pictures import kept_patches  # noqa: E402
-from trainers.pruned_model import PrunedModelError, load_pruned  # noqa: E402
+from data.collator import VQACollator
+from data.scoring import accuracy_by_type
+from data.synthetic_vqa import GRID, SyntheticVQADataset, question_objects
+from models.backbones import load_backbone
+from models.baselines.base import PreProjectorSelector, gather_tokens
+from models.pruned_llava import PrunedLlava
+from trainers.inference.evaluation import generate_pruned
+from trainers.inference.pictures import kept_patches
+from trainers.inference.pruned_model import PrunedModelError, load_pruned
+from trainers.training.losses import irrelevant_tokens
 
 FORCED = 1e4  # a keep logit that decides: log keep ~ 0 or ~ -1e4
 
@@ -94,7 +91,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    backbone = LlavaBackbone.from_pretrained(args.backbone)
+    backbone = load_backbone(args.backbone)
     N = backbone.num_vision_tokens
     bad = [layer for layer in args.layers if not 0 < layer < backbone.num_layers]
     if bad:

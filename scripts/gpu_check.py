@@ -7,7 +7,7 @@
 With llava-1.5-7b's shapes (CLIP-L/336, 576 vision tokens, a 32-layer 4096-wide Llama, bf16
 weights; configs/vision_token_pruning.yaml's merger, pruners and pruning layers) nothing is
 downloaded: the weights are random, which is all that speed and memory depend on. It prints
-1. the trainer's step (trainers/trainer.Trainer.training_step, the one main.py runs) over
+1. the trainer's step (trainers/training/trainer.Trainer.training_step, the one main.py runs) over
    ``--accumulation`` micro-batches of ``--batch-size`` with bf16 autocast and the config's
    learning-rate schedules, without and with gradient checkpointing: seconds per step,
    samples/s, tokens/s, the split into teacher, student, backward and optimizer, and peak
@@ -37,10 +37,10 @@ import torch  # noqa: E402
 from configs.schema import load_config  # noqa: E402
 from data.synthetic_vqa import SyntheticVQADataset  # noqa: E402
 from scripts import benchmark_pruning  # noqa: E402
+from trainers.inference.timing import machine  # noqa: E402
 from trainers.run_log import RunLog  # noqa: E402
-from trainers.throughput import PHASES  # noqa: E402
-from trainers.timing import machine  # noqa: E402
-from trainers.trainer import Trainer  # noqa: E402
+from trainers.training.throughput import PHASES  # noqa: E402
+from trainers.training.trainer import Trainer  # noqa: E402
 
 
 def out_of_memory(err: BaseException) -> bool:
@@ -49,7 +49,7 @@ def out_of_memory(err: BaseException) -> bool:
 
 def training_figures(config, backbone, batch_size: int, checkpointing: bool, steps: int, accumulation: int = 1) -> dict:
     """Throughput of ``steps`` trainer steps of ``accumulation`` micro-batches of ``batch_size`` each, after one
-    warm-up step (trainers/throughput.py); the config's learning-rate schedules step with them."""
+    warm-up step (trainers/training/throughput.py); the config's learning-rate schedules step with them."""
     trainer_settings = dataclasses.replace(
         config.trainer_settings, gradient_checkpointing=checkpointing,
         mixed_precision="bf16" if backbone.device.type == "cuda" else "no",
@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> dict:
     config = load_config(args.config or benchmark_pruning.DEFAULT_CONFIG[args.shapes])
     dtype = "bfloat16" if args.device.startswith("cuda") else "float32"
     torch.manual_seed(0)
-    backbone = benchmark_pruning.load_backbone(args.shapes, config.backbone_settings.name_or_path, dtype, args.device)
+    backbone = benchmark_pruning.shaped_backbone(args.shapes, config.backbone_settings.name_or_path, dtype, args.device)
     device = machine(backbone.device)
     print(f"{args.shapes} shapes, {dtype} weights, {device}", file=sys.stderr)
 
@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> dict:
         fits, why = largest_batch(config, backbone, args.batch_size, args.max_batch, checkpointing)
         results["largest_batch"]["on" if checkpointing else "off"] = {"batch": fits, "stopped": why}
 
-    print(f"\nTraining step (trainers/trainer.py), {args.shapes} shapes, {device}, mean of {args.steps} steps of "
+    print(f"\nTraining step (trainers/training/trainer.py), {args.shapes} shapes, {device}, mean of {args.steps} steps of "
           f"{args.accumulation} micro-batch(es) of --batch-size each\n")
     print("| batch | gradient checkpointing | s/step | samples/s | tokens/s | " + " | ".join(PHASES) + " | peak memory |")
     print("|---|---|---|---|---|" + "---|" * len(PHASES) + "---|")

@@ -13,9 +13,8 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data.splits import hold_out  # noqa: E402
+from data.splits import hold_out
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,7 +4,7 @@ picture of the patches that survive each stage.
     python scripts/predict.py --model outputs --image photo.jpg --question "what color is the object in the top row ?"
 
 ``--model``: a run's output_dir, a folder written by save_pretrained, or a training_state_*.pt
-(trainers/pruned_model.py). Writes ``--out`` (default kept_tokens.png): the image, what each patch
+(trainers/inference/pruned_model.py). Writes ``--out`` (default kept_tokens.png): the image, what each patch
 merged into (one colour per merged token), then the merger's output and each pruning stage, with
 the dropped patches darkened.
 """
@@ -16,15 +16,13 @@ import os
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from PIL import Image  # noqa: E402
+from PIL import Image
 
-from trainers.evaluation import prefill_flops  # noqa: E402
-from trainers.pictures import darkened, kept_patch_grids, merged_into, model_view  # noqa: E402
-from trainers.pruned_model import PrunedModelError, load_pruned  # noqa: E402
+from trainers.inference.evaluation import prefill_flops
+from trainers.inference.pictures import darkened, kept_patch_grids, merged_into, model_view
+from trainers.inference.pruned_model import PrunedModelError, load_pruned
 
 
 def draw(pixels, grids, titles: list[str], path: Path, slots=None) -> None:

@@ -34,26 +34,25 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch import nn  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-from transformers import LlavaForConditionalGeneration, LlavaProcessor  # noqa: E402
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
-from data.collator import IGNORE_INDEX, VQACollator, build_prompt  # noqa: E402
-from data.scoring import accuracy_by_type  # noqa: E402
-from data.synthetic_vqa import (COLORS, GRID, REGION_PATCHES, ROW_NAMES, SHAPES, SyntheticVQADataset,  # noqa: E402
+from data.collator import VQACollator, build_prompt
+from data.processors import word_level_processor
+from data.scoring import accuracy_by_type
+from data.synthetic_vqa import (COLORS, GRID, REGION_PATCHES, ROW_NAMES, SHAPES, SyntheticVQADataset,
                                 patch_labels, scene_questions)
-from data.word_tokenizer import word_level_processor  # noqa: E402
-from models.llava_backbone import LlavaBackbone  # noqa: E402
-from models.tiny_llava import build_llava  # noqa: E402
-from trainers.evaluation import evaluate_accuracy, generate_baseline_answers  # noqa: E402
-from trainers.losses import task_loss  # noqa: E402
-from trainers.timing import machine  # noqa: E402
+from models.llava_backbone import LlavaBackbone
+from models.sequences import IGNORE_INDEX
+from models.tiny_llava import build_llava
+from trainers.inference.evaluation import evaluate_accuracy, generate_baseline_answers
+from trainers.inference.timing import machine
+from trainers.training.losses import task_loss
 
 
 class PatchHeads(nn.Module):

@@ -10,3 +10,4 @@ cd "$(dirname "$0")/.."
 python -m pip install -q --upgrade pip
 python -c "import torch" 2>/dev/null || python -m pip install -q "${TORCH_SPEC:-torch==2.13.0}"
 python -m pip install -q -r requirements.txt
+python -m pip install -q --no-deps -e .   # the project's packages, importable from scripts/ and anywhere else

@@ -8,8 +8,9 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 
 import pytest  # noqa: E402
 
+from data.processors import word_level_processor  # noqa: E402
+from models.backbones import load_backbone  # noqa: E402
 from tests.helpers import SHIPPED_BACKBONE, llava_like  # noqa: E402
-from data.word_tokenizer import word_level_processor  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -21,9 +22,7 @@ def processor():
 @pytest.fixture(scope="session")
 def shipped_backbone():
     """The shipped, trained tiny backbone (read only): its attention is sharp, as a real model's is."""
-    from models.llava_backbone import LlavaBackbone
-
-    return LlavaBackbone.from_pretrained(SHIPPED_BACKBONE)
+    return load_backbone(SHIPPED_BACKBONE)
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from data.word_tokenizer import word_level_next_processor, word_level_processor, word_level_qwen_processor
+from data.processors import word_level_next_processor, word_level_processor, word_level_qwen_processor
 from models.tiny_llava import build_llava, build_llava_next, build_qwen2_vl
 
 SHIPPED_BACKBONE = "backbones/tiny-llava"

@@ -2,19 +2,17 @@
 to compute micro-batch number ``$KILL_AT_MICRO_BATCH`` (counted from 1 in this process): a crash in the middle of a
 gradient accumulation, at a point that does not depend on timing.
 
-    KILL_AT_MICRO_BATCH=6 python tests/killed_main.py --config ... --set ...
+    KILL_AT_MICRO_BATCH=6 python -m tests.killed_main --config ... --set ...
 """
 
 import os
 import signal
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from trainers.trainer import Trainer  # noqa: E402
+from trainers.training.trainer import Trainer
 
-import main  # noqa: E402
+import main
 
 KILL_AT = int(os.environ.get("KILL_AT_MICRO_BATCH", "0"))
 _losses, _calls = Trainer.losses, [0]

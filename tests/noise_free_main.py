@@ -5,21 +5,19 @@ and the pruners' logistic noise zero. Data-parallel tests run this, because the 
 per process: two processes on half batches and one process on the whole batch would otherwise
 see different noise, and their results could not be compared.
 
-    torchrun --standalone --nproc_per_node 2 tests/noise_free_main.py --config ... --set ...
+    torchrun --standalone --nproc_per_node 2 -m tests.noise_free_main --config ... --set ...
 """
 
 import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from models import gumbel  # noqa: E402
+from models import gumbel
 
 gumbel._uniform_open = lambda shape_like, generator=None: torch.full_like(shape_like, 0.5)
 
-import main  # noqa: E402
+import main
 
 if __name__ == "__main__":
     sys.exit(main.main())

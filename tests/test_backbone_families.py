@@ -10,12 +10,13 @@ import pytest
 import torch
 from torch import nn
 
+from models.backbones import load_backbone, read_backbone_shape
 from models.baselines import build_baseline
 from models.layer_pruner import build_pruner
-from models.llava_backbone import LlavaBackbone, read_backbone_shape
 from models.llava_next_backbone import LlavaNextBackbone
-from models.pruned_llava import IGNORE_INDEX, PrunedLlava
+from models.pruned_llava import PrunedLlava
 from models.qwen2_vl_backbone import Qwen2_5_VLBackbone, Qwen2VLBackbone
+from models.sequences import IGNORE_INDEX
 from models.token_merger import TokenMerger
 from tests.helpers import ChosenShare, llava_next_like, main_args, qwen2_vl_like, resized_batch
 
@@ -183,13 +184,13 @@ def test_main_trains_and_evaluates_on_a_saved_folder(tmp_path, name):
     checkpoints, and the saved pruned model answering for images of any size."""
     import main as entry
     from data.synthetic_vqa import SyntheticVQADataset
-    from trainers.pruned_model import load_pruned
+    from trainers.inference.pruned_model import load_pruned
 
     family, build, overrides = FAMILIES[name]
     model, processor = build(4, 2)
     model.save_pretrained(tmp_path / name)
     processor.save_pretrained(tmp_path / name)
-    assert type(LlavaBackbone.from_pretrained(str(tmp_path / name))) is family  # chosen from config.json
+    assert type(load_backbone(str(tmp_path / name))) is family  # chosen from config.json
     assert read_backbone_shape(str(tmp_path / name)).num_layers == 4
     args, out = main_args(tmp_path, tmp_path / name, **overrides)
     assert entry.main(args) == 0

@@ -15,7 +15,7 @@ from models.baselines.tome import ToMe, bipartite_soft_matching, merge_steps
 from models.baselines.visionzip import VisionZip
 from models.llava_backbone import LlavaBackbone, VisionAttention
 from tests.helpers import llava_like, sharpen_attention
-from trainers.evaluation import module_flops
+from trainers.inference.evaluation import module_flops
 
 N = 144  # 96 px images, 8 px patches
 

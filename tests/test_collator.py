@@ -1,8 +1,9 @@
 import torch
 
-from data.collator import IGNORE_INDEX, VQACollator, build_prompt
+from data.collator import VQACollator, build_prompt
 from data.instruction_json import InstructionSample
 from data.synthetic_vqa import SyntheticVQADataset, question_objects
+from models.sequences import IGNORE_INDEX
 
 
 def test_labels_cover_only_the_answer_and_eos(processor):

@@ -209,7 +209,7 @@ def test_a_malformed_override_is_one_line_naming_it(override, problem, capsys):
 def test_no_pruning_layers_trains_the_merger_alone_only_without_keep_ratios():
     """pruning_layers [] means no pruners: a keep-ratio schedule then has no stage to apply to and is refused at
     load (the model would refuse it only after the weights load); with no ratios either, every stage list agrees."""
-    from trainers.build import stage_keep_ratios
+    from trainers.inference.build import stage_keep_ratios
 
     assert problems_of("configs/tiny.yaml", ["method_settings.pruning_layers=[]"]) == [
         "method_settings.pruning_layers is [] (no pruners) but pruner_keep_ratios is [0.5, 0.75, 0.67]; to train the "
@@ -339,7 +339,7 @@ def test_merge_ratio_set_alone_is_followed_and_both_in_a_file_must_agree(tmp_pat
 
 
 def test_more_pruning_layers_than_keep_ratios_spreads_the_schedule():
-    from trainers.build import stage_keep_ratios
+    from trainers.inference.build import stage_keep_ratios
 
     config = load_config("configs/vision_token_pruning.yaml",
                          ["method_settings.pruning_layers=[8, 12, 16, 20, 24, 28, 31]"])

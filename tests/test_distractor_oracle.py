@@ -8,7 +8,7 @@ from data.synthetic_vqa import SyntheticVQADataset, patch_index, question_object
 from models.pruned_llava import PrunedLlava
 from scripts import distractor_oracle
 from tests.helpers import SHIPPED_BACKBONE
-from trainers.pruned_model import load_pruned
+from trainers.inference.pruned_model import load_pruned
 
 
 def test_distractor_mask_marks_exactly_the_objects_the_question_is_not_about():

@@ -11,7 +11,7 @@ import torch
 import main as entry
 from models import gumbel
 from tests.helpers import main_args
-from trainers.distributed import shard
+from trainers.training.distributed import shard
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -57,7 +57,7 @@ def test_two_processes_with_accumulation_take_the_step_of_one_process(tmp_path, 
     args, runs["2x2"] = main_args(tmp_path / "two_x2", tiny_folder, **SETTINGS,
                                   **{"trainer_settings.dl_settings.gradient_accumulation_steps": 2})
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          "tests/noise_free_main.py", *args], cwd=PROJECT_ROOT, capture_output=True, text=True)
+                          "-m", "tests.noise_free_main", *args], cwd=PROJECT_ROOT, capture_output=True, text=True)
     assert run.returncode == 0, run.stdout + run.stderr
 
     whole = module_weights(runs[1])
@@ -98,7 +98,7 @@ def test_a_kill_in_the_middle_of_an_accumulation_resumes_bit_for_bit(tmp_path, t
 
     def run(folder, *extra, kill_at=0):
         args, out = main_args(folder, tiny_folder, *extra, **settings)
-        done = subprocess.run([sys.executable, "tests/killed_main.py", *args], cwd=PROJECT_ROOT, capture_output=True,
+        done = subprocess.run([sys.executable, "-m", "tests.killed_main", *args], cwd=PROJECT_ROOT, capture_output=True,
                               text=True, env={**os.environ, "KILL_AT_MICRO_BATCH": str(kill_at)})
         return done, out
 

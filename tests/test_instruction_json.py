@@ -3,10 +3,11 @@ import json
 
 import pytest
 
-from data.collator import IGNORE_INDEX, VQACollator
+from data.collator import VQACollator
 from data.instruction_json import BadSampleError, InstructionSample, LlavaInstructionDataset, image_problems
+from data.processors import word_level_processor
 from data.synthetic_vqa import make_sample
-from data.word_tokenizer import word_level_processor
+from models.sequences import IGNORE_INDEX
 from tests.helpers import write_llava_665k_like
 
 

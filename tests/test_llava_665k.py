@@ -8,7 +8,7 @@ import pytest
 import main as entry
 from data.collator import VQACollator
 from data.instruction_json import LlavaInstructionDataset
-from models.pruned_llava import IGNORE_INDEX
+from models.sequences import IGNORE_INDEX
 from scripts import hold_out_eval
 from tests.helpers import main_args, write_llava_665k_like
 

@@ -4,11 +4,13 @@ from transformers import LlavaForConditionalGeneration
 
 from data.collator import VQACollator
 from data.synthetic_vqa import SyntheticVQADataset
-from models.llava_backbone import BackboneNotFoundError, LlavaBackbone, causal_padding_mask, read_backbone_shape
+from models.backbones import load_backbone, read_backbone_shape
+from models.llava_backbone import BackboneNotFoundError
+from models.sequences import causal_padding_mask
 
 
 def test_adapter_pieces_reproduce_stock_forward(llava15_folder):
-    backbone = LlavaBackbone.from_pretrained(str(llava15_folder), dtype="float32")
+    backbone = load_backbone(str(llava15_folder), dtype="float32")
     stock = LlavaForConditionalGeneration.from_pretrained(llava15_folder, dtype=torch.float32).eval()
     data = SyntheticVQADataset(3, "eval", seed=1)
     batch = VQACollator(backbone.processor)([data[i] for i in range(3)])  # questions differ in length: padding
@@ -24,7 +26,7 @@ def test_adapter_pieces_reproduce_stock_forward(llava15_folder):
 
 
 def test_vision_features_follow_llava_selection(llava15_folder):
-    backbone = LlavaBackbone.from_pretrained(str(llava15_folder), dtype="float32")
+    backbone = load_backbone(str(llava15_folder), dtype="float32")
     pixels = torch.randn(2, 3, 336, 336)
     with torch.no_grad():
         features = backbone.vision_features(pixels)
@@ -34,7 +36,7 @@ def test_vision_features_follow_llava_selection(llava15_folder):
 
 
 def test_backbone_is_frozen_and_stays_in_eval(llava15_folder):
-    backbone = LlavaBackbone.from_pretrained(str(llava15_folder), dtype="float32")
+    backbone = load_backbone(str(llava15_folder), dtype="float32")
     assert not any(p.requires_grad for p in backbone.parameters())
     backbone.train()
     assert not backbone.model.training
@@ -64,7 +66,7 @@ def test_main_refuses_an_unsupported_family_with_one_line(tmp_path, capsys):
     import main as entry
     from tests.helpers import main_args
 
-    from data.word_tokenizer import word_level_processor
+    from data.processors import word_level_processor
 
     transformers.LlavaOnevisionConfig().save_pretrained(tmp_path / "onevision")
     word_level_processor().save_pretrained(tmp_path / "onevision")  # a downloaded checkpoint has its processor's files
@@ -83,7 +85,7 @@ def test_missing_backbone_names_what_was_looked_for(name):
     assert name in message and "configs/tiny.yaml" in message
     assert ("hf download" in message) == (not name.startswith(".")), "download advice for a model id only"
     with pytest.raises(BackboneNotFoundError):
-        LlavaBackbone.from_pretrained(name)
+        load_backbone(name)
 
 
 def test_causal_padding_mask_blocks_future_and_padding():

@@ -8,8 +8,8 @@ The toy model is random-init (tests/helpers.llava_next_like: 48 px crops of 8 px
 import pytest
 import torch
 
+from models.backbones import load_backbone, read_backbone_shape
 from models.baselines import build_baseline
-from models.llava_backbone import LlavaBackbone, read_backbone_shape
 from models.llava_next_backbone import LlavaNextBackbone
 from models.pruned_llava import PrunedLlava
 from tests.helpers import llava_next_like, resized_batch
@@ -59,7 +59,7 @@ def test_max_vision_tokens_and_image_max_size_bound_the_resolutions(tmp_path):
         with pytest.raises(ValueError, match=r"leave none of LLaVA-NeXT's image_grid_pinpoints .* the smallest, "
                                              r"\[48, 96\], gives 108 vision tokens with sides up to 96 px"):
             read_backbone_shape(str(tmp_path), *bounds)
-    backbone = LlavaBackbone.from_pretrained(str(tmp_path))
+    backbone = load_backbone(str(tmp_path))
     backbone.apply_bounds(120, None)
     batch = batch_of(backbone, with_answers=False)
     placeholders = (batch["input_ids"] == backbone.image_token_id).sum(dim=1)
@@ -96,8 +96,8 @@ class KeepAll(torch.nn.Module):
 
 def test_stage_positions_map_onto_the_feature_slots(next_backbone):
     """The pruners' importance targets look each scored token up among the placeholders that hold a feature
-    (trainers/trainer.py): with the row ends among LLaVA-NeXT's placeholders, token k must find slot k."""
-    from models.pruned_llava import compact, sorted_positions
+    (trainers/training/trainer.py): with the row ends among LLaVA-NeXT's placeholders, token k must find slot k."""
+    from models.sequences import compact, sorted_positions
 
     bb = next_backbone
     batch = batch_of(bb)

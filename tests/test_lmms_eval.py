@@ -44,14 +44,15 @@ import sys
 from data.build import batches
 from data.collator import VQACollator
 from data.synthetic_vqa import SyntheticVQADataset
+from models.backbones import load_backbone
 from models.baselines import build_baseline, kept_tokens
 from models.llava_backbone import LlavaBackbone
-from trainers.evaluation import evaluate_pruned
-from trainers.pruned_model import load_pruned
+from trainers.inference.evaluation import evaluate_pruned
+from trainers.inference.pruned_model import load_pruned
 
 what, size, seed = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 if what == "tome":
-    backbone = LlavaBackbone.from_pretrained("backbones/tiny-llava")
+    backbone = load_backbone("backbones/tiny-llava")
     model = build_baseline("tome", backbone, kept_tokens(backbone.num_vision_tokens, 0.25), [2, 4, 6])
 else:
     model = load_pruned(what).model

@@ -102,7 +102,7 @@ def test_help_lists_the_options(capsys):
 
 def test_eval_mode_keeps_the_run_config_and_measures_a_new_eval_set_s_baseline(tmp_path, tiny_folder, capsys,
                                                                                monkeypatch):
-    import trainers.trainer as trainer_module
+    import trainers.training.trainer as trainer_module
 
     args, out = args_for(tmp_path, tiny_folder)
     assert entry.main(args) == 0
@@ -125,8 +125,8 @@ def test_eval_mode_keeps_the_run_config_and_measures_a_new_eval_set_s_baseline(t
 
 
 def test_eval_mode_can_skip_the_soft_and_baseline_evaluations(tmp_path, tiny_folder, capsys, monkeypatch):
-    import trainers.evaluation as evaluation_module
-    import trainers.trainer as trainer_module
+    import trainers.inference.evaluation as evaluation_module
+    import trainers.training.trainer as trainer_module
 
     args, out = args_for(tmp_path, tiny_folder)
     assert entry.main(args) == 0

@@ -5,12 +5,13 @@ import copy
 import pytest
 import torch
 
-from data.collator import IGNORE_INDEX, VQACollator
+from data.collator import VQACollator
 from data.synthetic_vqa import SyntheticVQADataset
 from models.llava_backbone import LlavaBackbone
 from models.pruned_llava import PrunedLlava
+from models.sequences import IGNORE_INDEX
 from tests.helpers import llava_like, sharpen_attention
-from trainers.losses import (RELEVANCE_MARGIN, irrelevant_tokens, merge_importance_loss, pruner_importance_loss,
+from trainers.training.losses import (RELEVANCE_MARGIN, irrelevant_tokens, merge_importance_loss, pruner_importance_loss,
                              pruner_relevance_loss, relevance_loss)
 
 

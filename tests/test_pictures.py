@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from trainers.pictures import DROPPED_BRIGHTNESS, PALETTE, grid_side, kept_patch_grids, merged_into, strip
+from trainers.inference.pictures import DROPPED_BRIGHTNESS, PALETTE, grid_side, kept_patch_grids, merged_into, strip
 
 
 def test_grid_side_is_the_square_grids_side_or_none():

@@ -13,10 +13,10 @@ from accelerate.hooks import AlignDevicesHook
 
 from data.collator import VQACollator
 from data.synthetic_vqa import SyntheticVQADataset
-from models.llava_backbone import LlavaBackbone
+from models.backbones import load_backbone
 from tests.helpers import tiny_run_config
-from trainers.build import build_pruned_model
-from trainers.placement import place_pruners, split_layers, spread_backbone
+from trainers.inference.build import build_pruned_model
+from trainers.training.placement import place_pruners, split_layers, spread_backbone
 
 
 def largest_load(devices, sizes, home_extra):
@@ -43,7 +43,7 @@ def test_layers_split_into_contiguous_balanced_blocks():
 
 
 def test_spread_backbone_keeps_the_pruned_forward(tmp_path, tiny_folder):
-    backbone = LlavaBackbone.from_pretrained(str(tiny_folder))
+    backbone = load_backbone(str(tiny_folder))
     torch.manual_seed(0)
     model = build_pruned_model(tiny_run_config(tmp_path, tiny_folder).method_settings, backbone).eval()
     data = SyntheticVQADataset(3, "eval", seed=2)

@@ -69,7 +69,7 @@ def test_output_dir_on_a_read_only_disk(tmp_path, tiny_folder, capsys, no_weight
     """As root every folder is writable; the write probe is what meets a read-only mount, so it fails here."""
     import errno
 
-    from trainers import preflight
+    from trainers.training import preflight
 
     def read_only(*args, **kwargs):
         raise OSError(errno.EROFS, "Read-only file system")
@@ -220,7 +220,7 @@ def instruction_data(tmp_path, records, on_bad_sample="error"):
 def test_long_conversations_keep_the_whole_turns_that_fit(tmp_path, processor, fitting):
     """The limit is exactly the positions of the first ``fitting`` turns (one fewer: one turn fewer fits)."""
     from tests.helpers import SHIPPED_BACKBONE
-    from trainers.preflight import check_prompt_lengths
+    from trainers.training.preflight import check_prompt_lengths
 
     limit = positions(processor, TURNS[:fitting])
     assert positions(processor, TURNS[:fitting + 1]) > limit
@@ -237,7 +237,7 @@ def test_long_conversations_keep_the_whole_turns_that_fit(tmp_path, processor, f
 
 def test_a_first_turn_longer_than_the_positions_is_a_bad_record(tmp_path, processor):
     from tests.helpers import SHIPPED_BACKBONE
-    from trainers.preflight import PreflightError, check_prompt_lengths
+    from trainers.training.preflight import PreflightError, check_prompt_lengths
 
     long_first = ((" ".join(["what color is the object in the top row ?"] * 3), "red"), *TURNS[1:])
     limit = positions(processor, long_first[:1]) - 1

@@ -6,10 +6,11 @@ from data.collator import VQACollator
 from data.synthetic_vqa import SyntheticVQADataset
 from models.layer_pruner import build_pruner
 from models.llava_backbone import LlavaBackbone
-from models.pruned_llava import IGNORE_INDEX, PrunedLlava, question_token_mask
+from models.pruned_llava import PrunedLlava, question_token_mask
+from models.sequences import IGNORE_INDEX
 from models.token_merger import TokenMerger
 from tests.helpers import llava_like
-from trainers.evaluation import generate_pruned
+from trainers.inference.evaluation import generate_pruned
 
 LAYERS = [1, 2, 3]
 
@@ -379,8 +380,8 @@ def test_attention_aware_pruners_read_the_previous_layers_attention(shipped_back
 def test_a_token_of_size_s_is_attended_as_s_copies(shipped_backbone):
     """Proportional attention: log s added to the logits towards a token equals that token present s times at its
     position, for every later query, through a real decoder layer (SDPA) of the trained backbone."""
-    from models.llava_backbone import causal_padding_mask
     from models.pruned_llava import _Sequence
+    from models.sequences import causal_padding_mask
 
     bb = shipped_backbone
     torch.manual_seed(0)

@@ -7,7 +7,7 @@ import torch
 
 from data.synthetic_vqa import SyntheticVQADataset
 from tests.helpers import llava_like
-from trainers.pruned_model import CONFIG_FILE, PrunedModelError, load_pruned
+from trainers.inference.pruned_model import CONFIG_FILE, PrunedModelError, load_pruned
 
 
 def test_training_writes_loadable_folders_and_the_round_trip_is_exact(finished_tiny_run, tmp_path):

@@ -8,7 +8,7 @@ The toy models are random-init (tests/helpers.qwen2_vl_like: 8 px patches merged
 import pytest
 import torch
 
-from models.llava_backbone import LlavaBackbone, read_backbone_shape
+from models.backbones import load_backbone, read_backbone_shape
 from models.qwen2_vl_backbone import Qwen2_5_VLBackbone, Qwen2VLBackbone
 from tests.helpers import qwen2_vl_like, resized_batch
 
@@ -34,7 +34,7 @@ def test_max_vision_tokens_bounds_the_resize(tmp_path):
     processor.save_pretrained(tmp_path)
     assert read_backbone_shape(str(tmp_path), max_vision_tokens=16).num_vision_tokens == 16
     assert read_backbone_shape(str(tmp_path), 64, image_max_size=64).num_vision_tokens == 16  # 64^2 px / 16^2 px
-    backbone = LlavaBackbone.from_pretrained(str(tmp_path))
+    backbone = load_backbone(str(tmp_path))
     assert isinstance(backbone, Qwen2VLBackbone)
     backbone.apply_bounds(16, None)
     batch = batch_of(backbone, with_answers=False)

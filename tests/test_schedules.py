@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from trainers.schedules import TemperatureSchedule
+from trainers.training.schedules import TemperatureSchedule
 
 
 def test_linear_then_held():
@@ -22,7 +22,7 @@ def test_no_annealing_and_bad_values():
 
 def schedule(total_steps, **settings):
     from configs.schema import OptimizerSettings
-    from trainers.schedules import learning_rate_schedule
+    from trainers.training.schedules import learning_rate_schedule
 
     optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
     return learning_rate_schedule(optimizer, OptimizerSettings(lr=1e-3, **settings), total_steps)
@@ -53,7 +53,7 @@ def test_warm_up_then_cosine_to_the_floor():
 
 def test_warmup_ratio_rounds_up_to_whole_steps():
     from configs.schema import OptimizerSettings
-    from trainers.schedules import warmup_steps
+    from trainers.training.schedules import warmup_steps
 
     assert warmup_steps(OptimizerSettings(warmup_ratio=0.03), 4875) == 147
     assert warmup_steps(OptimizerSettings(warmup_ratio=0.03), 10) == 1

@@ -18,8 +18,8 @@ from optuna.trial import TrialState
 import main as entry
 from configs.schema import SearchSettings, apply_overrides, config_from_dict, config_to_dict, load_config
 from tests.helpers import tiny_run_config
-from trainers import search
-from trainers.manager import PROJECT_ROOT, gpu_subsets, queue_left_running, run_search, worker_environments
+from trainers.search import study as search
+from trainers.search.manager import PROJECT_ROOT, gpu_subsets, queue_left_running, run_search, worker_environments
 
 SPACE = ("{method_settings.task_loss_weight: {type: float, low: 10, high: 50, log: true},"
          " method_settings.merge_ratio: {type: float, low: 0.4, high: 0.6}}")
@@ -296,7 +296,7 @@ def test_workers_die_with_a_killed_manager(tmp_path, tiny_folder):
 
 
 def test_a_ctrl_c_that_python_swallowed_does_not_leave_the_worker_deaf_to_the_next():
-    from trainers import search_worker
+    from trainers.search import worker as search_worker
 
     previous = signal.signal(signal.SIGINT, search_worker.interrupt)
     try:

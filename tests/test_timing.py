@@ -1,6 +1,6 @@
 import torch
 
-from trainers.timing import speedups, stopwatch, timed_rounds
+from trainers.inference.timing import speedups, stopwatch, timed_rounds
 
 
 def test_speedups_are_medians_of_per_round_ratios():

@@ -6,9 +6,9 @@ import torch
 from data.build import batches
 from data.collator import VQACollator
 from data.synthetic_vqa import SyntheticVQADataset
-from models.llava_backbone import LlavaBackbone
-from trainers.evaluation import evaluate_accuracy, generate_baseline_answers
 from data.synthetic_vqa import ROW_NAMES, make_sample, patch_labels
+from models.backbones import load_backbone
+from trainers.inference.evaluation import evaluate_accuracy, generate_baseline_answers
 from scripts.pretrain_tiny_backbone import (background_visibility, hide_background, lr_at, main as build_tiny,
                                     patch_word_targets)
 
@@ -21,10 +21,10 @@ def test_builder_saves_a_backbone_that_round_trips_offline(tmp_path):
     assert set(report["accuracy"]) >= {"overall", "color_at", "count"}
     assert (tmp_path / "a" / "README.md").read_text().count("|") > 10  # the card's accuracy table
 
-    first = LlavaBackbone.from_pretrained(str(tmp_path / "a"))
+    first = load_backbone(str(tmp_path / "a"))
     first.model.save_pretrained(tmp_path / "b")
     first.processor.save_pretrained(tmp_path / "b")
-    second = LlavaBackbone.from_pretrained(str(tmp_path / "b"))
+    second = load_backbone(str(tmp_path / "b"))
 
     data = SyntheticVQADataset(2, "eval", seed=0)
     batch_a = VQACollator(first.processor)([data[0], data[1]])
@@ -43,7 +43,7 @@ def test_learning_rate_schedule():
 
 
 def test_shipped_backbone_answers_held_out_questions():
-    backbone = LlavaBackbone.from_pretrained(str(SHIPPED))
+    backbone = load_backbone(str(SHIPPED))
     assert backbone.num_vision_tokens == 144 and backbone.num_layers == 8
     data = SyntheticVQADataset(100, "eval", seed=0)
     accuracy = evaluate_accuracy(lambda b: generate_baseline_answers(backbone, b, max_new_tokens=3),
@@ -80,6 +80,6 @@ def test_dataloader_workers_do_not_change_the_result(tmp_path):
             "--curriculum-start", "0.0", "--curriculum-end", "1.0"]  # the curriculum draws random masks each step
     build_tiny(["--out", str(tmp_path / "w0"), *args])
     build_tiny(["--out", str(tmp_path / "w2"), "--workers", "2", *args])
-    a = LlavaBackbone.from_pretrained(str(tmp_path / "w0")).model.state_dict()
-    b = LlavaBackbone.from_pretrained(str(tmp_path / "w2")).model.state_dict()
+    a = load_backbone(str(tmp_path / "w0")).model.state_dict()
+    b = load_backbone(str(tmp_path / "w2")).model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)

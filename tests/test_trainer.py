@@ -4,18 +4,19 @@ import pytest
 import torch
 
 from data.build import build_datasets
+from models.backbones import load_backbone
 from models.llava_backbone import LlavaBackbone
 from tests.helpers import sharpen_attention, tiny_run_config
 from trainers import checkpoint as checkpoint_module
-from trainers import trainer as trainer_module
 from trainers.run_log import RunLog
-from trainers.trainer import NonFiniteLossError, Trainer
+from trainers.training import trainer as trainer_module
+from trainers.training.trainer import NonFiniteLossError, Trainer
 
 
 def make_trainer(tmp_path, folder, **overrides):
     config = tiny_run_config(tmp_path, folder, **overrides)
     torch.manual_seed(config.manager_settings.seed)
-    backbone = LlavaBackbone.from_pretrained(str(folder))
+    backbone = load_backbone(str(folder))
     train_set, eval_set = build_datasets(config.data_settings)
     log = RunLog(tmp_path / "out" / "logs" / "training.log")
     return Trainer(config, backbone, train_set, eval_set, log, tmp_path / "out")

@@ -1,8 +1,8 @@
 """A search worker: one process on one GPU subset (or the CPU) that runs trials until the study is done.
 
-    python -m trainers.search_worker --config outputs/optuna/<study>/search_config.yaml --worker 0
+    python -m trainers.search.worker --config outputs/optuna/<study>/search_config.yaml --worker 0
 
-The manager (trainers/manager.py) starts one per GPU subset with ``CUDA_VISIBLE_DEVICES`` set,
+The manager (trainers/search/manager.py) starts one per GPU subset with ``CUDA_VISIBLE_DEVICES`` set,
 so the worker's GPUs are cuda:0, cuda:1, ... Each worker loads the backbone and the data (and
 evaluates the unpruned baseline) once and then, in a loop: under this machine's claim lock it fails trials whose heartbeat stopped
 (queuing them again), counts the study, and claims a trial (a queued retry first); it trains
@@ -26,9 +26,9 @@ import torch
 from optuna.trial import TrialState
 
 from configs.schema import Config, config_to_dict, load_config, save_config
-from trainers import search
 from trainers.run_log import RunLog
-from trainers.world import BackboneAndData, load_world, make_trainer
+from trainers.search import study as search
+from trainers.training.world import BackboneAndData, load_world, make_trainer
 
 IDLE_POLL_S = 2.0  # how often an idle worker looks for retries while the last trials run elsewhere
 

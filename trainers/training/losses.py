@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from data.collator import IGNORE_INDEX
+from models.sequences import IGNORE_INDEX
 
 
 def next_token_positions(labels: torch.Tensor) -> torch.Tensor:

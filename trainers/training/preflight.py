@@ -14,8 +14,16 @@ import os
 import tempfile
 from pathlib import Path
 
+from tqdm import tqdm
+from transformers import AutoConfig
+
 from configs.schema import Config, config_to_dict
+from data.build import build_datasets
+from data.collator import adds_special_tokens, render_conversation
+from data.instruction_json import SHOWN_PROBLEMS, LlavaInstructionDataset
+from models.backbones import backbone_class
 from trainers.checkpoint import MODULES, STATE, CheckpointError, Checkpointer, load
+from trainers.inference.pruned_model import CONFIG_FILE, PrunedModelError, saved_meta
 
 
 class PreflightError(ValueError):
@@ -144,8 +152,6 @@ def latest_readable(folder: Path) -> tuple[Path, dict]:
 def _eval_source(folder: Path) -> tuple[Path, dict]:
     """What eval mode evaluates for ``--resume FOLDER``: a folder written by save_pretrained (its config and the folder
     itself as ``saved_folder``; the weights load with the model), or a run's output_dir (its latest readable step)."""
-    from trainers.pruned_model import CONFIG_FILE, PrunedModelError, saved_meta
-
     if (folder / CONFIG_FILE).is_file():
         try:
             meta = saved_meta(folder)
@@ -180,9 +186,6 @@ def _read_state(path: Path) -> dict:
 # ----------------------------------------------------------------------------- data
 def load_data(config: Config, num_vision_tokens: int, max_positions: int | None):
     """(train, eval) data sets, every record and image header checked, conversations within the model's positions."""
-    from data.build import build_datasets
-    from data.instruction_json import LlavaInstructionDataset
-
     train_set, eval_set = build_datasets(config.data_settings)  # BadSampleError: 'what (where): fix' as well
     if max_positions is not None:
         for dataset in (train_set, eval_set):
@@ -195,8 +198,6 @@ def check_prompt_lengths(dataset, name_or_path: str, num_vision_tokens: int, max
     """Every training conversation (every turn as data/collator.py renders it, the image as its vision tokens) fits
     ``max_positions``. A longer one keeps the longest run of whole turns that fits, as LLaVA truncates long
     conversations (counted in ``dataset.truncated``); a record whose first turn alone does not fit is a bad record."""
-    from data.instruction_json import SHOWN_PROBLEMS
-
     records = dataset.records
     processor = _load_processor(name_or_path)
     lengths = _training_lengths(processor, [r.turns for r in records], num_vision_tokens)
@@ -223,10 +224,6 @@ def check_prompt_lengths(dataset, name_or_path: str, num_vision_tokens: int, max
 
 def _load_processor(name_or_path: str):
     """The backbone's processor (its chat template, image token and tokenizer), as the backbone will load it."""
-    from transformers import AutoConfig
-
-    from models.llava_backbone import backbone_class
-
     config = AutoConfig.from_pretrained(name_or_path, local_files_only=True)
     return backbone_class(config.model_type, name_or_path).load_processor(name_or_path, local_files_only=True)
 
@@ -234,10 +231,6 @@ def _load_processor(name_or_path: str):
 def _training_lengths(processor, conversations: list, num_vision_tokens: int, batch: int = 4096) -> list[int]:
     """The positions each conversation's training text takes once the processor has replaced its image token by the
     vision tokens; tokenized in batches with the fast tokenizer, as a file holds up to 665K records."""
-    from tqdm import tqdm
-
-    from data.collator import adds_special_tokens, render_conversation
-
     tokenizer, lengths = processor.tokenizer, []
     for start in tqdm(range(0, len(conversations), batch), desc="measuring conversations", unit="batch",
                       disable=len(conversations) < 10 * batch):

@@ -2,7 +2,7 @@
 
 Devices: one data-parallel rank uses its own device (cuda:LOCAL_RANK on GPUs); otherwise
 ``backbone_settings.device``, and with ``manager_settings.gpus_per_subtask`` > 1 on CUDA the
-decoder layers are spread over that many GPUs (trainers/placement.py).
+decoder layers are spread over that many GPUs (trainers/training/placement.py).
 """
 
 from __future__ import annotations
@@ -15,10 +15,11 @@ from accelerate import PartialState
 
 from configs.schema import Config
 from data.build import build_datasets, describe
+from models.backbones import load_backbone
 from models.llava_backbone import LlavaBackbone
-from trainers.placement import place_pruners, spread_backbone
 from trainers.run_log import RunLog
-from trainers.trainer import Trainer
+from trainers.training.placement import place_pruners, spread_backbone
+from trainers.training.trainer import Trainer
 
 
 @dataclass
@@ -54,12 +55,12 @@ def subtask_devices(config: Config, processes: PartialState | None = None) -> li
 
 
 def load_world(config: Config, log: RunLog, data=None, processes: PartialState | None = None) -> BackboneAndData:
-    """The frozen backbone and the train / eval data sets (``data``, checked before: trainers/preflight.py; built
-    here when None), with what the seed guide prints. ``processes``: the launch's (trainers/distributed.py)."""
+    """The frozen backbone and the train / eval data sets (``data``, checked before: trainers/training/preflight.py; built
+    here when None), with what the seed guide prints. ``processes``: the launch's (trainers/training/distributed.py)."""
     settings = config.backbone_settings
     devices = subtask_devices(config, processes)
     log.info("Preloading backbone and dataset...")
-    backbone = LlavaBackbone.from_pretrained(settings.name_or_path, settings.dtype, settings.attn_implementation,
+    backbone = load_backbone(settings.name_or_path, settings.dtype, settings.attn_implementation,
                                              devices[0])
     backbone.apply_bounds(config.data_settings.max_vision_tokens, config.data_settings.image_max_size)
     layer_devices = spread_backbone(backbone, devices) if len(devices) > 1 else None

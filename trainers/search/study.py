@@ -42,6 +42,7 @@ from optuna.storages import JournalStorage, RDBStorage, RetryHeartbeatStaleTrial
 from optuna.storages._heartbeat import BaseHeartbeat
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState
+from sqlalchemy.engine import make_url
 
 from configs.schema import Config, SearchParam, SearchSettings, apply_search_params
 
@@ -113,8 +114,6 @@ def study_folder(config: Config) -> Path:
 def storage_label(settings: SearchSettings, output_dir: str | Path) -> str:
     """Where the study lives, for messages (database passwords hidden)."""
     if settings.storage and "://" in settings.storage:
-        from sqlalchemy.engine import make_url
-
         return make_url(settings.storage).render_as_string(hide_password=True)
     return str(journal_path(settings, output_dir))
 

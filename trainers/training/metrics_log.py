@@ -3,7 +3,7 @@ the summary of the guide's targets (torchtitan's MetricsProcessor plays this par
 
 The trainer hands over plain numbers (losses, throughput, evaluation metrics) and pictures; this
 component decides how they read in training.log and under which TensorBoard tags they land:
-``loss/<group>/<loss>`` (groups from trainers/losses.LOSS_TERMS), ``temperature``,
+``loss/<group>/<loss>`` (groups from trainers/training/losses.LOSS_TERMS), ``temperature``,
 ``discriminator/disc_prob_{real,fake}``, ``throughput/<figure>``, ``eval/<metric>`` and
 ``kept_tokens/<i>``.
 """
@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from trainers.losses import LOSS_TERMS
 from trainers.run_log import RunLog
-from trainers.throughput import describe as describe_throughput
+from trainers.training.losses import LOSS_TERMS
+from trainers.training.throughput import describe as describe_throughput
 
 INTEGER_METRICS = ("avg_original_tokens", "avg_merged_tokens", "merged_tokens_min", "merged_tokens_max")
 FIRST_METRICS = ("accuracy_baseline", "accuracy_soft", "accuracy_hard", "keep_ratio_merge", *INTEGER_METRICS)  # seed order

@@ -1,7 +1,7 @@
 """The adversarial trainer: teacher pass, student pass, then one backward for the discriminator and the generator.
 
 Each optimizer step takes one global batch, as ``gradient_accumulation_steps`` micro-batches on each
-process (trainers/distributed.py: accelerate). Per micro-batch:
+process (trainers/training/distributed.py: accelerate). Per micro-batch:
 1. teacher: the unpruned backbone (no grad);
 2. student: merger + soft pruners at temperature tau(step);
 3. discriminator losses on detached real (teacher) / fake (student) answer states;
@@ -36,20 +36,21 @@ from data.build import batches, describe
 from data.collator import VQACollator
 from models.discriminator import adversarial_loss, discriminator_losses
 from models.llava_backbone import LlavaBackbone
-from models.pruned_llava import PrunedLlava, PrunedOutput, compact, sorted_positions
-from trainers.build import build_discriminator, build_pruned_model, stage_keep_ratios
+from models.pruned_llava import PrunedLlava, PrunedOutput
+from models.sequences import compact, sorted_positions
 from trainers.checkpoint import STATE, Checkpointer, load, restore_rng_state, rng_state
-from trainers.distributed import make_accelerator, shard
-from trainers.evaluation import (answer_accuracy, collect_answers, generate_baseline_answers, pruned_results,
+from trainers.inference.build import build_discriminator, build_pruned_model, stage_keep_ratios
+from trainers.training.distributed import make_accelerator, shard
+from trainers.inference.evaluation import (answer_accuracy, collect_answers, generate_baseline_answers, pruned_results,
                                  summarize_pruned)
 from trainers.run_log import RunLog
-from trainers.losses import (distillation_loss, irrelevant_tokens, merge_importance_loss, next_token_positions,
+from trainers.training.losses import (distillation_loss, irrelevant_tokens, merge_importance_loss, next_token_positions,
                              pruner_importance_loss, pruner_relevance_loss, relevance_loss, task_loss, weighted_sum)
-from trainers.pictures import grid_side, kept_patch_grids, model_view, strip
-from trainers.pruned_model import load_modules, read_saved_modules, save_pretrained
-from trainers.schedules import TemperatureSchedule, learning_rate_schedule
-from trainers.metrics_log import MetricsLog, summary
-from trainers.throughput import Throughput, eta_seconds
+from trainers.inference.pictures import grid_side, kept_patch_grids, model_view, strip
+from trainers.inference.pruned_model import load_modules, read_saved_modules, save_pretrained
+from trainers.training.metrics_log import MetricsLog, summary
+from trainers.training.schedules import TemperatureSchedule, learning_rate_schedule
+from trainers.training.throughput import Throughput, eta_seconds
 
 
 def eval_set_identity(data) -> dict:
@@ -165,7 +166,7 @@ class Trainer:
 
     def load_training_state(self, path: str | Path, state: dict | None = None) -> None:
         """Continue from a training state (``state``: already read and checked against this config,
-        trainers/preflight.resume_state)."""
+        trainers/training/preflight.resume_state)."""
         state = load(path) if state is None else state
         if "saved_folder" in state:  # eval mode on a folder written by save_pretrained: modules only
             load_modules(self.model, read_saved_modules(Path(state["saved_folder"]), self.backbone))
@@ -254,7 +255,7 @@ class Trainer:
         return values
 
     def losses(self, batch: dict, tau: float) -> dict[str, torch.Tensor]:
-        """Every loss term of one micro-batch (trainers/losses.LOSS_TERMS; ``real_loss`` and ``fake_loss`` for the
+        """Every loss term of one micro-batch (trainers/training/losses.LOSS_TERMS; ``real_loss`` and ``fake_loss`` for the
         discriminator) and the discriminator's mean probabilities."""
         method = self.config.method_settings
         device = self.backbone.device
@@ -360,7 +361,7 @@ class Trainer:
         metrics.update(summarize_pruned(gather(results)))
         return metrics
 
-    # ------------------------------------------------------------------ logging (trainers/metrics_log.py)
+    # ------------------------------------------------------------------ logging (trainers/training/metrics_log.py)
     def log_step(self, values: dict[str, float]) -> None:
         speed = self.throughput.report()
         speed["eta_s"] = eta_seconds(self._started, self.step - self._started_step, self.total_steps - self.step)

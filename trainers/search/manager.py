@@ -4,7 +4,7 @@
 
 1. creates the study (or loads it: a re-run with the same ``study_name`` resumes it) and writes
    the config the workers read (``search_config.yaml`` in the study's folder);
-2. starts len(available_gpus) / gpus_per_subtask workers (trainers/search_worker.py), worker i
+2. starts len(available_gpus) / gpus_per_subtask workers (trainers/search/worker.py), worker i
    with ``CUDA_VISIBLE_DEVICES`` set to the i-th block of ``gpus_per_subtask`` GPUs; with no
    GPUs, ``cpu_workers`` workers with no GPU visible;
 3. shows the progress (trials finished / running / failed, best so far) while they run, and
@@ -30,10 +30,10 @@ import optuna
 from optuna.trial import TrialState
 
 from configs.schema import Config, save_config
-from trainers import search
 from trainers.run_log import RunLog
+from trainers.search import study as search
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 MAX_RESTARTS = 3  # per worker: a worker that keeps dying is broken, not unlucky
 POLL_S = 1.0
 STOP_WAIT_S = 60.0  # after Ctrl-C, how long workers get to record their trials before they are killed
@@ -72,7 +72,7 @@ class WorkerProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "a") as out:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "trainers.search_worker", "--config", str(config_path), "--worker",
+                [sys.executable, "-m", "trainers.search.worker", "--config", str(config_path), "--worker",
                  str(self.index)], env=self.env, cwd=PROJECT_ROOT, stdout=out, stderr=subprocess.STDOUT,
                 preexec_fn=die_with_parent if sys.platform == "linux" else None)
         self.pids.append(self.process.pid)

@@ -24,8 +24,9 @@ from tqdm import tqdm
 from data.scoring import accuracy_by_type, normalize_answer
 from models.flops import fold_flops, llm_prefill_flops
 from models.llava_backbone import LlavaBackbone
-from models.pruned_llava import IGNORE_INDEX, PrunedLlava, PrunedOutput
-from trainers.timing import stopwatch
+from models.pruned_llava import PrunedLlava, PrunedOutput
+from models.sequences import IGNORE_INDEX
+from trainers.inference.timing import stopwatch
 
 
 def _to_device(batch: dict, backbone: LlavaBackbone) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:

@@ -1,6 +1,6 @@
 """A trained pruned model you can save, share, load and run from your own script.
 
-    from trainers.pruned_model import load_pruned
+    from trainers.inference.pruned_model import load_pruned
     pruned = load_pruned("outputs", device="cuda", dtype="bfloat16")   # a run folder, a saved folder or a step
     answers = pruned.answer([image], ["What is in the picture?"])
 
@@ -19,13 +19,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from configs.schema import Config, MethodSettings, config_from_dict, config_to_dict
 from data.collator import build_prompt
-from models.llava_backbone import LlavaBackbone, read_backbone_shape
+from models.backbones import load_backbone, read_backbone_shape
+from models.llava_backbone import LlavaBackbone
 from models.pruned_llava import PrunedLlava, PrunedOutput
-from trainers.build import build_pruned_model
 from trainers.checkpoint import STATE, Checkpointer, load
+from trainers.inference.build import build_pruned_model
+from trainers.inference.evaluation import generate_pruned
 
 FORMAT_VERSION = 1
 CONFIG_FILE, WEIGHTS_FILE = "pruning_config.json", "pruning_modules.safetensors"
@@ -43,8 +46,6 @@ def backbone_shapes(backbone: LlavaBackbone) -> dict[str, int]:
 
 def save_pretrained(model: PrunedLlava, config: Config, folder: str | Path) -> Path:
     """Write the merger's and pruners' weights and everything needed to rebuild them into ``folder``."""
-    from safetensors.torch import save_file
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {f"layer_pruners.{k}": v for k, v in model.pruners.state_dict().items()}
@@ -80,8 +81,6 @@ def saved_meta(folder: Path) -> dict:
 def _read(path: Path) -> _Saved:
     """The saved modules behind ``path``: a saved folder, a run folder or a training-state file."""
     if path.is_dir() and (path / CONFIG_FILE).is_file():
-        from safetensors.torch import load_file
-
         meta = saved_meta(path)
         tensors = load_file(str(path / WEIGHTS_FILE))
         weights: dict[str, dict[str, torch.Tensor]] = {}
@@ -137,8 +136,6 @@ class PrunedModel:
                  max_new_tokens: int = 16, mode: str = "hard", **image_inputs) -> tuple[list[str], PrunedOutput]:
         """Greedy answers for what the processor returns, and the prefill's output (tokens per layer, masks);
         ``image_inputs``: the processor's other image outputs the backbone reads (LLaVA-NeXT: ``image_sizes``)."""
-        from trainers.evaluation import generate_pruned
-
         batch = {"input_ids": input_ids, "pixel_values": pixel_values, "attention_mask": attention_mask, **image_inputs}
         return generate_pruned(self.model, batch, mode, self.config.method_settings.temperature_min, max_new_tokens)
 
@@ -165,7 +162,7 @@ def load_pruned(path: str | Path, backbone: str | LlavaBackbone | None = None, d
             _check_shapes(saved.backbone_shape, {"num_layers": shape.num_layers,
                                                  "num_vision_tokens": shape.num_vision_tokens}, name)
         settings = config.backbone_settings
-        backbone = LlavaBackbone.from_pretrained(name, dtype or settings.dtype, settings.attn_implementation, device)
+        backbone = load_backbone(name, dtype or settings.dtype, settings.attn_implementation, device)
         backbone.apply_bounds(*bounds)
     if saved.backbone_shape is not None:
         _check_shapes(saved.backbone_shape, backbone_shapes(backbone), backbone.config.name_or_path)

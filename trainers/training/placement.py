@@ -14,6 +14,7 @@ the vision tower and the final norm, so they stay home.
 from __future__ import annotations
 
 import torch
+from accelerate.hooks import AlignDevicesHook, add_hook_to_module
 from torch import nn
 
 from models.llava_backbone import LlavaBackbone
@@ -69,8 +70,6 @@ def layer_device_map(backbone: LlavaBackbone, devices: list[torch.device]) -> li
 
 def place_beside(module: nn.Module, device: torch.device) -> None:
     """Move ``module`` to ``device`` behind a hook that moves its inputs there and its outputs back."""
-    from accelerate.hooks import AlignDevicesHook, add_hook_to_module
-
     module.to(device)
     add_hook_to_module(module, AlignDevicesHook(execution_device=device, io_same_device=True, skip_keys=CACHE_KEYS))
 
