@@ -45,14 +45,23 @@ def num(default, *, ge=None, gt=None, le=None, lt=None):
 
 
 # ----------------------------------------------------------------------------- sections
+# Each key's meaning is the comment right above it or at the end of its line, each section's its docstring:
+# docs/configuration.md is rendered from them (python scripts/config_reference.py), and a key without one is refused.
 @dataclass(frozen=True)
 class ManagerSettings:
+    """What runs and where: the run mode, the GPUs a search shares out, the output folder, the seed."""
+
+    # train: train the modules; eval: evaluate what --resume names (a `training_state_*.pt`, auto for the latest step
+    # of output_dir, a run's output folder, or a saved pruned_best/ or pruned_final/ folder; without --resume, the
+    # untrained modules); optuna: the hyper-parameter search (needs search_settings.enable: true)
     mode: Literal["train", "eval", "optuna"] = "train"
-    available_gpus: list[int] = field(default_factory=list)
+    available_gpus: list[int] = field(default_factory=list)  # GPU ids the Optuna manager shares out; [] = CPU workers
+    # GPUs per trial (and per train run): the frozen decoder layers are spread over them
+    # (trainers/training/placement.py)
     gpus_per_subtask: int = num(1, ge=1)
     cpu_workers: int = num(1, ge=1)  # optuna mode with available_gpus []: worker processes on the CPU
-    output_dir: str = "outputs"
-    seed: int = 42
+    output_dir: str = "outputs"  # the run's folder: config, checkpoints, pruned_best/, pruned_final/, logs/, optuna/
+    seed: int = 42  # torch seed of the run
 
 
 @dataclass(frozen=True)
@@ -61,16 +70,21 @@ class OptimizerSettings:
     ``warmup_ratio`` of all of them), then ``scheduler``: constant, or a cosine decay to ``min_lr_ratio`` x lr at the
     last step (transformers' schedules: the first step of a warm-up runs at lr 0)."""
 
-    lr: float = num(2e-5, gt=0)
-    weight_decay: float = num(0.0, ge=0)
+    lr: float = num(2e-5, gt=0)  # AdamW learning rate ("2e-05" and a bare 1e-4, strings to YAML, are read as numbers)
+    weight_decay: float = num(0.0, ge=0)  # AdamW weight decay
+    # the learning rate after the warm-up: constant, or cosine decay to min_lr_ratio x lr at the last step (stepped
+    # once per optimizer step, checkpointed)
     scheduler: Literal["constant", "cosine"] = "constant"
-    warmup_ratio: float = num(0.0, ge=0, lt=1)
-    warmup_steps: int | None = num(None, ge=0)  # overrides warmup_ratio
+    warmup_ratio: float = num(0.0, ge=0, lt=1)  # linear warm-up from 0 over this share of all steps (rounded up)
+    warmup_steps: int | None = num(None, ge=0)  # the warm-up in optimizer steps instead; give this or warmup_ratio
     min_lr_ratio: float = num(0.0, ge=0, le=1)  # cosine only: the learning rate at the end, as a share of lr
 
 
 @dataclass(frozen=True)
 class Optimizers:
+    """The three optimizer groups, each an AdamW of its own: ``token_merger``, ``layer_pruners`` and
+    ``discriminator`` (whose default lr is 5e-4, the others' 2e-5)."""
+
     token_merger: OptimizerSettings = field(default_factory=OptimizerSettings)
     layer_pruners: OptimizerSettings = field(default_factory=OptimizerSettings)
     discriminator: OptimizerSettings = field(default_factory=lambda: OptimizerSettings(lr=5e-4))
@@ -78,95 +92,134 @@ class Optimizers:
 
 @dataclass(frozen=True)
 class DLSettings:
-    epochs: int = num(1, ge=1)
+    """Epochs, the batch and how it is split, the optimizers."""
+
+    epochs: int = num(1, ge=1)  # passes over the training set
     # the global batch of one optimizer step, over every process and accumulation step: each process computes
-    # batch_size / (processes x gradient_accumulation_steps) samples at a time
+    # batch_size / (processes x gradient_accumulation_steps) samples at a time, so it must be a multiple of
+    # processes x gradient_accumulation_steps (checked before any weight loads)
     batch_size: int = num(12, ge=1)
+    # micro-batches per optimizer step on each process; the step is the same whatever the split
     gradient_accumulation_steps: int = num(1, ge=1)
     optimizers: Optimizers = field(default_factory=Optimizers)
 
 
 @dataclass(frozen=True)
 class TrainerSettings:
+    """The training loop: log, evaluation and checkpoint intervals, clipping, precision, what an evaluation measures."""
+
     dl_settings: DLSettings = field(default_factory=DLSettings)
-    log_every: int = num(10, ge=1)
-    eval_every: int = num(200, ge=1)
-    save_every: int = num(200, ge=1)
-    max_grad_norm: float = num(1.0, gt=0)
+    log_every: int = num(10, ge=1)  # steps between the log's loss, temperature and throughput blocks
+    eval_every: int = num(200, ge=1)  # steps between evaluations (and one at the end)
+    save_every: int = num(200, ge=1)  # steps between checkpoints
+    max_grad_norm: float = num(1.0, gt=0)  # gradient clipping, per optimizer group
     max_steps: int | None = num(None, ge=1)  # stop early (null: all epochs)
     keep_last: int = num(3, ge=1)  # step checkpoints kept on disk
-    best_metric: str = "accuracy_hard"  # eval metric that picks *_best.pt
-    best_mode: Literal["max", "min"] = "max"
-    max_nonfinite_steps: int = num(3, ge=1)  # non-finite losses in a row before the run stops
-    mixed_precision: Literal["no", "bf16"] = "no"  # bf16 autocast through accelerate (GPUs)
+    # eval metric that picks `*_best.pt` and pruned_best/: any metric an evaluation reports (losses are not measured
+    # at evaluation), checked at load
+    best_metric: str = "accuracy_hard"
+    best_mode: Literal["max", "min"] = "max"  # whether the highest or the lowest best_metric is best
+    # non-finite losses in a row before the run stops (each one skips its update; the stop leaves a checkpoint of the
+    # last good state)
+    max_nonfinite_steps: int = num(3, ge=1)
+    # bf16 autocast through accelerate (GPUs); the config decides, not accelerate launch --mixed_precision
+    mixed_precision: Literal["no", "bf16"] = "no"
     gradient_checkpointing: bool = False  # recompute decoder layers in backward (saves GPU memory)
-    eval_soft: bool = True  # evaluations also decode in soft mode (accuracy_soft; one forward per new token)
-    eval_baseline: bool = True  # evaluations also measure the unpruned backbone (accuracy_baseline, once per eval set)
+    # evaluations also decode in soft mode (accuracy_soft; one forward per new token: the slow part of an evaluation)
+    eval_soft: bool = True
+    # evaluations also measure the unpruned backbone (accuracy_baseline, once per eval set); false: the summary
+    # reports the accuracy drop as not measured
+    eval_baseline: bool = True
 
 
 @dataclass(frozen=True)
 class MethodSettings:
+    """The method: the token merger, the layer pruners, temperature annealing, the loss weights, the discriminator."""
+
+    # simple: an MLP scores each vision token; question_aware: the vision tokens attend to the question's word
+    # embeddings, so the merger can drop what the question is not about
     merger_type: Literal["simple", "question_aware"] = "simple"
-    merge_ratio: float = num(0.5, gt=0, le=1)
+    merge_ratio: float = num(0.5, gt=0, le=1)  # fraction of the vision tokens the merger keeps
+    # tokens the merger keeps: merge_ratio x the backbone's vision tokens (+-1), or null: each image keeps merge_ratio
+    # of its own tokens (LLaVA-NeXT, Qwen2-VL); a --set of merge_ratio alone makes it null
     target_merge_tokens: int | None = num(288, ge=1)
+    # weight of the merge sparsity loss (mean keep probability - merge_ratio)^2, p_i = sigmoid(s_i); with merge_budget
+    # adaptive it steers the mean K (raise it when avg_merged_tokens drifts from the target)
     merge_sparsity_weight: float = num(1e-4, ge=0)
-    # fixed: K = target_merge_tokens per image; adaptive: K per image from the scores, mean pulled to merge_ratio
+    # fixed: K = target_merge_tokens per image; adaptive: K per image from the scores, round(sum p_i) clamped to
+    # [K/2, 2K], mean pulled to merge_ratio (the eval block then reports merged_tokens_min / merged_tokens_max)
     merge_budget: Literal["fixed", "adaptive"] = "fixed"
-    # a token merges into the centres at least this cosine-similar to it, and is dropped when none is (-1: all merge)
+    # a token merges into the centres at least this cosine-similar to it, and is dropped when none is (-1: all merge,
+    # the plain soft assignment; above 1: none does, the centres alone)
     merge_similarity_threshold: float = num(0.9, ge=-1, le=1.01)
     # the language model attends to a merged token in proportion to the tokens it stands for (ToMe's proportional
     # attention: log size added to every attention logit towards it)
     merge_proportional_attention: bool = False
     # ties among the merger's centres broken evenly over the image: the centres are the top K of score + this weight x
-    # a fixed spatial prior in (0, 1] (models/token_merger.spread_prior); 0: the plain top K
+    # a fixed spatial prior in (0, 1] (models/token_merger.spread_prior); tokens more than the weight apart keep their
+    # order; 0: the plain top K
     merge_spread_weight: float = num(0.0, ge=0)
     # the tokens a pruner drops leave their attention weight to the kept tokens most like them (cosine of the hidden
     # states), so that the language model's attention mass over the image is kept (models/pruned_llava.fold_weights)
     pruner_proportional_attention: bool = False
-    merge_importance_weight: float = num(0.0, ge=0)  # merger scores vs the teacher's attention (trainers/training/losses.py)
-    pruner_importance_weight: float = num(0.0, ge=0)  # each pruner's logits vs the teacher's attention
+    # weight of the merger's importance loss: cross-entropy of softmax(merger scores) against the unpruned model's
+    # attention from the answer-predicting token to each vision token (trainers/training/losses.py), a dense signal
+    # for the discrete centre choice
+    merge_importance_weight: float = num(0.0, ge=0)
+    # the same target for each pruner's keep logits (the teacher's attention at the tokens the stage scores,
+    # renormalised), so that hard mode's top-k keeps what the unpruned model reads
+    pruner_importance_weight: float = num(0.0, ge=0)
     # weight of the relevance losses: with data that marks the patches a question does not need (the synthetic
     # scenes' distractors), the pruners' (and a question-aware merger's) keep logits there are pushed down and their
-    # importance target is zero there, so they learn to drop those first (0: the labels are not used)
+    # importance target is zero there, so they learn to drop those first (0: the labels are not used). Training
+    # only: inference reads no labels. Refused for llava_json data, which has none
     relevance_weight: float = num(0.0, ge=0)
-    merger_d_internal: int = num(256, ge=1)
+    merger_d_internal: int = num(256, ge=1)  # width of the merger's scorer
+    # decoder layers with a pruner before them, strictly increasing, within the backbone's depth ([]: no pruners, the
+    # merger trains alone, with pruner_keep_ratios [])
     pruning_layers: list[int] = field(default_factory=lambda: [10, 20, 31])
-    # Vision tokens kept by each pruning stage, as a fraction of those entering it (hard mode's budget,
-    # soft mode's sparsity target): 288 -> ~200 -> ~150 -> ~100 for llava-1.5, the seed's trajectory.
+    # vision tokens kept by each pruning stage, as a fraction of those entering it (hard mode's budget, soft mode's
+    # sparsity target): 288 -> ~200 -> ~150 -> ~100 for llava-1.5, the seed's trajectory; a list of another length
+    # than pruning_layers becomes the geometric schedule with the same product
     pruner_keep_ratios: list[float] = field(default_factory=lambda: [0.7, 0.75, 0.67])
-    pruner_d_internal: int = num(512, ge=1)
-    pruner_num_heads: int = num(4, ge=1)
+    pruner_d_internal: int = num(512, ge=1)  # pruners' internal width, a multiple of pruner_num_heads
+    pruner_num_heads: int = num(4, ge=1)  # cross-attention heads of the pruners (and of a question-aware merger)
+    # cross_attention: the vision tokens attend to the question tokens; attention_aware: the same, also reading the
+    # attention the last question token paid each vision token in the layer before (FastV's signal); mlp: each vision
+    # token scored alone
     pruner_type: Literal["cross_attention", "attention_aware", "mlp"] = "cross_attention"
-    temperature: float = num(1.0, gt=0)
-    temperature_min: float = num(0.1, gt=0)
-    temperature_anneal_rate: float = num(0.5, ge=0, le=1)
-    adv_loss_weight: float = num(1.0, ge=0)
-    task_loss_weight: float = num(25.0, ge=0)
+    temperature: float = num(1.0, gt=0)  # initial temperature (soft assignment)
+    temperature_min: float = num(0.1, gt=0)  # final temperature (near-hard assignment), at most temperature
+    temperature_anneal_rate: float = num(0.5, ge=0, le=1)  # share of all steps over which the temperature falls
+    adv_loss_weight: float = num(1.0, ge=0)  # adversarial loss: the merger and pruners against the discriminator
+    task_loss_weight: float = num(25.0, ge=0)  # task loss: the pruned model's cross-entropy on the answer tokens
     pruner_sparsity_weight: float = num(1.0, ge=0)  # per-stage keep-budget losses of the pruners
     distill_weight: float = num(0.0, ge=0)  # KL to the unpruned model's answer distribution (0 = off)
+    # chance per step of re-initialising the discriminator (and its optimizer state)
     disc_reinit_prob: float = num(0.0, ge=0, le=1)
+    # what the discriminator reads at the answer positions: the final-norm hidden states or the logits
     discriminator_input: Literal["hidden", "logits"] = "hidden"
-    discriminator_hidden: int = num(256, ge=1)
+    discriminator_hidden: int = num(256, ge=1)  # the discriminator's width
 
 
 @dataclass(frozen=True)
 class SearchParam:
     """One searched key: a ``float`` or ``int`` range (``log`` scale, optional ``step``) or ``categorical`` choices."""
 
-    type: Literal["float", "int", "categorical"] | None = None
-    low: float | None = None
-    high: float | None = None
-    log: bool = False
-    step: float | None = None
-    choices: list[Any] | None = None
+    type: Literal["float", "int", "categorical"] | None = None  # a range of numbers or a list of choices
+    low: float | None = None  # lowest value of a range
+    high: float | None = None  # highest value of a range
+    log: bool = False  # draw a range on a log scale (low > 0)
+    step: float | None = None  # a range's grid step (not with log)
+    choices: list[Any] | None = None  # the values of a categorical key (lists too, e.g. pruning layers)
 
 
 @dataclass(frozen=True)
 class Objective:
-    metric: str = "accuracy_hard"
-    direction: Literal["maximize", "minimize"] = "maximize"
+    """One objective of the search: an evaluation metric and its direction."""
 
-
+    metric: str = "accuracy_hard"  # an accuracy, FLOPs figure or token count (SEARCH_METRICS, configs/schema.py)
+    direction: Literal["maximize", "minimize"] = "maximize"  # whether the study maximises or minimises it
 # Evaluation metrics (trainers/inference/evaluation.py), besides accuracy_hard/<question type> and tokens_after_layer_<L>.
 EVAL_METRICS = ("accuracy_baseline", "accuracy_soft", "accuracy_hard", "accuracy_majority", "keep_ratio_merge",
                 "avg_original_tokens", "avg_merged_tokens", "merged_tokens_min", "merged_tokens_max",
@@ -201,14 +254,21 @@ def default_search_space() -> dict[str, SearchParam]:
 
 @dataclass(frozen=True)
 class SearchSettings:
-    enable: bool = False
+    """The Optuna search (``manager_settings.mode: optuna``): the study, its objectives and search space, the sampler
+    and the pruner, and how a dead worker's trial is noticed and run again."""
+
+    enable: bool = False  # the search may run (manager_settings.mode: optuna starts it)
     n_trials: int = num(50, ge=1)  # trials of the whole study, over every run and machine that shares it
+    # names the study and its folder `<output_dir>/optuna/<study_name>/`; running the same name again resumes it
     study_name: str = "vision-token-pruning"
-    storage: str | None = None  # null: a journal file in <output_dir>/optuna/; or an RDB URL (postgresql://...)
+    storage: str | None = None  # null: a journal file in `<output_dir>/optuna/`; or an RDB URL (postgresql://...)
+    # one metric (the best trial) or several (the Pareto front)
     objectives: list[Objective] = field(default_factory=lambda: [Objective()])
     flops_budget: float | None = num(None, gt=0, le=1)  # constraint: flops_pruned / flops_baseline <= this
+    # dotted config key -> a range or choices; every bound and choice is tried at load, against the backbone's depth
+    # too; a searched merge_ratio makes target_merge_tokens null
     search_space: dict[str, SearchParam] = field(default_factory=default_search_space)
-    sampler: Literal["tpe", "random", "nsga2"] = "tpe"
+    sampler: Literal["tpe", "random", "nsga2"] = "tpe"  # Optuna's sampler (nsga2 for several objectives)
     pruner: Literal["median", "none"] = "median"  # stops trials whose intermediate evaluation lags (one objective)
     pruner_startup_trials: int = num(3, ge=0)  # trials that finish before any is pruned
     pruner_warmup_steps: int = num(0, ge=0)  # training steps of a trial before it can be pruned
@@ -219,31 +279,44 @@ class SearchSettings:
 
 @dataclass(frozen=True)
 class BackboneSettings:
+    """The frozen backbone: which checkpoint, in which precision and attention, on which device."""
+
+    # a local folder, or a model id in the local Hugging Face cache (nothing is downloaded at run time)
     name_or_path: str = "llava-hf/llava-1.5-7b-hf"
-    dtype: Literal["float32", "float16", "bfloat16"] = "bfloat16"
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
-    device: str = "auto"
+    dtype: Literal["float32", "float16", "bfloat16"] = "bfloat16"  # the backbone's precision
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"  # the decoder's attention kernel
+    device: str = "auto"  # auto (CUDA when available), cpu, cuda or cuda:N
 
 
 @dataclass(frozen=True)
 class DataSettings:
+    """The data (synthetic VQA or LLaVA instruction JSON), bad samples, the bounds per image, evaluation batching."""
+
+    # synthetic: the generated VQA scenes (no download); llava_json: LLaVA instruction files
     source: Literal["synthetic", "llava_json"] = "synthetic"
-    train_json: str | None = None
-    eval_json: str | None = None
-    image_folder: str | None = None
-    synthetic_train_size: int = num(4000, ge=1)
-    synthetic_eval_size: int = num(500, ge=1)
-    seed: int = 0
+    train_json: str | None = None  # the LLaVA instruction file trained on (llava_json)
+    eval_json: str | None = None  # the LLaVA instruction file evaluated on: each record's first question (llava_json)
+    image_folder: str | None = None  # the folder the JSON's image paths are relative to (llava_json)
+    synthetic_train_size: int = num(4000, ge=1)  # synthetic training questions
+    synthetic_eval_size: int = num(500, ge=1)  # synthetic evaluation questions
+    seed: int = 0  # seed of the synthetic data (a sample is a pure function of seed, split and index)
+    # error: a bad sample stops the run, naming its file and id; skip: it is left out and counted in the log
     on_bad_sample: Literal["error", "skip"] = "error"
+    # vision tokens per image at most: LLaVA-NeXT keeps only the grid resolutions within it, Qwen2-VL's processor
+    # resizes every image within it; LLaVA-1.5's fixed 576 are checked against it
     max_vision_tokens: int | None = num(None, ge=1)
+    # an image's side in px at most: LLaVA-NeXT keeps only the grid resolutions within it, Qwen2-VL bounds the pixel
+    # area to its square; LLaVA-1.5's fixed 336 px are checked against it
     image_max_size: int | None = num(None, ge=1)
-    eval_batch_size: int = num(16, ge=1)
-    max_new_tokens: int = num(8, ge=1)
+    eval_batch_size: int = num(16, ge=1)  # evaluation batch size
+    max_new_tokens: int = num(8, ge=1)  # longest generated answer, in tokens
     num_workers: int = num(0, ge=0)  # DataLoader worker processes for training batches
 
 
 @dataclass(frozen=True)
 class Config:
+    """The whole configuration: one section per concern."""
+
     manager_settings: ManagerSettings = field(default_factory=ManagerSettings)
     trainer_settings: TrainerSettings = field(default_factory=TrainerSettings)
     method_settings: MethodSettings = field(default_factory=MethodSettings)

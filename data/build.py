@@ -1,8 +1,8 @@
-"""The train and eval data sets a config asks for."""
+"""The train and eval data sets a config asks for, and the optimizer steps a run takes over the train set."""
 
 from __future__ import annotations
 
-from configs.schema import DataSettings
+from configs.schema import Config, DataSettings
 from data.instruction_json import LlavaInstructionDataset
 from data.synthetic_vqa import SyntheticVQADataset
 
@@ -30,3 +30,16 @@ def describe(name: str, dataset) -> str:
               (len(getattr(dataset, "truncated", [])), "conversations cut to fit"),
               (len(getattr(dataset, "unreadable", [])), "images unreadable in full, replaced by the next sample")]
     return f"{name} set: {len(dataset)} samples" + "".join(f", {n} {what}" for n, what in counts if n)
+
+
+def planned_steps(config: Config, train_size: int, world_size: int = 1) -> tuple[int, int]:
+    """(optimizer steps per epoch, total steps) of a run on ``train_size`` samples over ``world_size`` processes.
+
+    Equal micro-batches: every rank draws the same amount of noise, so the ranks' RNGs stay in step, and every
+    micro-batch weighs the same in the step; a last batch that does not split evenly into processes x accumulation
+    steps micro-batches is left out."""
+    trainer = config.trainer_settings
+    full, rest = divmod(train_size, trainer.dl_settings.batch_size)
+    per_epoch = full + (rest > 0 and rest % (world_size * trainer.dl_settings.gradient_accumulation_steps) == 0)
+    total = per_epoch * trainer.dl_settings.epochs
+    return per_epoch, total if trainer.max_steps is None else min(total, trainer.max_steps)

@@ -13,13 +13,10 @@ to read one-patch objects quickly, which is what lets a small backbone pretraine
 cores reach high accuracy.
 
 Positions are rows ("top", "middle", "bottom": the region rows), asked both ways: the
-colour of the object in a row, and the row of an object of a colour. Earlier designs also
-named columns ("top left", "is the red object left or right of the blue one?") and asked a
-relation between two objects ("are the red and blue objects in the same row?"). The tiny
-language model never learned either in the pretraining budget: colour-at-position answers
-mostly named an object in the right row but the wrong column, and both relations stayed at
-chance, while it reads rows (contiguous runs of the image tokens in LLaVA's row-major order)
-and copies a looked-up object's attribute word.
+colour of the object in a row, and the row of an object of a colour. Rows, because the tiny
+language model reads them (contiguous runs of the image tokens in LLaVA's row-major order);
+columns and relations between two objects, which it did not learn, are left out (docs/data.md
+tells the earlier designs).
 
 Question types (single-word answers)
 ------------------------------------

@@ -17,17 +17,18 @@ Which tokens are merged (``similarity_threshold`` theta): token j joins the cent
 cosine similarity to it is at least theta (softmax over those), and is dropped when no centre
 is that close. theta = -1 is the plain soft assignment of every token; the default 0.9 merges
 near-duplicates only, so a one-patch object kept as a centre is not averaged with the
-background around it (measured in the README: the plain soft assignment lost accuracy at
-small budgets).
+background around it.
 
 Ties among the centres (``spread_weight`` w): the centres are the top K of s_i + w * r_i (plus the Gumbel noise in
 training), r_i in (0, 1] a fixed spatial prior (:func:`spread_prior`) whose any top m tokens are spread evenly over
-the image in raster order. Background tokens score nearly alike (on the tiny benchmark within 0.05 of each other,
-4 below the objects): the noise of training picks them at random places, but the plain top K of eval picked them
-by those small differences, all in the top rows, so the language model, which reads where an object sits from the
-image tokens before it, saw all the background mass before every object. w = 1 breaks such ties evenly over the
-image and leaves tokens w apart in score ranked as they were (measured in the README's benchmark section); w = 0
-is the plain top K.
+the image in raster order. Background tokens score nearly alike: the noise of training picks them at random
+places, but the plain top K of eval picks them by small differences, which may gather them in one part of the
+image, so that the language model, which reads where an object sits from the image tokens before it, sees the
+background mass bunched before the objects. w = 1 breaks such ties evenly over the image and leaves tokens w apart
+in score ranked as they were; w = 0 is the plain top K.
+
+docs/benchmark.md measures both: the threshold under "What made the learned method competitive", the spread
+priority in the findings under the benchmark's main table.
 
 Budget (``budget``):
 - ``fixed``: K = ``num_keep`` for every image, the setting equal-budget benchmarks use;

@@ -12,8 +12,10 @@ downloaded: the weights are random, which is all that speed and memory depend on
    learning-rate schedules, without and with gradient checkpointing: seconds per step,
    samples/s, tokens/s, the split into teacher, student, backward and optimizer, and peak
    device memory;
-2. the largest batch that fits, each way (doubling from ``--batch-size`` up to ``--max-batch``);
-3. scripts/benchmark_pruning.py's prefill table with cached generation of ``--new-tokens``.
+2. the largest batch that fits, each way (doubling from ``--batch-size`` up to ``--max-batch``),
+   both measured by trainers/training/capacity.py;
+3. scripts/benchmark_pruning.py's prefill table (trainers/inference/speed.py) with cached generation of
+   ``--new-tokens``.
 About 6 minutes on one H200. The second line runs the same code at the tiny backbone's size on
 the CPU (the test suite does), so the script cannot rot. ``--json`` also writes the figures to a file.
 """
@@ -21,82 +23,27 @@ the CPU (the test suite does), so the script cannot rot. ``--json`` also writes 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
 from configs.schema import load_config  # noqa: E402
-from data.synthetic_vqa import SyntheticVQADataset  # noqa: E402
-from scripts import benchmark_pruning  # noqa: E402
+from trainers.inference.speed import (BATCH_SIZE, DEFAULT_CONFIG, measure_speed, shaped_backbone,  # noqa: E402
+                                      speed_report)
 from trainers.inference.timing import machine  # noqa: E402
-from trainers.run_log import RunLog  # noqa: E402
+from trainers.training.capacity import epoch_hours, largest_batch, out_of_memory, training_figures  # noqa: E402
 from trainers.training.throughput import PHASES  # noqa: E402
-from trainers.training.trainer import Trainer  # noqa: E402
-
-
-def out_of_memory(err: BaseException) -> bool:
-    return isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in str(err).lower()
-
-
-def training_figures(config, backbone, batch_size: int, checkpointing: bool, steps: int, accumulation: int = 1) -> dict:
-    """Throughput of ``steps`` trainer steps of ``accumulation`` micro-batches of ``batch_size`` each, after one
-    warm-up step (trainers/training/throughput.py); the config's learning-rate schedules step with them."""
-    trainer_settings = dataclasses.replace(
-        config.trainer_settings, gradient_checkpointing=checkpointing,
-        mixed_precision="bf16" if backbone.device.type == "cuda" else "no",
-        dl_settings=dataclasses.replace(config.trainer_settings.dl_settings, batch_size=batch_size * accumulation,
-                                        gradient_accumulation_steps=accumulation))
-    config = dataclasses.replace(config, trainer_settings=trainer_settings)
-    data = SyntheticVQADataset(batch_size, "train", seed=0)
-    with tempfile.TemporaryDirectory() as out:
-        trainer = Trainer(config, backbone, data, data, RunLog(None, echo=False), out)
-        batch = trainer.collate([data[i] for i in range(batch_size)])
-        try:
-            for step in range(steps + 1):
-                if step == 1:
-                    trainer.throughput.report()  # the warm-up step does not count
-                if trainer.training_step([batch] * accumulation) is None:
-                    raise RuntimeError("a non-finite loss skipped the update")
-            return trainer.throughput.report()
-        finally:
-            del trainer
-            if backbone.device.type == "cuda":
-                torch.cuda.empty_cache()
-
-
-def epoch_hours(samples_per_s: float, epoch_samples: int, gpus: int) -> float:
-    """Hours of one epoch when each of ``gpus`` data-parallel GPUs keeps this GPU's pace (gradients are averaged once
-    per optimizer step, a small share of a 7B step)."""
-    return epoch_samples / (samples_per_s * gpus) / 3600
-
-
-def largest_batch(config, backbone, start: int, limit: int, checkpointing: bool) -> tuple[int | None, str]:
-    """The largest of start, 2 start, 4 start, ... <= limit whose training step fits in memory."""
-    fits, batch = None, start
-    while batch <= limit:
-        try:
-            training_figures(config, backbone, batch, checkpointing, steps=0)
-        except RuntimeError as err:
-            if not out_of_memory(err):
-                raise
-            torch.cuda.empty_cache()
-            return fits, f"batch {batch} ran out of memory"
-        fits, batch = batch, 2 * batch
-    return fits, f"--max-batch {limit} reached"
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shapes", choices=list(benchmark_pruning.DEFAULT_CONFIG), default="llava-1.5-7b")
+    parser.add_argument("--shapes", choices=list(DEFAULT_CONFIG), default="llava-1.5-7b")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--config", help="the run's config (method, schedules); default: the shapes' config. Its "
                         "backbone is not read: the check builds a random-init one of --shapes")
@@ -121,10 +68,10 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error("--device cuda but no CUDA device is visible; on a CPU machine pass --shapes tiny --device cpu")
 
     started = time.perf_counter()
-    config = load_config(args.config or benchmark_pruning.DEFAULT_CONFIG[args.shapes])
+    config = load_config(args.config or DEFAULT_CONFIG[args.shapes])
     dtype = "bfloat16" if args.device.startswith("cuda") else "float32"
     torch.manual_seed(0)
-    backbone = benchmark_pruning.shaped_backbone(args.shapes, config.backbone_settings.name_or_path, dtype, args.device)
+    backbone = shaped_backbone(args.shapes, config.backbone_settings.name_or_path, dtype, args.device)
     device = machine(backbone.device)
     print(f"{args.shapes} shapes, {dtype} weights, {device}", file=sys.stderr)
 
@@ -164,9 +111,14 @@ def main(argv: list[str] | None = None) -> dict:
     for way, found in results["largest_batch"].items():
         print(f"\nLargest training batch that fits, gradient checkpointing {way}: {found['batch']} ({found['stopped']})")
 
-    table = ["--shapes", args.shapes, "--device", args.device, "--dtype", dtype, "--repeats", str(args.repeats),
-             "--new-tokens", str(args.new_tokens)]
-    rows = benchmark_pruning.main(table, backbone)
+    table_config = load_config(DEFAULT_CONFIG[args.shapes])
+    torch.manual_seed(0)
+    try:
+        rows = measure_speed(backbone, table_config, repeats=args.repeats, new_tokens=args.new_tokens)
+    except ValueError as err:
+        parser.error(str(err))
+    print("\n" + speed_report(rows, backbone, table_config, args.shapes, dtype, BATCH_SIZE, args.new_tokens,
+                              args.repeats))
     results["prefill"] = [{k: v for k, v in row.items() if k != "model"} for row in rows]
     results["seconds"] = time.perf_counter() - started
     print(f"\ngpu check done in {results['seconds']:.0f} s")

@@ -177,6 +177,7 @@ def test_visionzip_refuses_images_of_different_sizes(backbone):
         model(*inputs_of(prompts), mode="hard", image_inputs=backbone.image_inputs(prompts))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(FAMILIES))
 def test_main_trains_and_evaluates_on_a_saved_folder(tmp_path, name):
     """python main.py with --set overrides only, on a random-init checkpoint folder saved with save_pretrained:

@@ -1,12 +1,14 @@
-"""scripts/benchmark.py: schedules, bad input, and one end-to-end run on the random tiny backbone."""
+"""trainers/inference/benchmark.py through scripts/benchmark.py: bad input, and end-to-end runs on the random tiny
+backbone (the learned runs trained, searched and reported)."""
 
 import csv
 
 import pytest
 import yaml
 
-from models.layer_pruner import stage_budgets
+from models.llava_backbone import LlavaBackbone
 from scripts import benchmark
+from trainers.inference.benchmark import METHODS, SEARCHED
 
 TINY = {
     "method_settings.pruning_layers": "[1,2,3]", "method_settings.pruner_d_internal": 16,
@@ -26,61 +28,8 @@ def bench_args(tmp_path, folder, *extra):
     return [*args, *extra]
 
 
-@pytest.mark.parametrize("stage_keep", [benchmark.STAGE_KEEP, 0.6, 0.9])
-@pytest.mark.parametrize("keep, stages", [(36, 3), (72, 3), (16, 3), (29, 3), (36, 1), (5, 2)])
-def test_stage_ratios_keep_the_stage_share_or_end_at_the_budget(keep, stages, stage_keep):
-    for merged in range(keep, 145):
-        ratios = benchmark.stage_ratios(merged, keep, stages, stage_keep)
-        budgets = stage_budgets(merged, ratios)
-        assert len(ratios) == stages and budgets[-1] <= keep
-        if stage_budgets(merged, [stage_keep] * stages)[-1] > keep:
-            assert budgets[-1] == keep  # pruned harder than the stage share only as far as the budget needs
-        else:
-            assert ratios == [stage_keep] * stages
-    assert benchmark.stage_ratios(40, 36, 0, stage_keep) == []
-
-
-def test_matched_schedule_takes_the_most_merged_tokens_within_the_flops_target():
-    def mean_tokens(merged, ratios):  # a cost that grows with every stage's count, like the FLOPs
-        return sum([merged, *stage_budgets(merged, ratios)]) / (1 + len(ratios)) / 144
-
-    for keep, target in [(36, 0.3), (36, 0.5), (16, 0.2), (72, 0.45), (72, 2.0)]:
-        merged, ratios = benchmark.matched_schedule(144, keep, 3, mean_tokens, target)
-        assert mean_tokens(merged, ratios) <= target and stage_budgets(merged, ratios)[-1] <= keep
-        if merged < 144:  # one more merged token would cost more than the target
-            assert mean_tokens(merged + 1, benchmark.stage_ratios(merged + 1, keep, 3)) > target
-    with pytest.raises(ValueError, match="no learned schedule keeping at most 36 tokens fits 10.0% of the unpruned"):
-        benchmark.matched_schedule(144, 36, 3, mean_tokens, 0.1)
-    # a gentler stage share keeps fewer tokens at the merger and more after the last stage at the same cost
-    gentle, steep = (benchmark.matched_schedule(144, 72, 3, mean_tokens, 0.45, keep) for keep in (0.9, 0.6))
-    assert gentle[0] < steep[0] and stage_budgets(*gentle)[-1] > stage_budgets(*steep)[-1]
-
-
-@pytest.mark.parametrize("keep, target", [(72, 0.6), (72, 0.75), (36, 0.5), (16, 0.9)])
-def test_flops_left_with_every_token_merged_go_to_the_stages(keep, target):
-    def mean_tokens(merged, ratios):
-        return sum([merged, *stage_budgets(merged, ratios)]) / (1 + len(ratios)) / 144
-
-    merged, ratios = benchmark.matched_schedule(144, keep, 3, mean_tokens, target, 0.5)
-    end = stage_budgets(merged, ratios)[-1]
-    assert merged == 144 and mean_tokens(merged, ratios) <= target and end <= keep
-    if end < keep:  # the stages keep more than the rule's share, up to the target: 1/200 more costs too much
-        assert ratios[0] > 0.5
-        assert mean_tokens(144, benchmark.stage_ratios(144, keep, 3, ratios[0] + 0.5 / 200 + 1e-9)) > target
-    else:  # the budget binds first
-        assert ratios == benchmark.stage_ratios(144, keep, 3, 1.0)
-
-
-def test_the_stages_keep_the_rule_share_while_the_merger_is_short_of_every_token():
-    def mean_tokens(merged, ratios):
-        return sum([merged, *stage_budgets(merged, ratios)]) / (1 + len(ratios)) / 144
-
-    merged, ratios = benchmark.matched_schedule(144, 72, 3, mean_tokens, 0.3, 0.5)
-    assert merged < 144 and ratios == [0.5] * 3
-
-
 def test_bad_budgets_are_named_with_their_fix_before_any_weights_load(tmp_path, tiny_folder, capsys, monkeypatch):
-    monkeypatch.setattr(benchmark.LlavaBackbone, "from_pretrained", lambda *a, **k: pytest.fail("weights loaded"))
+    monkeypatch.setattr(LlavaBackbone, "from_pretrained", lambda *a, **k: pytest.fail("weights loaded"))
     assert benchmark.main(bench_args(tmp_path, tiny_folder, "--budgets", "0.25", "0.001", "0.2",
                                      "--stage-keep", "1.5")) == 2
     err = capsys.readouterr().err
@@ -90,6 +39,7 @@ def test_bad_budgets_are_named_with_their_fix_before_any_weights_load(tmp_path, 
     assert not (tmp_path / "bench" / "results.csv").exists()  # nothing ran
 
 
+@pytest.mark.slow
 def test_missing_learned_runs_are_named_with_the_command_that_trains_them(tmp_path, tiny_folder, capsys):
     assert benchmark.main(bench_args(tmp_path, tiny_folder, "--budgets", "0.25", "--methods", "learned")) == 2
     err = capsys.readouterr().err
@@ -106,6 +56,7 @@ def test_fastv_layer_outside_the_backbone_is_refused(tmp_path, tiny_folder, caps
     assert "FastV's layer K=4 is outside 1..3" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_benchmark_trains_the_missing_runs_within_their_flops_and_writes_table_and_plot(tmp_path, tiny_folder, capsys):
     args = bench_args(tmp_path, tiny_folder, "--budgets", "0.25", "--train-missing")
     assert benchmark.main(args) == 0
@@ -114,8 +65,8 @@ def test_benchmark_trains_the_missing_runs_within_their_flops_and_writes_table_a
     with (out / "results.csv").open() as f:
         rows = list(csv.DictReader(f))
     learned = ["learned (tome FLOPs)", "learned (fastv FLOPs)"]
-    assert [r["method"] for r in rows] == ["unpruned", *learned, *benchmark.METHODS[1:]]
-    assert [int(r["kept"]) for r in rows[3:]] == [36] * (len(benchmark.METHODS) - 1)
+    assert [r["method"] for r in rows] == ["unpruned", *learned, *METHODS[1:]]
+    assert [int(r["kept"]) for r in rows[3:]] == [36] * (len(METHODS) - 1)
     by_method = {r["method"]: r for r in rows}
     for match in ("tome", "fastv"):  # each learned run spends at most its method's FLOPs, and keeps at most K
         assert float(by_method[f"learned ({match} FLOPs)"]["flops"]) <= float(by_method[match]["flops"])
@@ -143,6 +94,7 @@ def test_benchmark_trains_the_missing_runs_within_their_flops_and_writes_table_a
     assert "trained with other method settings" in err and "merge_spread_weight" in err and "--train-missing" in err
 
 
+@pytest.mark.slow
 def test_searched_schedule_stays_under_tomes_flops_and_is_reported(tmp_path, tiny_folder, capsys):
     args = bench_args(tmp_path, tiny_folder, "--budgets", "0.5", "--methods", "learned", "tome", "--train-missing",
                       "--match-flops", "tome", "--search", "3", "--set", "manager_settings.cpu_workers=1")
@@ -152,9 +104,9 @@ def test_searched_schedule_stays_under_tomes_flops_and_is_reported(tmp_path, tin
     assert best.exists() and (folder / "run" / "checkpoints").is_dir()
     with (tmp_path / "bench" / "results.csv").open() as f:
         rows = {r["method"]: r for r in csv.DictReader(f)}
-    assert set(rows) == {"unpruned", "learned (tome FLOPs)", benchmark.SEARCHED, "tome"}
+    assert set(rows) == {"unpruned", "learned (tome FLOPs)", SEARCHED, "tome"}
     cap = yaml.safe_load((folder / "search_config.yaml").read_text())["search_settings"]["flops_budget"]
-    assert float(rows[benchmark.SEARCHED]["flops_ratio"]) <= float(rows["tome"]["flops_ratio"]) + 0.01
+    assert float(rows[SEARCHED]["flops_ratio"]) <= float(rows["tome"]["flops_ratio"]) + 0.01
     assert cap == pytest.approx(float(rows["tome"]["flops_ratio"]), abs=0.01)
 
     # the schedule found here, trained on another draw of the data without searching again
@@ -173,6 +125,7 @@ def test_searched_schedule_stays_under_tomes_flops_and_is_reported(tmp_path, tin
     assert "--schedules-from: no searched schedule" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_a_variant_is_trained_within_the_same_flops_and_reported_beside_the_default(tmp_path, tiny_folder, capsys):
     variant = ["--variant", "no labels", "method_settings.relevance_weight=0", "method_settings.merger_type=simple"]
     args = bench_args(tmp_path, tiny_folder, "--budgets", "0.25", "--methods", "learned", "tome", "--match-flops", "tome",
@@ -201,6 +154,6 @@ def test_a_variant_is_trained_within_the_same_flops_and_reported_beside_the_defa
     (["!!", "method_settings.relevance_weight=1"], "each needs its own name of letters or digits"),
 ])
 def test_bad_variants_are_refused_before_any_weights_load(tmp_path, tiny_folder, capsys, monkeypatch, variant, message):
-    monkeypatch.setattr(benchmark.LlavaBackbone, "from_pretrained", lambda *a, **k: pytest.fail("weights loaded"))
+    monkeypatch.setattr(LlavaBackbone, "from_pretrained", lambda *a, **k: pytest.fail("weights loaded"))
     assert benchmark.main(bench_args(tmp_path, tiny_folder, "--variant", *variant)) == 2
     assert message in capsys.readouterr().err

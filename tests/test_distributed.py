@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 import main as entry
@@ -46,6 +47,7 @@ def evaluation(out: Path) -> list[str]:
     return [line for line in block.splitlines() if "prefill_ms" not in line]
 
 
+@pytest.mark.slow
 def test_two_processes_with_accumulation_take_the_step_of_one_process(tmp_path, tiny_folder, monkeypatch):
     # tests/noise_free_main.py fixes the training noise, which each process would otherwise draw for itself.
     monkeypatch.setattr(gumbel, "_uniform_open", lambda shape_like, generator=None: torch.full_like(shape_like, 0.5))
@@ -89,6 +91,7 @@ def test_a_global_batch_that_does_not_split_is_refused_before_anything_is_writte
     assert not out.exists()  # nothing written, not even the folder
 
 
+@pytest.mark.slow
 def test_a_kill_in_the_middle_of_an_accumulation_resumes_bit_for_bit(tmp_path, tiny_folder):
     optimizers = "trainer_settings.dl_settings.optimizers"
     settings = {**SETTINGS, "trainer_settings.max_steps": 4, "trainer_settings.save_every": 1,

@@ -1,4 +1,5 @@
-"""scripts/gpu_check.py at the tiny backbone's size on the CPU, so the prepared GPU check cannot rot."""
+"""scripts/gpu_check.py at the tiny backbone's size on the CPU, so the prepared GPU check cannot rot, and the
+largest-batch search of trainers/training/capacity.py."""
 
 import json
 
@@ -6,6 +7,8 @@ import pytest
 import torch
 
 from scripts import gpu_check
+from trainers.training import capacity
+from trainers.training.throughput import PHASES
 
 
 def test_gpu_check_runs_at_toy_size_and_reports_every_figure(tmp_path):
@@ -16,7 +19,7 @@ def test_gpu_check_runs_at_toy_size_and_reports_every_figure(tmp_path):
     assert [row["gradient_checkpointing"] for row in results["training"]] == [False, True]
     for row in results["training"]:
         assert row["batch"] == 2 and row["step_s"] > 0 and row["samples_per_s"] > 0
-        assert row["step_s"] == pytest.approx(sum(row[f"{phase}_s"] for phase in gpu_check.PHASES))
+        assert row["step_s"] == pytest.approx(sum(row[f"{phase}_s"] for phase in PHASES))
     assert results["largest_batch"] == {way: {"batch": 4, "stopped": "--max-batch 4 reached"} for way in ("off", "on")}
     prefill = results["prefill"]
     assert [round(row["vision"][-1]) for row in prefill] == [144, 72, 36, 16]
@@ -32,19 +35,19 @@ def test_largest_batch_stops_at_the_first_batch_out_of_memory(monkeypatch):
         if batch > 24:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(gpu_check, "training_figures", fake_step)
-    assert gpu_check.largest_batch(None, None, 12, 96, True) == (24, "batch 48 ran out of memory")
+    monkeypatch.setattr(capacity, "training_figures", fake_step)
+    assert capacity.largest_batch(None, None, 12, 96, True) == (24, "batch 48 ran out of memory")
     assert tried == [12, 24, 48]
-    assert gpu_check.largest_batch(None, None, 48, 96, True) == (None, "batch 48 ran out of memory")
+    assert capacity.largest_batch(None, None, 48, 96, True) == (None, "batch 48 ran out of memory")
 
 
 def test_largest_batch_lets_other_errors_through(monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("shape mismatch")
 
-    monkeypatch.setattr(gpu_check, "training_figures", broken)
+    monkeypatch.setattr(capacity, "training_figures", broken)
     with pytest.raises(RuntimeError, match="shape mismatch"):
-        gpu_check.largest_batch(None, None, 12, 96, False)
+        capacity.largest_batch(None, None, 12, 96, False)
 
 
 @pytest.mark.parametrize("args, message", [(["--batch-size", "0"], "must be at least 1"),

@@ -11,7 +11,7 @@ What differs here:
   with that layer's keys as the similarity (a merged token's key is the size-weighted mean of its
   parts'). A step merges at most 10% of the tokens, the order of ToMe's rate per block: a step
   that merges all of set A (half the tokens) would force every A token, however distinct, into
-  a B token, and on the tiny benchmark that alone costs a third of the accuracy at 50%;
+  a B token (docs/benchmark.md gives what that costs);
 - the language model sees each merged token as one token, as the LLaVA pruning papers run ToMe (its merging, and
   so its proportional attention, inside the vision tower); ``proportional_attention=True`` (the benchmark's
   ``tome_pa``) applies the paper's proportional attention in the language model instead: a merged token of size s

@@ -1,9 +1,10 @@
-"""The learnable parts a config asks for, around a loaded backbone."""
+"""The learnable parts a config asks for, around a loaded backbone, and the device the config puts it on."""
 
 from __future__ import annotations
 
 import math
 
+import torch
 from torch import nn
 
 from configs.schema import MethodSettings
@@ -12,6 +13,13 @@ from models.layer_pruner import build_pruner, stage_budgets
 from models.llava_backbone import LlavaBackbone
 from models.pruned_llava import PrunedLlava
 from models.token_merger import TokenMerger
+
+
+def resolve_device(name: str) -> torch.device:
+    """``backbone_settings.device``: 'auto' is CUDA when available, else the CPU; any other name as torch reads it."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
 
 
 def merged_token_count(method: MethodSettings, num_vision_tokens: int) -> int:

@@ -170,14 +170,15 @@ def module_flops(model: PrunedLlava, question_tokens: int, merged: int | None = 
 
 
 def pruned_results(model: PrunedLlava, batches: Iterable[dict], tau: float, max_new_tokens: int,
-                   show_progress: bool = True, soft: bool = True) -> list[dict]:
+                   show_progress: bool = True, soft: bool = True, desc: str | None = None) -> list[dict]:
     """Per batch: its size ``n``, its samples' hard (and soft) answers, references and question types, the sums over
-    its samples of the token counts, prefill FLOPs and time, and its fewest and most merged tokens. What
-    :func:`summarize_pruned` turns into metrics, and what data-parallel evaluation gathers from every process."""
+    its samples of the token counts, prefill FLOPs and time, its fewest and most merged tokens, and its mean vision
+    tokens entering each decoder layer. What :func:`summarize_pruned` turns into metrics, and what data-parallel
+    evaluation gathers from every process. ``desc``: the progress bar's label."""
     was_training = model.training
     model.eval()
     results = []
-    for batch in tqdm(batches, desc="eval (soft, hard)" if soft else "eval (hard)", leave=False,
+    for batch in tqdm(batches, desc=desc or ("eval (soft, hard)" if soft else "eval (hard)"), leave=False,
                       disable=not show_progress):
         soft_answers = generate_pruned(model, batch, "soft", tau, max_new_tokens)[0] if soft else None
         answers, prefill = generate_pruned(model, batch, "hard", tau, max_new_tokens)
@@ -192,7 +193,7 @@ def pruned_results(model: PrunedLlava, batches: Iterable[dict], tau: float, max_
         merged = prefill.vision_counts[0]  # (B,) tokens each image kept after the merger
         results.append({"n": n, "hard": answers, "soft": soft_answers, "references": batch["answers"],
                         "types": batch["question_types"], "sums": {key: value * n for key, value in counts.items()},
-                        "fewest": int(merged.min()), "most": int(merged.max())})
+                        "fewest": int(merged.min()), "most": int(merged.max()), "per_layer": per_layer})
     model.train(was_training)
     return results
 
@@ -220,6 +221,13 @@ def summarize_pruned(results: list[dict]) -> dict[str, float]:
         if qtype not in ("overall", "all"):
             metrics[f"accuracy_hard/{qtype}"] = value
     return metrics
+
+
+def vision_tokens_per_layer(results: list[dict]) -> list[float]:
+    """Vision tokens entering each decoder layer, the mean over the samples of :func:`pruned_results`' batches."""
+    samples = sum(r["n"] for r in results)
+    layers = len(results[0]["per_layer"])
+    return [sum(r["n"] * r["per_layer"][layer] for r in results) / samples for layer in range(layers)]
 
 
 def evaluate_pruned(model: PrunedLlava, batches: Iterable[dict], tau: float, max_new_tokens: int,

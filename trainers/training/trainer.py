@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from configs.schema import Config, batch_split_problem, config_to_dict, relevance_grid_problem
-from data.build import batches, describe
+from data.build import batches, describe, planned_steps
 from data.collator import VQACollator
 from models.discriminator import adversarial_loss, discriminator_losses
 from models.llava_backbone import LlavaBackbone
@@ -57,19 +57,6 @@ def eval_set_identity(data) -> dict:
     """What decides the eval set's questions: a baseline measured on another is measured again."""
     return {"source": data.source, "eval_json": data.eval_json, "image_folder": data.image_folder,
             "synthetic_eval_size": data.synthetic_eval_size, "seed": data.seed, "max_new_tokens": data.max_new_tokens}
-
-
-def planned_steps(config: Config, train_size: int, world_size: int = 1) -> tuple[int, int]:
-    """(optimizer steps per epoch, total steps) of a run on ``train_size`` samples over ``world_size`` processes.
-
-    Equal micro-batches: every rank draws the same amount of noise, so the ranks' RNGs stay in step, and every
-    micro-batch weighs the same in the step; a last batch that does not split evenly into processes x accumulation
-    steps micro-batches is left out."""
-    trainer = config.trainer_settings
-    full, rest = divmod(train_size, trainer.dl_settings.batch_size)
-    per_epoch = full + (rest > 0 and rest % (world_size * trainer.dl_settings.gradient_accumulation_steps) == 0)
-    total = per_epoch * trainer.dl_settings.epochs
-    return per_epoch, total if trainer.max_steps is None else min(total, trainer.max_steps)
 
 
 PICTURE_SAMPLES = 4  # eval samples whose kept tokens each evaluation draws to TensorBoard

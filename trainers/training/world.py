@@ -17,6 +17,7 @@ from configs.schema import Config
 from data.build import build_datasets, describe
 from models.backbones import load_backbone
 from models.llava_backbone import LlavaBackbone
+from trainers.inference.build import resolve_device
 from trainers.run_log import RunLog
 from trainers.training.placement import place_pruners, spread_backbone
 from trainers.training.trainer import Trainer
@@ -28,12 +29,6 @@ class BackboneAndData:
     train_set: object
     eval_set: object
     layer_devices: list[torch.device] | None = None  # set when the decoder layers are spread over several GPUs
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def subtask_devices(config: Config, processes: PartialState | None = None) -> list[torch.device]:
