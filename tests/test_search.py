@@ -1,13 +1,14 @@
-"""The Optuna search: storage and heartbeats, results, and whole studies run by the manager's worker processes."""
+"""The Optuna search: storage, heartbeats and signals, results, and whole studies run by the manager's workers."""
 
+import fcntl
 import os
+import select
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import optuna
 import pytest
@@ -16,9 +17,11 @@ from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
 import main as entry
-from configs.schema import SearchSettings, apply_overrides, config_from_dict, config_to_dict, load_config
+from configs.schema import SearchSettings, apply_overrides, config_from_dict, config_to_dict, load_config, save_config
 from tests.helpers import tiny_run_config
+from trainers.search import interrupts
 from trainers.search import study as search
+from trainers.search import worker as search_worker
 from trainers.search.manager import PROJECT_ROOT, gpu_subsets, queue_left_running, run_search, worker_environments
 
 SPACE = ("{method_settings.task_loss_weight: {type: float, low: 10, high: 50, log: true},"
@@ -94,14 +97,14 @@ def test_trials_stopped_workers_left_running_are_failed_and_queued_by_the_manage
         trials[name].set_user_attr("worker", {"host": host, "pid": pid})
     study.ask()  # claimed, its worker not yet recorded: the heartbeat check's, on the next run
     study.tell(trials["finished"], 1.0)
-    assert queue_left_running(study, storage, {101, 303}, max_retry=1) == [trials["mine"].number]
+    assert queue_left_running(study, storage, {101, 303}, max_retry=1, signum=signal.SIGINT) == [trials["mine"].number]
     states = {name: study.trials[t.number].state for name, t in trials.items()}
     assert states == {"mine": TrialState.FAIL, "other pid": TrialState.RUNNING, "other host": TrialState.RUNNING,
                       "finished": TrialState.COMPLETE}
-    assert "interrupted" in study.trials[trials["mine"].number].user_attrs["error"]
+    assert study.trials[trials["mine"].number].user_attrs["error"].startswith("interrupted by SIGINT (Ctrl-C)")
     (retry,) = [t for t in study.trials if t.state == TrialState.WAITING]
     assert retry.system_attrs["failed_trial"] == trials["mine"].number and retry.params == trials["mine"].params
-    assert queue_left_running(study, storage, {101}, max_retry=1) == []  # recorded once
+    assert queue_left_running(study, storage, {101}, max_retry=1, signum=signal.SIGINT) == []  # recorded once
 
 
 def test_database_urls(tmp_path):
@@ -114,6 +117,116 @@ def test_database_urls(tmp_path):
     assert "secret" not in str(err.value)
     # SQLAlchemy 2 imports psycopg (3) for postgresql://: the advice names the package that provides it
     assert "driver 'psycopg' is not installed" in str(err.value) and "pip install 'psycopg[binary]'" in str(err.value)
+
+
+# ----------------------------------------------------------------------------- signals and the journal's lock
+@pytest.fixture
+def search_signal_handlers():
+    """The test installs the search's SIGINT and SIGTERM handlers; the ones it found are put back after it."""
+    previous = {signum: signal.getsignal(signum) for signum in interrupts.STOP_SIGNALS}
+    for signum in interrupts.STOP_SIGNALS:
+        signal.signal(signum, interrupts.interrupt)
+    yield
+    for signum, handler in previous.items():
+        signal.signal(signum, handler)
+
+
+def signals_sent_inside_the_journal_lock(monkeypatch) -> list[int]:
+    """A list: a signal put in it is sent to this process by the main thread's next journal write, from inside the
+    journal's lock, where Python raises at the next bytecode unless the write holds it back. No timing involved."""
+    pending = []
+    acquire = search.JournalLock.acquire
+
+    def acquire_and_send(lock):
+        acquire(lock)
+        if pending and threading.current_thread() is threading.main_thread():  # not a heartbeat's write
+            os.kill(os.getpid(), pending.pop())
+        return True
+
+    monkeypatch.setattr(search.JournalLock, "acquire", acquire_and_send)
+    return pending
+
+
+def lock_is_free(journal) -> bool:
+    """Whether no process holds the lock of ``journal`` (asked without waiting)."""
+    with open(search.JournalLock(journal).path) as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        return True
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_inside_a_journal_write_is_raised_once_the_write_is_done(tmp_path, monkeypatch, signum,
+                                                                         search_signal_handlers):
+    journal = tmp_path / "journal.log"
+    trial = optuna.create_study(storage=search.HeartbeatJournalStorage(journal, 1, 600), study_name="s").ask()
+    signals_sent_inside_the_journal_lock(monkeypatch).append(signum)
+    with pytest.raises(interrupts.Interrupted) as err:
+        trial.set_user_attr("written", True)
+    assert err.value.signum == signum
+    # The write completed, and released the lock: a fresh reader sees it, and there is nothing left behind.
+    assert search.HeartbeatJournalStorage(journal, 1, 600).get_trial(trial._trial_id).user_attrs == {"written": True}
+    assert lock_is_free(journal)
+    assert sorted(os.listdir(tmp_path)) == ["journal.log", "journal.log.flock"]
+
+
+def test_a_worker_signalled_inside_a_storage_write_records_its_trial_interrupted(tmp_path, tiny_folder, monkeypatch,
+                                                                               search_signal_handlers):
+    # SIGTERM while the worker writes its first evaluation into the study, from inside the journal's lock (where an
+    # interrupted clean-up once failed on the lock and recorded that failure instead): the write completes, and the
+    # trial records the interruption and is queued again.
+    config = search_config(tmp_path, tiny_folder, **{"trainer_settings.max_steps": 4, "trainer_settings.eval_every": 2})
+    path = search.study_folder(config) / "search_config.yaml"
+    save_config(config, path)
+    signals = signals_sent_inside_the_journal_lock(monkeypatch)
+    report = search_worker.Worker.report
+
+    def report_under_sigterm(worker, trial, step, last_step, metrics):
+        signals.append(signal.SIGTERM)
+        report(worker, trial, step, last_step, metrics)
+
+    monkeypatch.setattr(search_worker.Worker, "report", report_under_sigterm)
+    assert search_worker.main(["--config", str(path)]) == 128 + signal.SIGTERM
+    first, retry = study_of(config).get_trials()
+    assert first.state == TrialState.FAIL and first.user_attrs["error"].startswith("interrupted by SIGTERM;")
+    assert "eval_step_2" in first.user_attrs  # the write the signal landed in
+    assert retry.state == TrialState.WAITING and retry.system_attrs["failed_trial"] == 0
+    assert retry.params == first.params
+    assert lock_is_free(search.journal_path(config.search_settings, config.manager_settings.output_dir))
+
+
+HOLD_THE_LOCK = """
+import sys
+from trainers.search.study import JournalLock
+JournalLock(sys.argv[1]).acquire()
+with open(sys.argv[1], "ab") as journal:
+    journal.write(b'{"op_code": 4, "worker_id": "cut sh')  # a line the kill cuts short
+print("locked", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_a_process_killed_inside_the_journal_lock_does_not_hold_up_the_next_run(tmp_path, tiny_folder):
+    config = search_config(tmp_path, tiny_folder)
+    study_of(config).enqueue_trial({"method_settings.merge_ratio": 0.5})
+    journal = search.journal_path(config.search_settings, config.manager_settings.output_dir)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_THE_LOCK, str(journal)], cwd=PROJECT_ROOT,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline() == "locked\n"
+    assert not lock_is_free(journal)
+    holder.kill()  # kill -9 inside the lock, half way through a line
+    holder.wait()
+    assert lock_is_free(journal)
+    # The next run of the study: claims the queued trial and tells its result at once, and the journal stays readable.
+    study = study_of(config)
+    trial = study.ask()
+    trial.suggest_float("method_settings.merge_ratio", 0.4, 0.6)
+    study.tell(trial, 0.5)
+    (told,) = study_of(config).get_trials()
+    assert told.state == TrialState.COMPLETE and told.params == {"method_settings.merge_ratio": 0.5}
+    assert journal.read_bytes().endswith(b"\n")
 
 
 # ----------------------------------------------------------------------------- results
@@ -160,6 +273,7 @@ def test_a_study_with_other_objectives_is_not_resumed(tmp_path, tiny_folder):
 
 
 # ----------------------------------------------------------------------------- whole studies
+@pytest.mark.slow
 def test_two_workers_on_gpu_subsets_finish_resume_and_write_a_best_config_that_runs(tmp_path, tiny_folder, capsys):
     # Four fake GPUs, two per subtask: two workers, told apart by CUDA_VISIBLE_DEVICES (they train on the CPU).
     config = search_config(tmp_path, tiny_folder, **{"manager_settings.available_gpus": [0, 1, 2, 3],
@@ -212,6 +326,7 @@ def wait_for_running_trial(study, searching):
     raise AssertionError("the search ended before any trial was seen running")
 
 
+@pytest.mark.slow
 def test_a_killed_worker_s_trial_is_failed_and_run_again(tmp_path, tiny_folder):
     # 32 steps, so that the trial seen running is still training when the kill lands (with 8 it could finish first);
     # the retry must finish, so no endless trial here, unlike the Ctrl-C test
@@ -236,30 +351,45 @@ def test_a_killed_worker_s_trial_is_failed_and_run_again(tmp_path, tiny_folder):
     assert others and victim.params not in others  # fresh trials draw fresh parameters
 
 
-def test_ctrl_c_stops_cleanly_and_queues_the_running_trial(tmp_path, tiny_folder):
-    # Trials that cannot finish before the Ctrl-C, however fast the machine: only the interrupt ends the one seen
+def interrupt_a_search(tmp_path, tiny_folder, signum: int, whole_group: bool) -> None:
+    """Start a search, send ``signum`` to its manager (``whole_group``: to its workers too, as a terminal's Ctrl-C
+    does) once a trial runs, and check that the search stops with 128 + signum, that trial recorded interrupted by
+    that signal and queued again, and no trial left RUNNING."""
+    # Trials that cannot finish before the signal, however fast the machine: only the signal ends the one seen
     # running (with 8 steps it could complete between being seen and the signal, and the test failed on a fast run).
     config = search_config(tmp_path, tiny_folder, **{"trainer_settings.dl_settings.epochs": 1_000_000,
                                                      "trainer_settings.max_steps": "null", "trainer_settings.eval_every": 8})
     path = tmp_path / "search.yaml"
     path.write_text(yaml.safe_dump(config_to_dict(config)))
     study = study_of(config)
-    # Its own process group, like a terminal's foreground job: Ctrl-C reaches the manager and its workers. SIGINT at
-    # its default too, as in a terminal: a background job of a non-interactive shell (a CI script) ignores SIGINT,
-    # and a child would inherit that.
+    # Its own process group, like a terminal's foreground job. SIGINT at its default too, as in a terminal: a
+    # background job of a non-interactive shell (a CI script) ignores SIGINT, and a child would inherit that.
     process = subprocess.Popen([sys.executable, "main.py", "--config", str(path)], cwd=PROJECT_ROOT,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True, text=True,
                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     victim = wait_for_running_trial(study, lambda: process.poll() is None)
-    os.killpg(process.pid, signal.SIGINT)
+    if whole_group:
+        os.killpg(process.pid, signum)
+    else:
+        os.kill(process.pid, signum)
     out, _ = process.communicate()
-    assert process.returncode == 130, out
+    assert process.returncode == 128 + signum, out
     trials = study.get_trials()
     assert trials[victim.number].state == TrialState.FAIL
-    assert "interrupted" in trials[victim.number].user_attrs["error"]
+    assert trials[victim.number].user_attrs["error"].startswith(f"interrupted by {interrupts.describe(signum)};")
     queued = [t for t in trials if t.state == TrialState.WAITING]
     assert [t.system_attrs["failed_trial"] for t in queued] == [victim.number]
     assert not [t for t in trials if t.state == TrialState.RUNNING]
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_cleanly_and_queues_the_running_trial(tmp_path, tiny_folder):
+    interrupt_a_search(tmp_path, tiny_folder, signal.SIGINT, whole_group=True)  # the terminal's foreground group
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_manager_stops_the_search_as_ctrl_c_does(tmp_path, tiny_folder):
+    interrupt_a_search(tmp_path, tiny_folder, signal.SIGTERM, whole_group=False)  # kill <pid>: it forwards SIGTERM
 
 
 def test_main_refuses_what_optuna_mode_does_not_take(tmp_path, tiny_folder, capsys, monkeypatch):
@@ -273,6 +403,7 @@ def test_main_refuses_what_optuna_mode_does_not_take(tmp_path, tiny_folder, caps
     assert "not accelerate launch or torchrun" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_workers_die_with_a_killed_manager(tmp_path, tiny_folder):
     config = search_config(tmp_path, tiny_folder, **{"trainer_settings.max_steps": 200, "trainer_settings.eval_every": 200,
                                                      "data_settings.synthetic_train_size": 800})
@@ -285,27 +416,32 @@ def test_workers_die_with_a_killed_manager(tmp_path, tiny_folder):
     worker = victim.user_attrs["worker"]["pid"]
     process.kill()  # kill -9: the manager cannot stop its workers itself
     process.wait()
-    while True:  # the worker gets SIGTERM from the kernel; poll until it is gone (a zombie counts as gone)
-        try:
-            state = Path(f"/proc/{worker}/stat").read_text().split(")")[-1].split()[0]
-        except FileNotFoundError:
-            break
-        if state == "Z":
-            break
-        time.sleep(0.05)
+    assert gone_within(worker, 600), f"worker {worker} still runs 10 minutes after its manager was killed"
+
+
+def gone_within(pid: int, seconds: float) -> bool:
+    """Whether process ``pid`` (not a child of this one) exits within ``seconds``: woken by its exit through a pidfd,
+    not polled. The bound only turns a worker that would never die into a failure instead of a hung suite; a worker
+    that dies does so in well under a second (SIGTERM from the kernel when its manager dies)."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    try:
+        return bool(select.select([fd], [], [], seconds)[0])
+    finally:
+        os.close(fd)
 
 
 def test_a_ctrl_c_that_python_swallowed_does_not_leave_the_worker_deaf_to_the_next():
-    from trainers.search import worker as search_worker
-
-    previous = signal.signal(signal.SIGINT, search_worker.interrupt)
+    previous = signal.signal(signal.SIGINT, interrupts.interrupt)
     try:
         try:  # where Python swallows it: a weakref callback, a destructor ("Exception ignored in ...")
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(1)  # the handler runs at the next bytecode; the sleep only gives the signal time to arrive
         except KeyboardInterrupt:
             pass
-        assert signal.getsignal(signal.SIGINT) is search_worker.interrupt
+        assert signal.getsignal(signal.SIGINT) is interrupts.interrupt
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(1)

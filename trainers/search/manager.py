@@ -10,9 +10,10 @@
 3. shows the progress (trials finished / running / failed, best so far) while they run, and
    restarts a worker that died (its trial is failed and queued again once its heartbeat is
    older than ``grace_period``), at most ``MAX_RESTARTS`` times per worker;
-4. on Ctrl-C, lets every worker record its running trial as FAIL and queue it for the next run
-   (and records any its workers left RUNNING the same way), then stops; in every case it writes
-   the best config (or the Pareto front) at the end.
+4. on SIGINT (Ctrl-C) or SIGTERM, forwards the signal to its workers, lets each record its
+   running trial as FAIL ("interrupted by ...") and queue it for the next run (and records any its
+   workers left RUNNING the same way), then stops with exit code 128 + the signal's number; in
+   every case it writes the best config (or the Pareto front) at the end.
 """
 
 from __future__ import annotations
@@ -31,12 +32,13 @@ from optuna.trial import TrialState
 
 from configs.schema import Config, save_config
 from trainers.run_log import RunLog
+from trainers.search import interrupts
 from trainers.search import study as search
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 MAX_RESTARTS = 3  # per worker: a worker that keeps dying is broken, not unlucky
 POLL_S = 1.0
-STOP_WAIT_S = 60.0  # after Ctrl-C, how long workers get to record their trials before they are killed
+STOP_WAIT_S = 60.0  # after Ctrl-C or SIGTERM, how long workers get to record their trials before they are killed
 
 
 def gpu_subsets(available_gpus: list[int], gpus_per_subtask: int) -> list[list[int]]:
@@ -84,7 +86,7 @@ class WorkerProcess:
 
 def die_with_parent() -> None:
     """In a worker, before it runs: Linux sends it SIGTERM when the manager dies, even by kill -9 (which the
-    manager cannot catch to stop its workers itself). Its trial is then failed and queued by the heartbeat check."""
+    manager cannot catch to stop its workers itself). The worker then records its trial interrupted and queues it."""
     import ctypes
 
     PR_SET_PDEATHSIG = 1
@@ -171,8 +173,9 @@ def run_search(config: Config) -> int:
             log.info(f"The study already has {settings.n_trials} finished trials; raise search_settings.n_trials to "
                      "run more")
             return finish(study, config, log, 0)
-        code = supervise(workers, config_path, monitor, log, storage)
-        return finish(study, config, log, code)
+        with interrupts.handled_by(interrupts.interrupt):  # SIGTERM stops the search as Ctrl-C does
+            code = supervise(workers, config_path, monitor, log, storage)
+            return finish(study, config, log, code)
     except search.SearchError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -181,7 +184,7 @@ def run_search(config: Config) -> int:
 
 
 def supervise(workers: list[WorkerProcess], config_path: Path, monitor: Monitor, log: RunLog, storage) -> int:
-    """Run the workers to the end of the study (restarting dead ones); Ctrl-C stops them cleanly."""
+    """Run the workers to the end of the study (restarting dead ones); Ctrl-C or SIGTERM stops them cleanly."""
     for worker in workers:
         worker.start(config_path)
     try:
@@ -201,15 +204,17 @@ def supervise(workers: list[WorkerProcess], config_path: Path, monitor: Monitor,
             codes = [w.process.poll() for w in workers]
             if all(c is not None for c in codes):
                 break
-    except KeyboardInterrupt:
-        log.info("Ctrl-C: stopping the workers; running trials are recorded FAIL and queued for the next run")
-        stop(workers)
+    except KeyboardInterrupt as err:
+        signum = interrupts.signal_of(err)
+        log.info(f"{interrupts.describe(signum)}: stopping the workers; running trials are recorded FAIL and queued "
+                 "for the next run")
+        stop(workers, signum)
         left = queue_left_running(monitor.study, storage, {pid for w in workers for pid in w.pids},
-                                  monitor.settings.max_retry)
+                                  monitor.settings.max_retry, signum)
         if left:
             log.info(f"Trials {left} were left RUNNING by their stopped workers: recorded FAIL and queued again")
         monitor.update()
-        return 130
+        return 128 + signum
     monitor.update()
     broken = [w for w in workers if w.process.returncode != 0]
     for worker in broken:
@@ -218,11 +223,12 @@ def supervise(workers: list[WorkerProcess], config_path: Path, monitor: Monitor,
     return 1 if broken else 0
 
 
-def stop(workers: list[WorkerProcess]) -> None:
-    """SIGINT to every live worker (those in the terminal's process group have it already and ignore a second)."""
+def stop(workers: list[WorkerProcess], signum: int) -> None:
+    """Signal ``signum`` to every live worker (those in the terminal's process group have Ctrl-C already and ignore
+    a second once they record their trial), and wait for them."""
     live = [w.process for w in workers if w.process.poll() is None]
     for process in live:
-        process.send_signal(signal.SIGINT)
+        process.send_signal(signum)
     deadline = time.time() + STOP_WAIT_S
     for process in live:
         try:
@@ -232,15 +238,15 @@ def stop(workers: list[WorkerProcess]) -> None:
             process.wait()
 
 
-def queue_left_running(study: optuna.Study, storage, pids: set[int], max_retry: int) -> list[int]:
-    """Record FAIL, and queue again, the RUNNING trials of this machine's workers ``pids`` once they are stopped: a
-    worker killed after STOP_WAIT_S, or one whose clean-up a second Ctrl-C cut short, left them so. Trials of other
-    machines' workers are theirs. The numbers of the trials recorded."""
+def queue_left_running(study: optuna.Study, storage, pids: set[int], max_retry: int, signum: int) -> list[int]:
+    """Record FAIL (interrupted by ``signum``), and queue again, the RUNNING trials of this machine's workers ``pids``
+    once they are stopped: a worker killed after STOP_WAIT_S, or one whose clean-up a second signal cut short, left
+    them so. Trials of other machines' workers are theirs. The numbers of the trials recorded."""
     host = socket.gethostname()
     mine = [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
             if t.user_attrs.get("worker", {}).get("host") == host and t.user_attrs["worker"].get("pid") in pids]
     return [t.number for t in mine
-            if search.fail_and_queue_again(study, storage, search.storage_id(t), search.INTERRUPTED, max_retry)]
+            if search.fail_and_queue_again(study, storage, search.storage_id(t), search.interrupted(signum), max_retry)]
 
 
 def finish(study: optuna.Study, config: Config, log: RunLog, code: int) -> int:

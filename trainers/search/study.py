@@ -3,8 +3,9 @@
 Storage (``search_settings.storage``):
 
 - ``null`` (default): Optuna's ``JournalStorage`` on the file ``<output_dir>/optuna/journal.log``.
-  Every change is appended under a file lock, so any number of processes on one machine can
-  share it; ``optuna-dashboard outputs/optuna/journal.log`` reads it.
+  Every change is appended under a file lock (:class:`JournalLock`, which a killed process does
+  not leave behind), so any number of processes on one machine can share it;
+  ``optuna-dashboard outputs/optuna/journal.log`` reads it.
 - a database URL (``postgresql://user:password@host/db``, ``mysql://...``, ``sqlite:///file.db``):
   Optuna's ``RDBStorage``, for workers on several machines.
 
@@ -14,6 +15,9 @@ the next worker that claims a trial marks it FAIL and, up to ``max_retry`` times
 again with the same parameters (Optuna's ``RetryHeartbeatStaleTrialCallback``). ``RDBStorage``
 has heartbeats built in; Optuna 5.0's ``JournalStorage`` does not, so
 :class:`HeartbeatJournalStorage` adds them, keeping the heartbeat as a trial system attribute.
+
+Signals: every storage call runs whole, with SIGINT and SIGTERM held until it returns
+(trainers/search/interrupts.py), so a Ctrl-C writes a trial's state completely or not at all.
 
 Folders: ``<output_dir>/optuna/<study_name>/`` holds one ``trial_NNNN/`` per trial (resolved
 config, logs, TensorBoard, checkpoints, ``error.txt`` when it failed), the manager's
@@ -27,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import os
 import threading
 import time
 import warnings
@@ -38,13 +43,16 @@ import optuna
 import yaml
 from optuna.storages import JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
 # Optuna's private pieces this module relies on, each checked against Optuna 5.0.0 (requirements pin >=5,<6):
-# the heartbeat interface RDBStorage implements (not re-exported) and the storage id of a trial (trial_id).
+# the heartbeat interface RDBStorage implements and the journal's lock interface (neither re-exported), and the
+# storage id of a trial (trial_id).
 from optuna.storages._heartbeat import BaseHeartbeat
 from optuna.storages.journal import JournalFileBackend
+from optuna.storages.journal._file import BaseJournalFileLock
 from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy.engine import make_url
 
 from configs.schema import Config, SearchParam, SearchSettings, apply_search_params
+from trainers.search.interrupts import deferred_interrupts, describe, interrupt_safe
 
 HEARTBEAT_ATTR = "heartbeat"
 CONFIG_ATTR = "config"  # the trial's resolved config, so that any machine can write the best one out
@@ -59,11 +67,53 @@ class SearchError(RuntimeError):
 
 
 # ----------------------------------------------------------------------------- storage
+class JournalLock(BaseJournalFileLock):
+    """The journal's write lock: an flock on ``<journal>.flock``, which the kernel drops when its holder exits, even
+    by kill -9 (always possible inside the lock). Optuna's default lock is a symlink made, then renamed away: a process
+    killed inside it leaves it behind, and every later write waits 30 s before breaking it. Taking this lock also
+    drops the part of a line such a process may have written last (readers apply whole lines only, and a line
+    appended after it would make the journal unreadable)."""
+
+    def __init__(self, journal: str | Path):
+        self.journal = Path(journal)
+        self.path = Path(f"{journal}.flock")
+        self._fd: int | None = None
+
+    def acquire(self) -> bool:
+        if self._fd is not None:  # a hold an exception cut off before its release (the storage writes one at a time)
+            self.release()
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            drop_torn_line(self.journal)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
+        return True
+
+    def release(self) -> None:
+        fd, self._fd = self._fd, None
+        os.close(fd)  # which drops the flock
+
+
+def drop_torn_line(journal: Path) -> None:
+    """Cut the journal back to its last whole line (under the lock: no writer is half way)."""
+    with open(journal, "rb+") as f:
+        if f.seek(0, os.SEEK_END) == 0:
+            return
+        f.seek(-1, os.SEEK_END)
+        if f.read(1) != b"\n":
+            f.seek(0)
+            f.truncate(f.read().rfind(b"\n") + 1)
+
+
+@interrupt_safe
 class HeartbeatJournalStorage(JournalStorage, BaseHeartbeat):
     """A journal file with Optuna's heartbeat protocol: stale RUNNING trials are failed and retried."""
 
     def __init__(self, path: str | Path, heartbeat_interval: int, grace_period: int, stale_trial_callback=None):
-        super().__init__(JournalFileBackend(str(path)))
+        super().__init__(JournalFileBackend(str(path), lock_obj=JournalLock(path)))
         self.path = Path(path)
         self.heartbeat_interval, self.grace_period = heartbeat_interval, grace_period
         self.stale_trial_callback = stale_trial_callback
@@ -87,6 +137,10 @@ class HeartbeatJournalStorage(JournalStorage, BaseHeartbeat):
     def get_heartbeat_stale_trial_callback(self):
         return self.stale_trial_callback
 
+
+@interrupt_safe
+class InterruptSafeRDBStorage(RDBStorage):
+    """Optuna's RDBStorage, each call run whole (trainers/search/interrupts.py)."""
 
 
 # The module SQLAlchemy imports for a URL -> the pip package that provides it (SQLAlchemy 2.x maps postgresql:// to
@@ -128,8 +182,8 @@ def open_storage(settings: SearchSettings, output_dir: str | Path):
     if settings.storage and "://" in settings.storage:
         where = storage_label(settings, output_dir)
         try:
-            return RDBStorage(settings.storage, heartbeat_interval=settings.heartbeat_interval,
-                              grace_period=settings.grace_period, heartbeat_stale_trial_callback=retry)
+            return InterruptSafeRDBStorage(settings.storage, heartbeat_interval=settings.heartbeat_interval,
+                                           grace_period=settings.grace_period, heartbeat_stale_trial_callback=retry)
         except ImportError as err:  # Optuna wraps SQLAlchemy's ModuleNotFoundError for the driver
             missing = err
             while missing is not None and not isinstance(missing, ModuleNotFoundError):
@@ -231,19 +285,23 @@ class Heartbeat:
         self._thread.join()
 
 
-INTERRUPTED = "interrupted (Ctrl-C); queued to run again on the next run of the study"
+def interrupted(signum: int) -> str:
+    """The error recorded for a trial stopped by signal ``signum``."""
+    return f"interrupted by {describe(signum)}; queued to run again on the next run of the study"
 
 
 def fail_and_queue_again(study: optuna.Study, storage, trial_id: int, error: str, max_retry: int) -> bool:
     """Record a RUNNING trial FAIL with ``error`` and queue it again with the same parameters (at most ``max_retry``
-    times), as the heartbeat check does for a dead worker's trial. False when the trial had finished already."""
-    try:
-        storage.set_trial_user_attr(trial_id, "error", error)
-        storage.set_trial_state_values(trial_id, TrialState.FAIL)
-    except optuna.exceptions.UpdateFinishedTrialError:
-        return False
-    RetryHeartbeatStaleTrialCallback(max_retry)(study, storage.get_trial(trial_id))
-    return True
+    times), as the heartbeat check does for a dead worker's trial; all of it or nothing, whatever signal comes. False
+    when the trial had finished already."""
+    with deferred_interrupts():
+        try:
+            storage.set_trial_user_attr(trial_id, "error", error)
+            storage.set_trial_state_values(trial_id, TrialState.FAIL)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            return False
+        RetryHeartbeatStaleTrialCallback(max_retry)(study, storage.get_trial(trial_id))
+        return True
 
 
 # ----------------------------------------------------------------------------- the search space

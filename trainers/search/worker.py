@@ -7,8 +7,9 @@ so the worker's GPUs are cuda:0, cuda:1, ... Each worker loads the backbone and 
 evaluates the unpruned baseline) once and then, in a loop: under this machine's claim lock it fails trials whose heartbeat stopped
 (queuing them again), counts the study, and claims a trial (a queued retry first); it trains
 that trial in its own folder, reporting every evaluation for pruning, and tells the study the
-result. A trial that raises is recorded FAIL with its error and the worker goes on; Ctrl-C
-records the running trial FAIL, queues it again for the next run, and stops the worker.
+result. A trial that raises is recorded FAIL with its error and the worker goes on. SIGINT (Ctrl-C)
+or SIGTERM, whatever the worker is doing when it comes, records its trial FAIL ("interrupted by
+..."), queues it again for the next run, and stops the worker (exit code 128 + the signal's number).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from optuna.trial import TrialState
 
 from configs.schema import Config, config_to_dict, load_config, save_config
 from trainers.run_log import RunLog
+from trainers.search import interrupts
 from trainers.search import study as search
 from trainers.training.world import BackboneAndData, load_world, make_trainer
 
@@ -43,14 +45,16 @@ class Worker:
         self.world: BackboneAndData | None = None
         self.world_key = None
         self.accuracy_baseline: float | None = None  # the frozen backbone's, on the world's eval set
+        self.claimed: optuna.Trial | None = None  # claimed and not yet told: what an interrupt records
 
     def say(self, message: str) -> None:
         print(f"[worker {self.index}] {message}", flush=True)
 
     # ------------------------------------------------------------------ claiming
     def claim(self) -> optuna.Trial | None | bool:
-        """A trial to run, None to wait (the last trials run elsewhere), False when the study is done."""
-        with search.claim_lock(self.folder):
+        """A trial to run, None to wait (the last trials run elsewhere), False when the study is done. A signal does
+        not cut a claim: the trial is asked for, beating, marked this worker's and ``claimed``, or not asked for."""
+        with search.claim_lock(self.folder), interrupts.deferred_interrupts():
             optuna.storages.fail_stale_trials(self.study)
             progress = search.progress_of(self.study.get_trials(deepcopy=False))
             if progress.finished >= self.settings.n_trials:
@@ -59,7 +63,7 @@ class Worker:
                 return None
             self.study.sampler = search.make_sampler(
                 self.settings, search.claim_seed(self.config.manager_settings.seed, progress.total - progress.waiting))
-            trial = self.study.ask()
+            self.claimed = trial = self.study.ask()
             self.storage.record_heartbeat(search.storage_id(trial))  # alive from the claim on
             # whose it is, so that the manager can record it if this worker is stopped before it does
             trial.set_user_attr("worker", {"index": self.index, "host": socket.gethostname(), "pid": os.getpid(),
@@ -67,16 +71,32 @@ class Worker:
             return trial
 
     def run(self) -> int:
+        """Run trials until the study is done (0). On SIGINT or SIGTERM, record the claimed trial interrupted, queue
+        it again, and re-raise."""
         self.say(f"pid {os.getpid()}, CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '(unset)')}")
-        while True:
-            trial = self.claim()
-            if trial is False:
-                self.say("study complete")
-                return 0
-            if trial is None:
-                time.sleep(IDLE_POLL_S)
-                continue
-            self.run_trial(trial)
+        try:
+            while True:
+                trial = self.claim()
+                if trial is False:
+                    self.say("study complete")
+                    return 0
+                if trial is None:
+                    time.sleep(IDLE_POLL_S)
+                    continue
+                self.run_trial(trial)
+        except KeyboardInterrupt as err:
+            # Later signals (the manager forwards one) must not cut the record short. One that lands before these
+            # lines still can: the manager then records the trial the same way once this worker has exited.
+            for signum in interrupts.STOP_SIGNALS:
+                signal.signal(signum, signal.SIG_IGN)
+            self.record_interrupted(interrupts.signal_of(err))
+            raise
+
+    def record_interrupted(self, signum: int) -> None:
+        if self.claimed is not None and search.fail_and_queue_again(
+                self.study, self.storage, search.storage_id(self.claimed), search.interrupted(signum),
+                self.settings.max_retry):
+            self.say(f"trial {self.claimed.number} FAIL: interrupted by {interrupts.describe(signum)}, queued again")
 
     # ------------------------------------------------------------------ one trial
     def world_for(self, config: Config, log: RunLog) -> BackboneAndData:
@@ -122,13 +142,6 @@ class Worker:
                 self.finish(trial, TrialState.COMPLETE, search.objective_values(self.settings, metrics))
             except optuna.TrialPruned as err:
                 self.finish(trial, TrialState.PRUNED, message=str(err))
-            except KeyboardInterrupt:
-                signal.signal(signal.SIGINT, signal.SIG_IGN)  # later Ctrl-Cs (the manager forwards one) must not cut this short
-                # One that lands before the line above still can: the manager then records the trial the same way.
-                if search.fail_and_queue_again(self.study, self.storage, search.storage_id(trial), search.INTERRUPTED,
-                                               self.settings.max_retry):
-                    self.say(f"trial {trial.number} FAIL: interrupted, queued again")
-                raise
             except Exception as err:
                 text = traceback.format_exc()
                 folder.mkdir(parents=True, exist_ok=True)
@@ -144,20 +157,16 @@ class Worker:
 
     def finish(self, trial: optuna.Trial, state: TrialState, values: list[float] | None = None,
                message: str = "") -> None:
-        try:
-            self.study.tell(trial, values, state=state)
-        except optuna.exceptions.UpdateFinishedTrialError:
-            self.say(f"trial {trial.number} was taken for dead (no heartbeat for {self.settings.grace_period} s) "
-                     "and queued again; this result is dropped")
-            return
+        with interrupts.deferred_interrupts():  # told and forgotten together: an interrupt then has nothing to record
+            try:
+                self.study.tell(trial, values, state=state)
+            except optuna.exceptions.UpdateFinishedTrialError:
+                self.claimed = None
+                self.say(f"trial {trial.number} was taken for dead (no heartbeat for {self.settings.grace_period} s) "
+                         "and queued again; this result is dropped")
+                return
+            self.claimed = None
         self.say(f"trial {trial.number} {state.name}" + (f": {values}" if values else "") + (f" {message}" if message else ""))
-
-
-def interrupt(signum, frame) -> None:
-    """Ctrl-C stops the trial, at every SIGINT until the trial's clean-up begins (it ignores later ones). Not only the
-    first: one that lands in a weakref callback or a destructor is swallowed by Python ("Exception ignored in ..."),
-    and the worker must still stop at the next (the manager forwards one)."""
-    raise KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -165,12 +174,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", required=True, help="the study's search_config.yaml")
     parser.add_argument("--worker", type=int, default=0, help="this worker's index (for logs)")
     args = parser.parse_args(argv)
-    signal.signal(signal.SIGINT, interrupt)
+    for signum in interrupts.STOP_SIGNALS:
+        signal.signal(signum, interrupts.interrupt)
     try:
         return Worker(load_config(args.config), args.worker).run()
-    except KeyboardInterrupt:
-        print(f"[worker {args.worker}] stopped by Ctrl-C", flush=True)
-        return 130
+    except KeyboardInterrupt as err:
+        signum = interrupts.signal_of(err)
+        print(f"[worker {args.worker}] stopped by {interrupts.describe(signum)}", flush=True)
+        return 128 + signum
 
 
 if __name__ == "__main__":
