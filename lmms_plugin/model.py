@@ -3,8 +3,9 @@
 model_args (comma-separated, as lmms-eval passes them):
 - ``pretrained``: the LLaVA backbone (a llava-hf folder or a model id in the local cache);
 - ``pruner``: the trained modules (a folder written by save_pretrained, a run folder or a training state), or
-- ``method`` and ``budget``: a training-free baseline by name (fastv, pyramiddrop, visionzip, tome, pooling,
-  random) keeping that fraction of the vision tokens; neither: the unpruned backbone through the same code;
+- ``method`` and ``budget``: a training-free baseline by name (fastv, pyramiddrop, visionzip, tome, tome_pa,
+  cdpruner, divpruner, vispruner, dart, pooling, random) keeping that fraction of the vision tokens; neither: the
+  unpruned backbone through the same code;
 - ``mode`` (hard | soft), ``device``, ``dtype``, ``batch_size``, ``max_new_tokens`` (when a task sets none).
 """
 

@@ -140,3 +140,23 @@ def projector_flops(n: int, d_vision: int, d: int) -> int:
     for name, value in (("n", n), ("d_vision", d_vision), ("d", d)):
         _check_count(name, value)
     return n * (d_vision * d + d * d)
+
+
+def similarity_flops(n_a: int, n_b: int, d: int) -> int:
+    """Multiply-adds of the n_a x n_b dot products (cosine similarities once normalised) of d-wide tokens: n_a*n_b*d.
+
+    What the training-free selections of models/baselines pay for their own choice: a Gram matrix of the vision
+    tokens (n_a = n_b = n), their similarity to the instruction's tokens, or to a few pivot tokens.
+    """
+    for name, value in (("n_a", n_a), ("n_b", n_b), ("d", d)):
+        _check_count(name, value)
+    return n_a * n_b * d
+
+
+def dpp_greedy_map_flops(n: int, k: int) -> int:
+    """Multiply-adds of the greedy MAP inference of a DPP choosing k of n items from a given kernel, by incremental
+    Cholesky updates (Chen et al. 2018): step i projects the chosen item's kernel row onto the i rows found so far,
+    i*n, so n*k*(k-1)/2 in all (the kernel itself is counted apart, with :func:`similarity_flops`)."""
+    for name, value in (("n", n), ("k", k)):
+        _check_count(name, value)
+    return n * k * (k - 1) // 2
