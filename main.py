@@ -23,16 +23,19 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no machine this runs on may down
 import torch  # noqa: E402
 
 from configs.schema import (ConfigError, Config, batch_split_problem, check_against_backbone,  # noqa: E402
-                            check_devices, load_config, save_config)
+                            check_devices, load_config, save_config, tracker_problems)
 from data.instruction_json import BadSampleError  # noqa: E402
 from models.backbones import read_backbone_shape  # noqa: E402
 from models.llava_backbone import BackboneNotFoundError, BackboneShape  # noqa: E402
-from trainers.checkpoint import CheckpointError  # noqa: E402
+from trainers.checkpoint import CheckpointError, Checkpointer, remove_stale  # noqa: E402
 from trainers.run_log import RunLog  # noqa: E402
 from trainers.search.manager import run_search  # noqa: E402
-from trainers.training.distributed import finish, is_main_launch_process, join_processes, launched_processes  # noqa: E402
+from trainers.training.distributed import (finish, is_main_launch_process, join_processes,  # noqa: E402
+                                          launched_processes, tracker_installed)
 from trainers.training.metrics_log import summary  # noqa: E402
 from trainers.training.preflight import PreflightError, check_backbone_folder, check_output_dir, load_data, resume_state  # noqa: E402
+from trainers.training.run_lock import FolderInUseError, hold_output_dir, sign  # noqa: E402
+from trainers.training.signals import TrainingInterrupted  # noqa: E402
 from trainers.training.trainer import NonFiniteLossError  # noqa: E402
 from trainers.training.world import load_world, make_trainer  # noqa: E402
 
@@ -43,7 +46,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Train learned vision-token pruning (token merger + layer pruners + discriminator) on a "
                     "frozen LLaVA backbone.",
-        epilog="The README's configuration reference lists every key.",
+        epilog="docs/configuration.md lists every key.",
     )
     parser.add_argument("--config", default=DEFAULT_CONFIG, help=f"YAML config (default: {DEFAULT_CONFIG})")
     parser.add_argument("--resume", metavar="PATH|auto",
@@ -58,10 +61,10 @@ def prepare(config: Config, config_path: str) -> BackboneShape:
     check_backbone_folder(config.backbone_settings.name_or_path)
     shape = read_backbone_shape(config.backbone_settings.name_or_path, config.data_settings.max_vision_tokens,
                                 config.data_settings.image_max_size)
-    problems = check_against_backbone(config, shape.num_layers, shape.num_vision_tokens, shape.image_size,
-                                      shape.one_patch_grid)
+    problems = check_against_backbone(config, shape.num_layers, shape.num_vision_tokens, shape.image_size)
     cuda = torch.cuda.is_available()
     problems += check_devices(config, cuda, torch.cuda.device_count() if cuda else None)
+    problems += tracker_problems(config.trainer_settings.report_to, tracker_installed)
     if problems:
         raise ConfigError(problems, config_path)
     split = batch_split_problem(config, launched_processes())  # the launch against the config: one line
@@ -80,9 +83,16 @@ def run(config: Config, log: RunLog, resume: tuple[Path, dict] | None, out: Path
         metrics = trainer.evaluate()
         trainer.log_eval(metrics)
         log.block(summary(metrics))
-        trainer.close()
+        trainer.close(metrics)
         return metrics
-    return trainer.train()
+    return trainer.train(handle_signals=True)
+
+
+def saved_state(out: Path) -> str:
+    """Where a stopped run continues from, for its last line."""
+    latest = Checkpointer(out / "checkpoints", keep_last=1).latest()
+    return (f"the last saved state is {latest} (continue with --resume auto)" if latest is not None
+            else "no training state was saved yet")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -101,27 +111,40 @@ def main(argv: list[str] | None = None) -> int:
                                  "again resumes the study")
             return run_search(config)
         # Everything that can fail on the user's input is checked here, before the weights load and before
-        # anything is written into output_dir.
+        # anything is written into output_dir. A folder another run is using is refused first.
         check_output_dir(out)
+        lock = hold_output_dir(out) if out.is_dir() and is_main_launch_process() else None
         resume = resume_state(args.resume, out, config, fresh_allowed=mode == "eval")
         data = load_data(config, shape.num_vision_tokens, shape.max_positions)
-    except (ConfigError, BackboneNotFoundError, PreflightError, BadSampleError, ValueError) as err:
+        if lock is None and is_main_launch_process():
+            lock = hold_output_dir(out)  # creates the folder: two runs that started together, one gets it
+    except (ConfigError, BackboneNotFoundError, PreflightError, BadSampleError, FolderInUseError, ValueError) as err:
         if is_main_launch_process():  # every process finds the same problem: one of them says it
             print(f"error: {err}", file=sys.stderr)
-        return 2
+        return 2  # under a launcher, the main process's exit stops the others
+    if lock is not None:
+        sign(lock)
+    stale = remove_stale(out) if lock is not None else []
     processes = join_processes()
     torch.manual_seed(config.manager_settings.seed)
     if processes.is_main_process:  # an evaluation writes its own config: the run's resolved_config.yaml stays the run's
         save_config(config, out / ("eval_config.yaml" if config.manager_settings.mode == "eval" else "resolved_config.yaml"))
     log = RunLog(out / "logs" / "training.log" if processes.is_main_process else None, echo=processes.is_main_process)
+    if stale:
+        log.info(f"Removed what an interrupted save left in {out}: {', '.join(stale)}")
     try:
         run(config, log, resume, out, data, processes)
         finish()
     except NonFiniteLossError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    except TrainingInterrupted as err:  # SIGTERM or Ctrl-C: the state at the current step is saved (logged)
+        return err.exit_code
+    except KeyboardInterrupt:  # a second Ctrl-C: at once
+        print(f"error: interrupted; {saved_state(out)}", file=sys.stderr)
+        return 130
     except BadSampleError as err:  # an image found broken only when read in full, under on_bad_sample: error
-        print(f"error: {err}; the last checkpoint is in {out / 'checkpoints'} (--resume auto)", file=sys.stderr)
+        print(f"error: {err}; {saved_state(out)}", file=sys.stderr)
         return 2
     except CheckpointError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import math
 import re
 import types
 import typing
@@ -130,6 +129,10 @@ class TrainerSettings:
     # evaluations also measure the unpruned backbone (accuracy_baseline, once per eval set); false: the summary
     # reports the accuracy drop as not measured
     eval_baseline: bool = True
+    # where the run's scalars and hyper-parameters go: tensorboard (logs/tensorboard, with the kept-token pictures)
+    # and any tracker accelerate supports that is installed (wandb, mlflow, comet_ml, aim, clearml, dvclive, swanlab,
+    # trackio); [] logs to training.log only
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
 
 
 @dataclass(frozen=True)
@@ -169,10 +172,12 @@ class MethodSettings:
     # the same target for each pruner's keep logits (the teacher's attention at the tokens the stage scores,
     # renormalised), so that hard mode's top-k keeps what the unpruned model reads
     pruner_importance_weight: float = num(0.0, ge=0)
-    # weight of the relevance losses: with data that marks the patches a question does not need (the synthetic
-    # scenes' distractors), the pruners' (and a question-aware merger's) keep logits there are pushed down and their
-    # importance target is zero there, so they learn to drop those first (0: the labels are not used). Training
-    # only: inference reads no labels. Refused for llava_json data, which has none
+    # weight of the relevance losses: with data that carries relevance boxes (the regions a question is about: the
+    # synthetic scenes' objects, or relevant_boxes on llava_json records, docs/data.md), the pruners' (and a
+    # question-aware merger's) keep logits at the tokens the boxes mark irrelevant are pushed down and their
+    # importance target is zero there, so they learn to drop those first (0: the boxes are not used). Samples
+    # without boxes add no relevance loss. Training only: inference reads no boxes. Refused when no training sample
+    # carries boxes
     relevance_weight: float = num(0.0, ge=0)
     merger_d_internal: int = num(256, ge=1)  # width of the merger's scorer
     # decoder layers with a pruner before them, strictly increasing, within the backbone's depth ([]: no pruners, the
@@ -300,6 +305,9 @@ class DataSettings:
     synthetic_train_size: int = num(4000, ge=1)  # synthetic training questions
     synthetic_eval_size: int = num(500, ge=1)  # synthetic evaluation questions
     seed: int = 0  # seed of the synthetic data (a sample is a pure function of seed, split and index)
+    # share of the synthetic training samples that carry relevance boxes (the rest carry none, as a mixture where
+    # only some records have boxes): what method_settings.relevance_weight trains on
+    synthetic_labelled_fraction: float = num(1.0, ge=0, le=1)
     # error: a bad sample stops the run, naming its file and id; skip: it is left out and counted in the log
     on_bad_sample: Literal["error", "skip"] = "error"
     # vision tokens per image at most: LLaVA-NeXT keeps only the grid resolutions within it, Qwen2-VL's processor
@@ -480,10 +488,6 @@ def cross_check(config: Config) -> list[str]:
         for key in ("train_json", "eval_json", "image_folder"):
             if getattr(d, key) is None:
                 problems.append(f"data_settings.{key} is required when data_settings.source is 'llava_json'")
-    if m.relevance_weight > 0 and d.source != "synthetic":
-        problems.append(f"method_settings.relevance_weight is {m.relevance_weight:g} but data_settings.source "
-                        f"{d.source!r} has no relevance labels (only the synthetic scenes mark the objects a question "
-                        "is not about); set it to 0")
     if mg.mode == "optuna" and not config.search_settings.enable:
         problems.append("manager_settings.mode is 'optuna' but search_settings.enable is false; set it to true")
     if mg.available_gpus and len(mg.available_gpus) % mg.gpus_per_subtask:
@@ -670,6 +674,18 @@ def check_devices(config: Config, cuda_available: bool, device_count: int | None
     return problems
 
 
+TRACKERS = ("tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab", "trackio")
+
+
+def tracker_problems(report_to: list[str], installed) -> list[str]:
+    """``trainer_settings.report_to`` against the trackers known and those ``installed(name)`` finds."""
+    unknown = [name for name in report_to if name not in TRACKERS]
+    missing = [name for name in report_to if name in TRACKERS and not installed(name)]
+    return ([f"trainer_settings.report_to: unknown tracker(s) {unknown}; choose among {list(TRACKERS)}"] if unknown
+            else []) + [f"trainer_settings.report_to: {name!r} is not installed (pip install {name.replace('_', '-')}), "
+                        "or leave it out" for name in missing]
+
+
 def batch_split_problem(config: Config, num_processes: int) -> str | None:
     """The global batch must split into equal micro-batches over the processes and accumulation steps."""
     dl = config.trainer_settings.dl_settings
@@ -683,24 +699,10 @@ def batch_split_problem(config: Config, num_processes: int) -> str | None:
             "gradient_accumulation_steps or the number of processes")
 
 
-def relevance_grid_problem(method: MethodSettings, one_patch_grid: bool, num_vision_tokens: int) -> str | None:
-    """Relevance labels are a patch grid: refused on a backbone whose vision tokens are no single square grid."""
-    square = math.isqrt(num_vision_tokens) ** 2 == num_vision_tokens
-    if method.relevance_weight > 0 and not (one_patch_grid and square):
-        return (f"method_settings.relevance_weight is {method.relevance_weight:g} but the relevance labels are a patch "
-                f"grid, and this backbone's {num_vision_tokens} vision tokens per image are no single square patch "
-                "grid; set it to 0")
-    return None
-
-
-def check_against_backbone(config: Config, num_layers: int, num_vision_tokens: int, image_size: int,
-                           one_patch_grid: bool = True) -> list[str]:
+def check_against_backbone(config: Config, num_layers: int, num_vision_tokens: int, image_size: int) -> list[str]:
     """Checks that need the backbone's shape (read from its config.json, before any weight loads)."""
     problems = []
     m, d = config.method_settings, config.data_settings
-    relevance = relevance_grid_problem(m, one_patch_grid, num_vision_tokens)
-    if relevance:
-        problems.append(relevance)
     bad = [layer for layer in m.pruning_layers if not 0 < layer < num_layers]
     if bad:
         problems.append(f"method_settings.pruning_layers {m.pruning_layers}: layer(s) {bad} outside 1..{num_layers - 1} "

@@ -10,7 +10,8 @@ from data.synthetic_vqa import SyntheticVQADataset
 def build_datasets(settings: DataSettings):
     """(train, eval) data sets for ``data_settings``."""
     if settings.source == "synthetic":
-        return (SyntheticVQADataset(settings.synthetic_train_size, "train", settings.seed),
+        return (SyntheticVQADataset(settings.synthetic_train_size, "train", settings.seed,
+                                    settings.synthetic_labelled_fraction),
                 SyntheticVQADataset(settings.synthetic_eval_size, "eval", settings.seed))
     return (LlavaInstructionDataset(settings.train_json, settings.image_folder, settings.on_bad_sample),
             LlavaInstructionDataset(settings.eval_json, settings.image_folder, settings.on_bad_sample))
@@ -22,10 +23,20 @@ def batches(dataset, collate, batch_size: int):
         yield collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
 
 
+def unlabelled_data_problem(relevance_weight: float, train_set) -> str | None:
+    """relevance_weight > 0 needs relevance boxes on some training sample (records without boxes only add none)."""
+    if relevance_weight > 0 and not train_set.labelled:
+        where = getattr(train_set, "json_path", "the synthetic train set (data_settings.synthetic_labelled_fraction)")
+        return (f"method_settings.relevance_weight is {relevance_weight:g} but no sample of {where} carries relevance "
+                "boxes (relevant_boxes): set it to 0, or add boxes to some records (docs/data.md: relevance boxes)")
+    return None
+
+
 def describe(name: str, dataset) -> str:
-    """'train set: 12 samples, 3 text-only records skipped, 1 bad records skipped, ...': what a data set kept and
-    left out (LLaVA JSON files; a synthetic set keeps everything), for the log at start-up and in the summary."""
-    counts = [(getattr(dataset, "text_only", 0), "text-only records skipped"),
+    """'train set: 12 samples, 2 with relevance boxes, 3 text-only records skipped, ...': what a data set kept, labelled
+    and left out (LLaVA JSON files; a synthetic set keeps everything), for the log at start-up and in the summary."""
+    counts = [(getattr(dataset, "labelled", 0), "with relevance boxes"),
+              (getattr(dataset, "text_only", 0), "text-only records skipped"),
               (len(getattr(dataset, "skipped", [])), "bad records skipped"),
               (len(getattr(dataset, "truncated", [])), "conversations cut to fit"),
               (len(getattr(dataset, "unreadable", [])), "images unreadable in full, replaced by the next sample")]

@@ -13,7 +13,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-import numpy as np
 import torch
 
 from models.sequences import IGNORE_INDEX
@@ -81,7 +80,8 @@ class VQACollator:
 
     ``with_answers=True`` (training): every turn of the conversation, and ``labels`` mark the answers.
     ``with_answers=False`` (generation): the first question's prompt only, plus the reference ``answers``.
-    Either way the batch carries ``ids`` and, when the samples have one, ``question_types``.
+    Either way the batch carries ``ids``, ``question_types`` (``all`` where a sample has none), ``relevance`` (each
+    sample's relevance boxes or None) and ``image_sizes_wh``.
     """
 
     processor: Any
@@ -101,9 +101,10 @@ class VQACollator:
         batch["ids"] = [s.id for s in samples]
         batch["answers"] = [s.answer for s in samples]
         batch["question_types"] = [getattr(s, "question_type", "all") for s in samples]
-        grids = [getattr(s, "irrelevant", None) for s in samples]
-        if all(g is not None for g in grids):  # relevance labels: (B, h, w) True at patches the question does not need
-            batch["irrelevant"] = torch.as_tensor(np.stack(grids), dtype=torch.bool)
+        # relevance boxes (data/relevance.py), None for a sample without, and the image sizes (width, height) they
+        # are mapped onto the vision tokens with (trainers/training/losses.irrelevant_tokens)
+        batch["relevance"] = [getattr(s, "relevance", None) for s in samples]
+        batch["image_sizes_wh"] = [s.image.size for s in samples]
         return batch
 
     def _answer_labels(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, samples,

@@ -4,7 +4,8 @@ The format of LLaVA-1.5's training and evaluation files (``llava_v1_5_mix665k.js
 one image and a conversation of alternating ``{"from": "human", "value": ...}`` /
 ``{"from": "gpt", "value": ...}`` turns. A sample keeps every (question, answer) pair, since LLaVA
 trains on every answer (data/collator.py renders the whole conversation), and its first pair as
-``question`` / ``answer``, what evaluation asks and scores. Records without an ``image`` (text-only
+``question`` / ``answer``, what evaluation asks and scores. A record may carry relevance boxes
+(``relevant_boxes``, ``distractor_boxes``: data/relevance.py), the regions its questions are about. Records without an ``image`` (text-only
 conversations) are counted and left out: nothing in them can be pruned, and through a frozen backbone
 they carry no gradient to the trained modules.
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +27,10 @@ from typing import Any
 
 from PIL import Image
 from tqdm import tqdm
+
+from data.relevance import Relevance, parse_relevance
+
+log = logging.getLogger(__name__)  # the run's log shows it (trainers/run_log.py)
 
 
 class BadSampleError(ValueError):
@@ -39,6 +45,7 @@ class InstructionSample:
     answer: str
     question_type: str = "all"
     turns: tuple[tuple[str, str], ...] = ()  # every (question, answer) in order; empty: (question, answer) alone
+    relevance: Relevance | None = None  # the regions the questions are about (data/relevance.py); None: no label
 
 
 @dataclass(frozen=True)
@@ -46,6 +53,7 @@ class _Record:
     id: str
     image_path: Path
     turns: tuple[tuple[str, str], ...]
+    relevance: Relevance | None = None
 
 
 SKIP_HINT = "fix the record, or set data_settings.on_bad_sample: skip to leave such samples out"
@@ -88,7 +96,11 @@ def _parse_record(record: Any, sample_id: str, image_folder: Path) -> tuple[_Rec
             raise BadSampleError(f"conversations[{2 * k}] (a human turn) has no question besides <image>")
         if not answer:
             raise BadSampleError(f"conversations[{2 * k + 1}] (a gpt turn, the answer) is empty")
-    return _Record(sample_id, image_folder / image, turns), markers[0] != 1 or sum(markers) != 1
+    try:
+        relevance = parse_relevance(record)
+    except ValueError as err:
+        raise BadSampleError(str(err)) from err
+    return _Record(sample_id, image_folder / image, turns, relevance), markers[0] != 1 or sum(markers) != 1
 
 
 def _image_problem(path: Path) -> str | None:
@@ -123,7 +135,7 @@ class LlavaInstructionDataset:
     one after the first question (the image is placed once, before the first question, as in LLaVA-1.5);
     ``truncated``: ids of conversations cut to the whole turns that fit the backbone's positions (preflight);
     ``unreadable``: ids of images found broken only when read in full (a truncated body), replaced by the next sample
-    under ``skip``.
+    under ``skip``; ``labelled``: how many samples carry relevance boxes.
     """
 
     def __init__(self, json_path: str | Path, image_folder: str | Path, on_bad_sample: str = "error"):
@@ -163,6 +175,10 @@ class LlavaInstructionDataset:
         self.unreadable: list[str] = []
         if not self.records:
             raise self._nothing_usable()
+
+    @property
+    def labelled(self) -> int:
+        return sum(record.relevance is not None for record in self.records)
 
     def _read_records(self) -> list:
         if not self.json_path.is_file():
@@ -227,7 +243,8 @@ class LlavaInstructionDataset:
             try:
                 with Image.open(record.image_path) as img:
                     image = img.convert("RGB")
-                return InstructionSample(record.id, image, *record.turns[0], turns=record.turns)
+                return InstructionSample(record.id, image, *record.turns[0], turns=record.turns,
+                                         relevance=record.relevance)
             except OSError as err:
                 # The header was read at load; the body (truncated data) only now. Under skip the next sample
                 # takes its place (deterministically, so a resumed run reads the same batches).
@@ -236,4 +253,6 @@ class LlavaInstructionDataset:
                                          f"{record.id!r}): {SKIP_HINT}") from err
                 if record.id not in self.unreadable:
                     self.unreadable.append(record.id)
+                    log.warning(f"image {record.image_path} of sample {record.id!r} cannot be read in full ({err}): the "
+                                "next sample takes its place (data_settings.on_bad_sample: skip)")
         raise BadSampleError(f"no image of the file can be read ({self.json_path}): check data_settings.image_folder")

@@ -34,14 +34,21 @@ In a color_at scene the asked row holds only the target. Each sample draws its a
 first (uniformly), then builds a scene that makes it true, so answers are balanced within
 each type; the types rotate with the sample index. Everything is a pure function of
 ``(seed, split, index)``.
+
+Every sample knows what its question is about: ``relevance`` gives the boxes of its question's
+objects and of the others (the distractors), the labels ``method_settings.relevance_weight`` trains on,
+in the same form as LLaVA instruction records carry them (data/relevance.py).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
+
+from data.relevance import Box, Relevance
 
 PATCH = 8
 GRID = 12
@@ -62,6 +69,7 @@ COUNT_WORDS = ("zero", "one", "two", "three")
 ROW_NAMES = ("top", "middle", "bottom")
 QUESTION_TYPES = ("color_at", "shape_of", "count", "exists", "row_of")
 SPLITS = {"train": 0, "eval": 1}
+LABEL_STREAM = 1  # the random stream that decides which samples carry labels, apart from the scenes' own
 BACKGROUND = (40, 40, 40)
 NOISE_STD = 6.0
 
@@ -82,16 +90,23 @@ class VQASample:
     answer: str
     question_type: str
     objects: tuple[SceneObject, ...]
+    labelled: bool = True  # whether it carries its relevance boxes (SyntheticVQADataset's labelled_fraction)
 
     @property
-    def irrelevant(self) -> np.ndarray:
-        """(GRID, GRID) bool: the patches of the objects the question is not about (its distractors), the
-        relevance labels ``method_settings.relevance_weight`` trains the pruners with."""
-        grid = np.zeros((GRID, GRID), dtype=bool)
+    def relevance(self) -> Relevance | None:
+        """The boxes of the objects the question is about and of the others (its distractors), or None for a
+        sample left unlabelled."""
+        if not self.labelled:
+            return None
         asked = set(question_objects(self))
-        for obj in self.objects:
-            grid[obj.patch] = obj not in asked
-        return grid
+        return Relevance(tuple(object_box(o) for o in self.objects if o in asked),
+                         tuple(object_box(o) for o in self.objects if o not in asked))
+
+
+def object_box(obj: SceneObject) -> Box:
+    """The object's patch as a box, in fractions of the image's width and height."""
+    row, col = obj.patch
+    return col / GRID, row / GRID, (col + 1) / GRID, (row + 1) / GRID
 
 
 def color_at_question(row: int) -> str:
@@ -292,12 +307,29 @@ def scene_questions(objects: tuple[SceneObject, ...], rng: np.random.Generator) 
 
 
 class SyntheticVQADataset:
-    """A map-style data set of ``size`` samples of one split; samples are made on access."""
+    """A map-style data set of ``size`` samples of one split; samples are made on access.
 
-    def __init__(self, size: int, split: str = "train", seed: int = 0):
+    ``labelled_fraction``: the share of samples that carry their relevance boxes, each drawn from its own seed
+    (the samples labelled at a fraction are among those labelled at any larger one); the rest carry none, as a
+    mixture of records with and without boxes."""
+
+    def __init__(self, size: int, split: str = "train", seed: int = 0, labelled_fraction: float = 1.0):
         if size <= 0:
             raise ValueError(f"size must be positive, got {size}")
-        self.size, self.split, self.seed = size, split, seed
+        if not 0 <= labelled_fraction <= 1:
+            raise ValueError(f"labelled_fraction must be in [0, 1], got {labelled_fraction}")
+        self.size, self.split, self.seed, self.labelled_fraction = size, split, seed, labelled_fraction
+
+    def is_labelled(self, index: int) -> bool:
+        if self.labelled_fraction >= 1:
+            return True
+        draw = np.random.default_rng([self.seed, SPLITS[self.split], index, LABEL_STREAM]).random()
+        return bool(draw < self.labelled_fraction)
+
+    @property
+    def labelled(self) -> int:
+        """How many samples carry relevance boxes."""
+        return sum(self.is_labelled(i) for i in range(self.size))
 
     def __len__(self) -> int:
         return self.size
@@ -305,4 +337,5 @@ class SyntheticVQADataset:
     def __getitem__(self, index: int) -> VQASample:
         if not 0 <= index < self.size:
             raise IndexError(f"index {index} out of range for {self.size} samples")
-        return make_sample(self.seed, self.split, index)
+        sample = make_sample(self.seed, self.split, index)
+        return sample if self.is_labelled(index) else dataclasses.replace(sample, labelled=False)

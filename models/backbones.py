@@ -6,8 +6,6 @@ differs); this registry is the one place that lists them, so the base adapter im
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 from transformers import AutoConfig
 
@@ -52,4 +50,4 @@ def read_backbone_shape(name_or_path: str, max_vision_tokens: int | None = None,
     config = _config(name_or_path)
     family = backbone_class(config.model_type, name_or_path)
     family.bound_config(config, max_vision_tokens, image_max_size)
-    return dataclasses.replace(family.shape_from_config(config), one_patch_grid=family.one_patch_grid)
+    return family.shape_from_config(config)

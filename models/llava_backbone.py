@@ -24,6 +24,7 @@ Facts this file relies on (transformers 5.x):
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -32,6 +33,7 @@ from torch import nn
 from transformers import AutoConfig, AutoProcessor, DynamicCache
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
 
+from models.box_tokens import Frame, covered, patch_rects
 from models.flops import projector_flops, vision_tower_flops
 from models.sequences import causal_padding_mask
 
@@ -48,7 +50,6 @@ class BackboneShape:
     num_vision_tokens: int  # per image, after LLaVA's feature selection (576 for llava-1.5)
     image_size: int
     max_positions: int | None = None  # the language model's max_position_embeddings
-    one_patch_grid: bool = True  # the family's vision tokens are one image's patch grid (LlavaBackbone.one_patch_grid)
 
     @classmethod
     def from_config(cls, config) -> "BackboneShape":
@@ -82,6 +83,7 @@ class LlavaBackbone(nn.Module):
         self.processor = processor
         self.check_config(model.config)
         self.frozen = freeze
+        self._token_rects = lru_cache(maxsize=256)(self.patch_boxes)  # per image size (width, height)
         if freeze:
             model.requires_grad_(False)
             model.eval()
@@ -138,6 +140,40 @@ class LlavaBackbone(nn.Module):
     def apply_bounds(self, max_vision_tokens: int | None, image_max_size: int | None) -> None:
         """:meth:`bound_config` on this model's config and whatever the processor reads of it."""
         self.bound_config(self.config, max_vision_tokens, image_max_size)
+        self._token_rects.cache_clear()
+
+    # ----- relevance boxes -----
+    def box_tokens(self, boxes, image_size: tuple[int, int]) -> torch.Tensor:
+        """(N_i,) bool, in the order of the image's features: the vision tokens of an image of ``image_size`` (width,
+        height) px that the ``boxes`` (each (x0, y0, x1, y1) in fractions of the image's width and height) cover, by
+        models/box_tokens.covered."""
+        return covered(self._token_rects(*image_size), torch.as_tensor(boxes, dtype=torch.float64).reshape(-1, 4))
+
+    def patch_boxes(self, width: int, height: int) -> torch.Tensor:
+        """(N, 4) float64: for each vision token of a width x height image, the rectangle (x0, y0, x1, y1) of the
+        original image, in fractions of its width and height, that its patch sees after the image processor's steps:
+        LlavaImageProcessor's pad to a centred square (``do_pad``), the resize and the centre crop. With the ``full``
+        strategy the CLS token comes first, as the whole image."""
+        vision = self.config.vision_config
+        frame, side = Frame(width, height), max(width, height)
+        if getattr(self.processor.image_processor, "do_pad", False):  # pad_to_square, before the resize
+            frame, width, height = frame.shifted((side - width) // 2, (side - height) // 2), side, side
+        grid = vision.image_size // vision.patch_size
+        rects = patch_rects(self._resize_and_crop(frame, height, width), grid, grid, vision.patch_size)
+        if self.config.vision_feature_select_strategy == "full":
+            rects = torch.cat([torch.tensor([[0.0, 0.0, 1.0, 1.0]], dtype=torch.float64), rects])
+        return rects
+
+    def _resize_and_crop(self, frame: Frame, height: int, width: int) -> Frame:
+        """``frame``, of a height x width px image, after the image processor's resize and centre crop."""
+        processor = self.processor.image_processor
+        if processor.do_resize:
+            new_height, new_width = resized_size(processor.size, height, width)
+            frame, height, width = frame.resized(new_width / width, new_height / height), new_height, new_width
+        if processor.do_center_crop:
+            crop = processor.crop_size
+            frame = frame.shifted(-crop_offset(width, crop["width"]), -crop_offset(height, crop["height"]))
+        return frame
 
     # ----- shapes -----
     @property
@@ -419,6 +455,26 @@ class VisionAttention:
     cls_attention: torch.Tensor  # (B, N) the CLS query's attention to each token, mean over heads
     keys: torch.Tensor  # (B, N, Dv) that layer's attention keys of each token, heads concatenated
     valid: torch.Tensor | None = None  # (B, N) bool, False at the padding of smaller images; None: none
+
+
+def resized_size(size, height: int, width: int) -> tuple[int, int]:
+    """The (height, width) that an image processor's resize to ``size`` gives a height x width image: a fixed size,
+    or the shortest edge to ``shortest_edge`` and the other scaled and truncated (transformers'
+    get_resize_output_image_size)."""
+    if size.get("height") and size.get("width"):
+        return size["height"], size["width"]
+    if size.get("shortest_edge") and not size.get("longest_edge"):
+        short, long = sorted((height, width))
+        scaled = int(size["shortest_edge"] * long / short)
+        return (size["shortest_edge"], scaled) if height <= width else (scaled, size["shortest_edge"])
+    raise NotImplementedError(f"relevance boxes: a resize to {dict(size)} is not mapped onto the vision tokens; give the "
+                              "image processor a size of height and width, or of shortest_edge alone")
+
+
+def crop_offset(length: int, crop: int) -> int:
+    """Where a centre crop of ``crop`` px starts along a side of ``length`` px; before the side where the crop is
+    larger, which zero-pads the side, centred with the extra pixel before it (the PIL backend's center_crop)."""
+    return (length - crop) // 2 if length >= crop else -((crop - length + 1) // 2)
 
 
 def missing_backbone_message(name_or_path: str, err: Exception) -> str:

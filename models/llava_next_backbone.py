@@ -23,12 +23,15 @@ pruned: they mark where each row of the grid ends, whatever is left of the row).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
+from transformers.image_processing_utils import select_best_resolution
 from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
 
+from models.box_tokens import Frame, patch_rects
 from models.llava_backbone import BackboneShape, ImageFeatures, LlavaBackbone, VisionAttention
 from models.sequences import compact
 
@@ -109,6 +112,26 @@ class LlavaNextBackbone(LlavaBackbone):
         source = torch.cat([torch.arange(per_crop), torch.cat([grid, ends], dim=1).flatten()])
         return ImageLayout(1 + rows * cols, source)
 
+    def patch_boxes(self, width: int, height: int) -> torch.Tensor:
+        """As LLaVA-1.5's, for the image's features in placeholder order (row ends left out), through
+        LlavaNextImageProcessor's get_image_patches: the base crop is the whole image squeezed to the processor's size;
+        the tiles cut the image resized into the best of the grid pinpoints (its aspect kept, centred on zero padding),
+        row-major; then every crop goes through the resize and centre crop."""
+        vision, size = self.config.vision_config, self.processor.image_processor.size
+        tile = vision.image_size
+        base_height, base_width = ((size["height"], size["width"]) if size.get("height")
+                                   else (size["shortest_edge"], size["shortest_edge"]))
+        frames = [self._resize_and_crop(Frame(base_width, base_height), base_height, base_width)]
+        best_height, best_width = select_best_resolution((height, width), self.config.image_grid_pinpoints)
+        fit_height, fit_width = fitted_size(height, width, best_height, best_width)
+        canvas = Frame(fit_width, fit_height).shifted((best_width - fit_width) // 2, (best_height - fit_height) // 2)
+        frames += [self._resize_and_crop(canvas.shifted(-c * tile, -r * tile), tile, tile)
+                   for r in range(best_height // tile) for c in range(best_width // tile)]
+        grid = tile // vision.patch_size
+        rects = torch.cat([patch_rects(frame, grid, grid, vision.patch_size) for frame in frames])  # (crops x P, 4)
+        source = self._layouts(height, width).source
+        return rects[source[source >= 0]]
+
     def layouts(self, image_sizes: torch.Tensor) -> list[ImageLayout]:
         return [self._layouts(int(h), int(w)) for h, w in image_sizes.tolist()]
 
@@ -182,3 +205,12 @@ class LlavaNextBackbone(LlavaBackbone):
 
     def encoder_flops(self, projected: int) -> int:
         raise NotImplementedError("LLaVA-NeXT's vision tower runs once per crop: its FLOPs depend on the image size")
+
+
+def fitted_size(height: int, width: int, target_height: int, target_width: int) -> tuple[int, int]:
+    """The (height, width) of a height x width image resized to fit target_height x target_width with its aspect kept
+    (copied from transformers' image_processing_utils.get_patch_output_size, which takes the image itself)."""
+    scale_w, scale_h = target_width / width, target_height / height
+    if scale_w < scale_h:
+        return min(math.ceil(height * scale_w), target_height), target_width
+    return target_height, min(math.ceil(width * scale_h), target_width)

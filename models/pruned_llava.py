@@ -280,7 +280,7 @@ class PrunedLlava(nn.Module):
 
     def __init__(self, backbone: LlavaBackbone, merger: TokenMerger | None = None,
                  pruners: nn.ModuleList | None = None, pruning_layers: list[int] = (),
-                 stage_budgets: list[int] = (), fold_pruned: bool = False):
+                 stage_budgets: list[int] = (), fold_pruned: bool = False, temperature: float = 1.0):
         super().__init__()
         pruners = pruners if pruners is not None else nn.ModuleList()
         if not (len(pruners) == len(pruning_layers) == len(stage_budgets)):
@@ -294,6 +294,9 @@ class PrunedLlava(nn.Module):
         self.pruners = pruners
         self.stage_of_layer = {layer: s for s, layer in enumerate(pruning_layers)}
         self.stage_budgets = list(stage_budgets)
+        # The merger's and pruners' temperature when a call gives none: a trained model's is the one its training
+        # ended at (the merger's soft assignment at 1.0 would not be the merging it learned).
+        self.temperature = temperature
         self.fold_pruned = fold_pruned  # the pruners' dropped tokens leave their attention weight (fold_weights)
         self.gradient_checkpointing = False  # recompute each decoder layer in backward (GPU memory)
 
@@ -350,7 +353,7 @@ class PrunedLlava(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor, attention_mask: torch.Tensor,
-                labels: torch.Tensor | None = None, mode: str = "soft", tau: float = 1.0,
+                labels: torch.Tensor | None = None, mode: str = "soft", tau: float | None = None,
                 generator: torch.Generator | None = None, cache=None, record_attention: bool = False,
                 image_inputs: dict | None = None) -> PrunedOutput:
         """Soft (``mode="soft"``) or hard (``"hard"``) pruned forward. Noise only in training mode.
@@ -361,8 +364,10 @@ class PrunedLlava(nn.Module):
         averaged over heads and decoder layers and normalised over the vision tokens: the teacher's
         importance of each token, the merger's and pruners' training target. ``image_inputs``: what the
         backbone's vision path reads besides the pixels (``backbone.image_inputs(batch)``; LLaVA-NeXT's image sizes).
+        ``tau``: the merger's and pruners' temperature (None: the model's :attr:`temperature`).
         """
         self._check_call(mode, record_attention)
+        tau = self.temperature if tau is None else tau
         bb = self.backbone
         seq, merge, image_tokens = self._initial_sequence(input_ids, pixel_values, attention_mask, labels, tau,
                                                           generator, image_inputs or {})
@@ -508,17 +513,18 @@ class PrunedLlava(nn.Module):
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, pixel_values: torch.Tensor, attention_mask: torch.Tensor,
                  max_new_tokens: int, eos_token_id: int, pad_token_id: int, mode: str = "hard",
-                 image_inputs: dict | None = None) -> tuple[torch.Tensor, PrunedOutput]:
+                 image_inputs: dict | None = None, tau: float | None = None) -> tuple[torch.Tensor, PrunedOutput]:
         """Greedy answers (B, <= max_new_tokens) after a pruned prefill; decoding reads each layer's KV cache."""
-        prefill, cache = self.prefill(input_ids, pixel_values, attention_mask, mode, image_inputs)
+        prefill, cache = self.prefill(input_ids, pixel_values, attention_mask, mode, image_inputs, tau)
         return self.decode(prefill, cache, max_new_tokens, eos_token_id, pad_token_id), prefill
 
     @torch.no_grad()
     def prefill(self, input_ids: torch.Tensor, pixel_values: torch.Tensor, attention_mask: torch.Tensor,
-                mode: str = "hard", image_inputs: dict | None = None) -> tuple[PrunedOutput, object]:
+                mode: str = "hard", image_inputs: dict | None = None,
+                tau: float | None = None) -> tuple[PrunedOutput, object]:
         """The pruned prompt pass that fills a new KV cache: (its output, the cache) for :meth:`decode`."""
         cache = self.backbone.new_cache()
-        return self.forward(input_ids, pixel_values, attention_mask, mode=mode, cache=cache,
+        return self.forward(input_ids, pixel_values, attention_mask, mode=mode, tau=tau, cache=cache,
                             image_inputs=image_inputs), cache
 
     @torch.no_grad()

@@ -29,9 +29,11 @@ from __future__ import annotations
 
 import torch
 from transformers import AutoImageProcessor, AutoTokenizer
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 from transformers.vision_utils import get_vision_attention_seqlens, get_vision_position_ids, get_vision_window_index
 
 from data.processors import image_only_processor
+from models.box_tokens import Frame, patch_rects
 from models.llava_backbone import BackboneShape, ImageFeatures, LlavaBackbone, VisionAttention
 
 DEFAULT_MAX_TOKENS = 16384  # Qwen2-VL's processor default (max_pixels 12845056 at 28 px per token)
@@ -90,6 +92,17 @@ class Qwen2VLBackbone(LlavaBackbone):
             size["longest_edge"] = tokens * (vision.patch_size * vision.spatial_merge_size) ** 2
             size["shortest_edge"] = min(size.get("shortest_edge", 0), size["longest_edge"])
             self.processor.image_processor.size = size
+
+    def patch_boxes(self, width: int, height: int) -> torch.Tensor:
+        """As LLaVA-1.5's, one rectangle per LLM token (a merge x merge group of patches), in raster order: the
+        processor resizes the whole image (its aspect nearly kept) to whole groups within its pixel bounds
+        (smart_resize)."""
+        processor = self.processor.image_processor
+        unit = processor.patch_size * processor.merge_size  # px per LLM token, each way
+        if processor.do_resize:
+            height, width = smart_resize(height, width, factor=unit, min_pixels=processor.size["shortest_edge"],
+                                         max_pixels=processor.size["longest_edge"])
+        return patch_rects(Frame(width, height), height // unit, width // unit, unit)
 
     # ----- shapes -----
     @property

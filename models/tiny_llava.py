@@ -5,14 +5,18 @@ Same classes as llava-1.5 (CLIP vision tower, 2-layer GELU projector, Llama deco
 feature choice (second-to-last vision layer, CLS dropped). The tiny shapes train on 2 CPU
 cores: 96 px images in 8 px patches give 144 vision tokens; the 8-layer decoder leaves room
 for three pruning stages at distinct depths (for example before layers 2, 4 and 6).
-The processor that goes with a model comes from data/word_tokenizer.word_level_processor.
+The processor that goes with a model comes from data/processors.py; ``toy_llava_next`` and ``toy_qwen2_vl`` return
+both, for trying the other backbone families on a CPU (scripts/make_toy_backbones.py saves them).
 """
 
 from __future__ import annotations
 
+import torch
 from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaNextConfig,
                           LlavaNextForConditionalGeneration, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration,
                           Qwen2VLConfig, Qwen2VLForConditionalGeneration)
+
+from data.processors import word_level_next_processor, word_level_qwen_processor
 
 # name -> (vision tower, language model) keyword arguments of CLIPVisionConfig and LlamaConfig
 SHAPES = {
@@ -92,3 +96,21 @@ def build_qwen2_vl(tokenizer, version: str = "2", text_layers: int = 2, patch_si
                   temporal_patch_size=2, spatial_merge_size=2, window_size=4 * patch_size, fullatt_block_indexes=[1],
                   tokens_per_second=2)
     return Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids))
+
+
+NEXT_PINPOINTS = [[48, 96], [96, 48], [96, 96]]  # a toy LLaVA-NeXT grid: 48 px crops, up to 2 x 2 tiles
+
+
+def toy_llava_next(text_layers: int = 2, seed: int = 0):
+    """A random-init LLaVA-NeXT at toy widths (48 px crops, 8 px patches) and its processor."""
+    torch.manual_seed(seed)
+    processor = word_level_next_processor(48, 8, NEXT_PINPOINTS)
+    model = build_llava_next(processor.tokenizer, NEXT_PINPOINTS, image_size=48, patch_size=8, text_layers=text_layers)
+    return model.eval(), processor
+
+
+def toy_qwen2_vl(version: str = "2", text_layers: int = 2, seed: int = 0):
+    """A random-init Qwen2-VL or Qwen2.5-VL at toy widths (8 px patches, 4 to 64 tokens per image) and its processor."""
+    torch.manual_seed(seed)
+    processor = word_level_qwen_processor(8, max_tokens=64, min_tokens=4)
+    return build_qwen2_vl(processor.tokenizer, version, text_layers).eval(), processor

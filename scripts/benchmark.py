@@ -1,4 +1,5 @@
-"""Learned pruning against FastV, PyramidDrop, VisionZip, ToMe, random and pooling at equal token budgets.
+"""Learned pruning against FastV, PyramidDrop, VisionZip, ToMe, CDPruner, DivPrune, VisPruner, DART, random and
+pooling at equal token budgets.
 
     python scripts/benchmark.py --train-missing           # tiny default: train what is missing, then benchmark
     python scripts/benchmark.py                           # the same, once the learned checkpoints exist
@@ -40,9 +41,9 @@ from configs.schema import ConfigError  # noqa: E402
 from data.build import build_datasets  # noqa: E402
 from models.backbones import load_backbone  # noqa: E402
 from models.llava_backbone import BackboneNotFoundError  # noqa: E402
-from trainers.inference.benchmark import (METHODS, BenchmarkError, benchmark_batches, build_setups,  # noqa: E402
-                                          check_request, fingerprint, header, learned_runs, load_trained,
-                                          measure_rows, notes, train, train_searched)
+from trainers.inference.benchmark import (BUDGETS, METHODS, BenchmarkError, benchmark_batches,  # noqa: E402
+                                          build_setups, check_request, fingerprint, header, learned_runs,
+                                          load_trained, measure_rows, notes, train, train_searched)
 from trainers.inference.benchmark_report import write_report  # noqa: E402
 from trainers.inference.build import resolve_device  # noqa: E402
 from trainers.inference.flops_match import STAGE_KEEP  # noqa: E402
@@ -54,8 +55,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--config", default="configs/tiny.yaml", help="the run's config: backbone, eval data, pruning layers")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="dotted.key=value",
                         help="override a config key (also passed to main.py when training the learned method)")
-    parser.add_argument("--budgets", type=float, nargs="+", default=[0.5, 0.25, 0.11],
-                        help="fractions of the vision tokens left after the last stage")
+    parser.add_argument("--budgets", type=float, nargs="+", default=list(BUDGETS),
+                        help="fractions of the vision tokens left after the last stage (default: "
+                             f"{' '.join(f'{b:g}' for b in BUDGETS)})")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--match-flops", nargs="+", default=["tome", "fastv"], choices=[m for m in METHODS if m != "learned"],
                         metavar="METHOD", help="train one learned run per budget and METHOD, spending at most METHOD's "
@@ -63,7 +65,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--stage-keep", type=float, default=STAGE_KEEP, metavar="R",
                         help="share of the tokens entering it that each pruning stage of a learned row keeps "
                              f"(less only where needed to end at the budget; default {STAGE_KEEP})")
-    parser.add_argument("--fastv-layer", type=int, default=2, help="FastV's K: prune before decoder layer K")
+    parser.add_argument("--fastv-layer", type=int, default=2, help="FastV's and DART's K: prune before decoder layer K")
     parser.add_argument("--learned-root", type=Path, default=Path("outputs/benchmark"),
                         help="holds learned_<pct>_<method>/, one main.py run per budget and --match-flops method "
                              "(and learned_<pct>_<method>_<label>/ per --variant)")

@@ -20,14 +20,13 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
 
 from data.collator import VQACollator
 from data.scoring import accuracy_by_type
-from data.synthetic_vqa import GRID, SyntheticVQADataset, question_objects
+from data.synthetic_vqa import SyntheticVQADataset
 from models.backbones import load_backbone
 from models.baselines.base import PreProjectorSelector, gather_tokens
 from models.pruned_llava import PrunedLlava
@@ -39,19 +38,19 @@ from trainers.training.losses import irrelevant_tokens
 FORCED = 1e4  # a keep logit that decides: log keep ~ 0 or ~ -1e4
 
 
-def asked_mask(samples, num_tokens: int) -> torch.Tensor:
-    """(B, N) bool, True at the vision tokens of the objects the question is about, on the backbone's patch grid as
-    :func:`distractor_mask` (a finer grid than the scenes' marks every token of an object's patch)."""
-    grids = np.zeros((len(samples), GRID, GRID), dtype=bool)
-    for b, sample in enumerate(samples):
-        for obj in question_objects(sample):
-            grids[(b, *obj.patch)] = True
-    return irrelevant_tokens(torch.as_tensor(grids), num_tokens)
+def asked_mask(samples, backbone) -> torch.Tensor:
+    """(B, N) bool, True at the vision tokens of the objects the question is about: those their boxes cover on the
+    backbone's tokens, as :func:`distractor_mask` maps the others (a finer grid than the scenes' marks every token of
+    an object's patch)."""
+    return torch.stack([backbone.box_tokens(s.relevance.relevant, s.image.size) for s in samples])
 
 
-def distractor_mask(samples, num_tokens: int) -> torch.Tensor:
-    """(B, N) bool, True at the vision tokens of objects the question is not about (the samples' relevance labels)."""
-    return irrelevant_tokens(torch.as_tensor(np.stack([s.irrelevant for s in samples])), num_tokens)
+def distractor_mask(samples, backbone) -> torch.Tensor:
+    """(B, N) bool, True at the vision tokens of objects the question is not about (the samples' relevance labels,
+    through the training's own map from boxes to tokens)."""
+    every = torch.ones(len(samples), backbone.num_vision_tokens, dtype=torch.bool)
+    return irrelevant_tokens(backbone.box_tokens, [s.relevance for s in samples], [s.image.size for s in samples],
+                             every)[0]
 
 
 class WithoutDistractors(PreProjectorSelector):
@@ -120,12 +119,12 @@ def main(argv=None) -> None:
     for start in tqdm(range(0, args.size, args.batch_size), desc="distractor oracle"):
         samples = [data[i] for i in range(start, min(args.size, start + args.batch_size))]
         batch = collate(samples)
-        before.drop = distractor_mask(samples, N)
+        before.drop = distractor_mask(samples, backbone)
         for gate in gates.values():
             gate.drop = before.drop
         for name, (model, mode) in setups.items():
             answers[name] += generate_pruned(model, batch, mode, 1.0, 4)[0]
-        asked = asked_mask(samples, N)
+        asked = asked_mask(samples, backbone)
         for path, model in trained.items():
             with torch.no_grad():
                 out = model(batch["input_ids"], batch["pixel_values"], batch["attention_mask"], mode="hard")

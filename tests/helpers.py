@@ -11,8 +11,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from data.processors import word_level_next_processor, word_level_processor, word_level_qwen_processor
-from models.tiny_llava import build_llava, build_llava_next, build_qwen2_vl
+from data.processors import word_level_processor
+from models.tiny_llava import build_llava
 
 SHIPPED_BACKBONE = "backbones/tiny-llava"
 
@@ -40,24 +40,6 @@ def llava_like(image_size: int, patch_size: int, text_layers: int = 2, seed: int
     processor = word_level_processor(image_size, patch_size)
     model = build_llava(processor.tokenizer, "toy", image_size=image_size, patch_size=patch_size, text_layers=text_layers)
     return model.eval(), processor
-
-
-NEXT_PINPOINTS = [[48, 96], [96, 48], [96, 96]]  # a toy LLaVA-NeXT grid: 48 px crops, up to 2 x 2 tiles
-
-
-def llava_next_like(text_layers: int = 2, seed: int = 0):
-    """A random-init LLaVA-NeXT at toy widths (48 px crops, 8 px patches) and its processor."""
-    torch.manual_seed(seed)
-    processor = word_level_next_processor(48, 8, NEXT_PINPOINTS)
-    model = build_llava_next(processor.tokenizer, NEXT_PINPOINTS, image_size=48, patch_size=8, text_layers=text_layers)
-    return model.eval(), processor
-
-
-def qwen2_vl_like(version: str = "2", text_layers: int = 2, seed: int = 0):
-    """A random-init Qwen2-VL or Qwen2.5-VL at toy widths (8 px patches, 4 to 64 tokens per image) and its processor."""
-    torch.manual_seed(seed)
-    processor = word_level_qwen_processor(8, max_tokens=64, min_tokens=4)
-    return build_qwen2_vl(processor.tokenizer, version, text_layers).eval(), processor
 
 
 def sharpen_attention(layers, std: float = 0.5) -> None:
@@ -132,10 +114,12 @@ class LlavaLikeFile:
     turns: int  # the (question, answer) turns of those samples, all together
     text_only: int  # records without 'image' (dataset.text_only)
     bad: tuple[str, ...]  # ids of the bad records (an image file that does not exist): one reason each in skipped
+    labelled: int = 0  # image records that carry relevant_boxes (dataset.labelled)
 
 
 def write_llava_665k_like(folder, image_records: int = 12, text_only: int = 3, seed: int = 0, split: str = "train",
-                          name: str = "llava_665k_like.json") -> LlavaLikeFile:
+                          name: str = "llava_665k_like.json", boxed_every: int | None = None,
+                          sizes: list[tuple[int, int]] | None = None) -> LlavaLikeFile:
     """A file shaped like LLaVA-1.5's llava_v1_5_mix665k.json, in the tiny backbone's vocabulary, and its images.
 
     Image records over synthetic scenes (data/synthetic_vqa.py), images as JPEGs under ``folder/coco/train2017/``:
@@ -143,7 +127,9 @@ def write_llava_665k_like(folder, image_records: int = 12, text_only: int = 3, s
     one with ``<image>`` after its question, one grounding-style question naming an object's box as
     ``[x0, y0, x1, y1]`` (its digits and brackets are unknown words to the tiny tokenizer); ``text_only`` records
     without an image (ShareGPT-like); one record whose image file is missing. Records in a fixed shuffled order;
-    ``split`` and ``seed`` name the images, so a train and an eval file can share ``folder``."""
+    ``split`` and ``seed`` name the images, so a train and an eval file can share ``folder``. ``boxed_every``: every
+    so many image records carry relevant_boxes (the boxes of the objects their first question is about; none where
+    it is about none); ``sizes``: the images resized to these (width, height) in turn."""
     from data.synthetic_vqa import GRID, make_sample, scene_questions
 
     folder = Path(folder)
@@ -153,7 +139,8 @@ def write_llava_665k_like(folder, image_records: int = 12, text_only: int = 3, s
     for index in range(image_records):
         sample = make_sample(seed, split, index)
         image = f"coco/train2017/{split}_{seed}_{index:012d}.jpg"
-        sample.image.save(folder / image, quality=95)
+        picture = sample.image if sizes is None else sample.image.resize(sizes[index % len(sizes)])
+        picture.save(folder / image, quality=95)
         others = [(q, a) for _, q, a in scene_questions(sample.objects, rng) if q != sample.question]
         turns = [(sample.question, sample.answer), *others[: index % 4]]
         if index == 1:  # grounding: a region given as a normalized box, as in LLaVA's RefCOCO / VG records
@@ -165,6 +152,8 @@ def write_llava_665k_like(folder, image_records: int = 12, text_only: int = 3, s
         values[0] = f"{values[0]}\n<image>" if index == 2 else f"<image>\n{values[0]}"
         records.append({"id": sample.id, "image": image, "conversations": [
             {"from": ("human", "gpt")[i % 2], "value": value} for i, value in enumerate(values)]})
+        if boxed_every and index % boxed_every == 0 and index != 1 and sample.relevance.relevant:
+            records[-1]["relevant_boxes"] = [list(box) for box in sample.relevance.relevant]
         turn_counts.append(len(turns))
     for i in range(text_only):
         records.append({"id": f"sharegpt-{split}-{i}", "conversations": [
@@ -177,4 +166,4 @@ def write_llava_665k_like(folder, image_records: int = 12, text_only: int = 3, s
     json_path = folder / name
     json_path.write_text(json.dumps([records[i] for i in order], indent=1))
     return LlavaLikeFile(json_path, folder, len(records), image_records, sum(n > 1 for n in turn_counts),
-                         sum(turn_counts), text_only, (bad,))
+                         sum(turn_counts), text_only, (bad,), sum("relevant_boxes" in r for r in records))

@@ -18,11 +18,11 @@ KILL_AT = int(os.environ.get("KILL_AT_MICRO_BATCH", "0"))
 _losses, _calls = Trainer.losses, [0]
 
 
-def counted_losses(self, batch, tau):
+def counted_losses(self, *args, **kwargs):
     _calls[0] += 1
     if _calls[0] == KILL_AT:
         os.kill(os.getpid(), signal.SIGKILL)
-    return _losses(self, batch, tau)
+    return _losses(self, *args, **kwargs)
 
 
 Trainer.losses = counted_losses

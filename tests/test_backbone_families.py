@@ -17,23 +17,22 @@ from models.llava_next_backbone import LlavaNextBackbone
 from models.pruned_llava import PrunedLlava
 from models.qwen2_vl_backbone import Qwen2_5_VLBackbone, Qwen2VLBackbone
 from models.sequences import IGNORE_INDEX
+from models.tiny_llava import toy_llava_next, toy_qwen2_vl
 from models.token_merger import TokenMerger
-from tests.helpers import ChosenShare, llava_next_like, main_args, qwen2_vl_like, resized_batch
+from tests.helpers import ChosenShare, main_args, resized_batch, write_llava_665k_like
 
 SIZES = [(40, 90), (96, 72), (96, 96)]  # (height, width)
 
-# family -> (adapter, toy builder(text_layers, seed), main.py overrides for its toy model; no relevance labels: its
-# tokens are no square patch grid)
+# family -> (adapter, toy builder(text_layers, seed), main.py overrides for its toy model)
 FAMILIES = {
-    "llava_next": (LlavaNextBackbone, lambda layers, seed: llava_next_like(layers, seed),
-                   {"method_settings.target_merge_tokens": 90, "method_settings.merge_ratio": 0.5,
-                    "method_settings.relevance_weight": 0}),
-    "qwen2_vl": (Qwen2VLBackbone, lambda layers, seed: qwen2_vl_like("2", layers, seed),
+    "llava_next": (LlavaNextBackbone, lambda layers, seed: toy_llava_next(layers, seed),
+                   {"method_settings.target_merge_tokens": 90, "method_settings.merge_ratio": 0.5}),
+    "qwen2_vl": (Qwen2VLBackbone, lambda layers, seed: toy_qwen2_vl("2", layers, seed),
                  {"method_settings.target_merge_tokens": "null", "method_settings.merge_ratio": 0.5,
-                  "data_settings.max_vision_tokens": 36, "method_settings.relevance_weight": 0}),
-    "qwen2_5_vl": (Qwen2_5_VLBackbone, lambda layers, seed: qwen2_vl_like("2.5", layers, seed),
+                  "data_settings.max_vision_tokens": 36}),
+    "qwen2_5_vl": (Qwen2_5_VLBackbone, lambda layers, seed: toy_qwen2_vl("2.5", layers, seed),
                    {"method_settings.target_merge_tokens": "null", "method_settings.merge_ratio": 0.5,
-                    "data_settings.max_vision_tokens": 36, "method_settings.relevance_weight": 0}),
+                    "data_settings.max_vision_tokens": 36}),
 }
 
 
@@ -202,3 +201,30 @@ def test_main_trains_and_evaluates_on_a_saved_folder(tmp_path, name):
     images = [data[i].image.resize(size) for i, size in enumerate([(90, 40), (72, 96)])]
     answers = pruned.answer(images, ["what color is the square in row 2 ?", "how many red objects ?"], max_new_tokens=2)
     assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_relevance_boxes_train_on_llava_json_data(tmp_path, name):
+    """python main.py with relevance_weight on a LLaVA instruction file of images of odd sizes, a third of its records
+    with relevance boxes: the boxes map onto the family's vision tokens and the relevance losses train."""
+    import main as entry
+
+    _, build, overrides = FAMILIES[name]
+    model, processor = build(4, 2)
+    model.save_pretrained(tmp_path / name)
+    processor.save_pretrained(tmp_path / name)
+    odd = [(91, 57), (45, 77), (96, 96)]  # (width, height)
+    train = write_llava_665k_like(tmp_path / "data", image_records=9, text_only=1, boxed_every=3, sizes=odd)
+    evaluation = write_llava_665k_like(tmp_path / "data", image_records=3, text_only=0, split="eval",
+                                       name="eval.json", sizes=odd)
+    assert train.labelled >= 2
+    data = {"data_settings.source": "llava_json", "data_settings.train_json": str(train.json_path),
+            "data_settings.eval_json": str(evaluation.json_path), "data_settings.image_folder": str(train.image_folder),
+            "data_settings.on_bad_sample": "skip", "trainer_settings.max_steps": 2, "trainer_settings.log_every": 1,
+            "trainer_settings.eval_every": 2, "trainer_settings.save_every": 2}
+    args, out = main_args(tmp_path, tmp_path / name, **overrides, **data, **{"method_settings.relevance_weight": 1})
+    assert entry.main(args) == 0
+    log = (out / "logs" / "training.log").read_text()
+    assert f"{train.labelled} with relevance boxes" in log and "pruner_relevance_loss" in log
+    assert "[Eval Step 2]" in log

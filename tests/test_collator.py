@@ -2,7 +2,7 @@ import torch
 
 from data.collator import VQACollator, build_prompt
 from data.instruction_json import InstructionSample
-from data.synthetic_vqa import SyntheticVQADataset, question_objects
+from data.synthetic_vqa import SyntheticVQADataset, object_box, question_objects
 from models.sequences import IGNORE_INDEX
 
 
@@ -38,17 +38,17 @@ def test_prompt_only_batches_for_generation(processor):
     assert torch.is_tensor(batch["input_ids"])
 
 
-def test_relevance_labels_travel_with_samples_that_have_them(processor):
+def test_relevance_boxes_travel_with_the_samples_that_have_them(processor):
     data = SyntheticVQADataset(4, "train", seed=2)
     samples = [data[i] for i in range(4)]
     batch = VQACollator(processor)(samples)
-    assert batch["irrelevant"].dtype == torch.bool and batch["irrelevant"].shape == (4, 12, 12)
-    for grid, sample in zip(batch["irrelevant"], samples):
+    assert batch["image_sizes_wh"] == [(96, 96)] * 4
+    for relevance, sample in zip(batch["relevance"], samples):
         asked = set(question_objects(sample))
-        expected = {o.patch for o in sample.objects if o not in asked}
-        assert {tuple(p) for p in grid.nonzero().tolist()} == expected
-    assert batch["irrelevant"].any()  # some question here leaves an object out
-    # samples without labels (instruction data) give none; a batch mixing both gives none either
+        assert relevance.relevant == tuple(object_box(o) for o in sample.objects if o in asked)
+        assert relevance.distractors == tuple(object_box(o) for o in sample.objects if o not in asked)
+    assert any(r.distractors for r in batch["relevance"])  # some question here leaves an object out
+    # samples without boxes (instruction data without them) give None, also beside samples with boxes
     unlabelled = [InstructionSample(s.id, s.image, s.question, s.answer) for s in samples[:2]]
-    assert "irrelevant" not in VQACollator(processor)(unlabelled)
-    assert "irrelevant" not in VQACollator(processor)([samples[0], unlabelled[0]])
+    assert VQACollator(processor)(unlabelled)["relevance"] == [None, None]
+    assert VQACollator(processor)([samples[0], unlabelled[0]])["relevance"] == [samples[0].relevance, None]

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from configs.schema import (ConfigError, apply_overrides, apply_search_params, check_against_backbone, check_devices,
+from configs.schema import (ConfigError, tracker_problems, apply_overrides, apply_search_params, check_against_backbone, check_devices,
                             load_config)
 
 
@@ -349,7 +349,8 @@ def test_more_pruning_layers_than_keep_ratios_spreads_the_schedule():
     assert check_against_backbone(config, num_layers=32, num_vision_tokens=576, image_size=336) == []
 
 
-def test_relevance_labels_need_data_that_has_them(tmp_path):
+def test_relevance_labels_are_allowed_on_llava_json_data(tmp_path):
+    # whether its records carry boxes is known once the file is read (trainers/training/preflight.load_data)
     problems = problems_of(write(tmp_path, """\
         method_settings:
           relevance_weight: 1.0
@@ -358,9 +359,9 @@ def test_relevance_labels_need_data_that_has_them(tmp_path):
           train_json: t.json
           eval_json: e.json
           image_folder: images
+          synthetic_labelled_fraction: 1.5
         """))
-    assert problems == ["method_settings.relevance_weight is 1 but data_settings.source 'llava_json' has no relevance "
-                        "labels (only the synthetic scenes mark the objects a question is not about); set it to 0"]
+    assert problems == ["data_settings.synthetic_labelled_fraction: 1.5 is out of range, must be <= 1"]
     assert load_config("configs/tiny.yaml", ["method_settings.relevance_weight=2"]).method_settings.relevance_weight == 2
 
 
@@ -382,3 +383,13 @@ def test_schedules_and_accumulation_are_checked():
         "trainer_settings.dl_settings.batch_size=16", "trainer_settings.dl_settings.gradient_accumulation_steps=4"]))
     assert batch_split_problem(config, 4) is None
     assert "a multiple of 12 (e.g. 12 or 24)" in batch_split_problem(config, 3)
+
+
+def test_report_to_names_trackers_that_are_known_and_installed():
+    installed = {"tensorboard", "mlflow"}.__contains__
+    assert tracker_problems(["tensorboard", "mlflow"], installed) == []
+    assert tracker_problems(["tensorbord"], installed) == [
+        "trainer_settings.report_to: unknown tracker(s) ['tensorbord']; choose among ['tensorboard', 'wandb', "
+        "'mlflow', 'comet_ml', 'aim', 'clearml', 'dvclive', 'swanlab', 'trackio']"]
+    assert tracker_problems(["comet_ml"], installed) == [
+        "trainer_settings.report_to: 'comet_ml' is not installed (pip install comet-ml), or leave it out"]

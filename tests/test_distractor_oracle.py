@@ -5,32 +5,34 @@ import torch
 
 from data.collator import VQACollator
 from data.synthetic_vqa import SyntheticVQADataset, patch_index, question_objects
+from models.llava_backbone import LlavaBackbone
 from models.pruned_llava import PrunedLlava
 from scripts import distractor_oracle
-from tests.helpers import SHIPPED_BACKBONE
+from tests.helpers import SHIPPED_BACKBONE, llava_like
 from trainers.inference.pruned_model import load_pruned
 
 
-def test_distractor_mask_marks_exactly_the_objects_the_question_is_not_about():
+def test_distractor_mask_marks_exactly_the_objects_the_question_is_not_about(shipped_backbone):
     data = SyntheticVQADataset(20, "eval", seed=3)
     samples = [data[i] for i in range(20)]
-    mask = distractor_oracle.distractor_mask(samples, 144)
+    mask = distractor_oracle.distractor_mask(samples, shipped_backbone)
     for b, sample in enumerate(samples):
         expected = {patch_index(o) for o in sample.objects if o not in question_objects(sample)}
         assert set(torch.nonzero(mask[b]).flatten().tolist()) == expected
     assert mask.any()
 
 
-def test_the_asked_objects_map_onto_the_backbones_patch_grid_as_the_distractors_do():
+def test_the_asked_objects_map_onto_the_backbones_patch_grid_as_the_distractors_do(shipped_backbone):
     data = SyntheticVQADataset(20, "eval", seed=3)
     samples = [data[i] for i in range(20)]
-    asked = distractor_oracle.asked_mask(samples, 144)
+    asked = distractor_oracle.asked_mask(samples, shipped_backbone)
     for b, sample in enumerate(samples):
         assert set(torch.nonzero(asked[b]).flatten().tolist()) == {patch_index(o) for o in question_objects(sample)}
     # on a grid twice as fine (24 x 24 tokens) each object covers its 2 x 2 block, there as in distractor_mask
-    fine, coarse = distractor_oracle.asked_mask(samples, 576), asked.view(-1, 12, 12)
+    finer = LlavaBackbone(*llava_like(96, 4, text_layers=1))
+    fine, coarse = distractor_oracle.asked_mask(samples, finer), asked.view(-1, 12, 12)
     assert torch.equal(fine.view(-1, 24, 24), coarse.repeat_interleave(2, 1).repeat_interleave(2, 2))
-    assert not (fine & distractor_oracle.distractor_mask(samples, 576)).any()
+    assert not (fine & distractor_oracle.distractor_mask(samples, finer)).any()
 
 
 def test_removed_before_the_language_model_are_the_distractors_only(shipped_backbone):
@@ -38,7 +40,7 @@ def test_removed_before_the_language_model_are_the_distractors_only(shipped_back
     samples = [data[i] for i in range(6)]
     batch = VQACollator(shipped_backbone.processor, with_answers=False)(samples)
     selector = distractor_oracle.WithoutDistractors(1)
-    selector.drop = distractor_oracle.distractor_mask(samples, 144)
+    selector.drop = distractor_oracle.distractor_mask(samples, shipped_backbone)
     with torch.no_grad():
         out = PrunedLlava(shipped_backbone, merger=selector)(batch["input_ids"], batch["pixel_values"],
                                                              batch["attention_mask"], mode="hard")

@@ -1,5 +1,6 @@
 import copy
 import json
+import logging
 
 import pytest
 
@@ -9,6 +10,7 @@ from data.processors import word_level_processor
 from data.synthetic_vqa import make_sample
 from models.sequences import IGNORE_INDEX
 from tests.helpers import write_llava_665k_like
+from trainers.run_log import RunLog
 
 
 def record(sample_id, image, question="what color is the object in the top row ?", answer="red"):
@@ -259,7 +261,7 @@ def test_image_broken_after_loading_names_file_and_id(folder):
         data[0]
 
 
-def test_truncated_jpeg_body_is_skipped_under_skip(folder):
+def test_truncated_jpeg_body_is_skipped_under_skip(folder, caplog):
     """The header reads fine at load; the body fails only when decoded in full."""
     image = make_sample(0, "train", 3).image
     image.save(folder / "whole.jpg", quality=95)
@@ -271,4 +273,15 @@ def test_truncated_jpeg_body_is_skipped_under_skip(folder):
         strict[0]
     lenient = LlavaInstructionDataset(path, folder, on_bad_sample="skip")
     assert len(lenient) == 2, "the header check passes"
-    assert lenient[0].id == "fine" and lenient.unreadable == ["cut"]
+    with caplog.at_level(logging.WARNING, logger="data"):
+        assert lenient[0].id == "fine" and lenient.unreadable == ["cut"]
+    (line,) = caplog.messages  # said once, naming the file and the sample, and counted
+    assert "cut.jpg of sample 'cut' cannot be read in full" in line and "the next sample takes its place" in line
+
+
+def test_the_run_log_shows_the_data_sets_warnings(tmp_path):
+    log = RunLog(tmp_path / "training.log", echo=False)
+    logging.getLogger("data.instruction_json").warning("image x.jpg of sample 'a' cannot be read in full")
+    log.close()
+    logging.getLogger("data.instruction_json").warning("after the run: not in its log")
+    assert (tmp_path / "training.log").read_text() == "[WARNING] image x.jpg of sample 'a' cannot be read in full\n"

@@ -2,7 +2,7 @@
 one square grid, the resolution bounds and the shipped config. What every family shares (stock forward, soft ==
 hard, generation, baselines, main.py) is in tests/test_backbone_families.py.
 
-The toy model is random-init (tests/helpers.llava_next_like: 48 px crops of 8 px patches, tiles up to 2 x 2).
+The toy model is random-init (models/tiny_llava.toy_llava_next: 48 px crops of 8 px patches, tiles up to 2 x 2).
 """
 
 import pytest
@@ -12,14 +12,15 @@ from models.backbones import load_backbone, read_backbone_shape
 from models.baselines import build_baseline
 from models.llava_next_backbone import LlavaNextBackbone
 from models.pruned_llava import PrunedLlava
-from tests.helpers import llava_next_like, resized_batch
+from models.tiny_llava import toy_llava_next
+from tests.helpers import resized_batch
 
 SIZES = [(40, 90), (96, 72), (96, 96)]  # (height, width): 1 + 2, 1 + 4 and 1 + 4 crops, different unpadding
 
 
 @pytest.fixture(scope="module")
 def next_backbone():
-    model, processor = llava_next_like(text_layers=3, seed=1)
+    model, processor = toy_llava_next(text_layers=3, seed=1)
     return LlavaNextBackbone(model, processor)
 
 
@@ -49,7 +50,7 @@ def test_pooling_is_refused_before_it_runs(next_backbone):
 def test_max_vision_tokens_and_image_max_size_bound_the_resolutions(tmp_path):
     """For LLaVA-NeXT the bounds are real: they keep the grid resolutions whose images stay within them, in the
     shape the checks read, in the loaded model and in its processor; none left is a one-line error."""
-    model, processor = llava_next_like(text_layers=2, seed=0)
+    model, processor = toy_llava_next(text_layers=2, seed=0)
     model.save_pretrained(tmp_path)
     processor.save_pretrained(tmp_path)
     assert read_backbone_shape(str(tmp_path)).num_vision_tokens == 36 + 4 * 36

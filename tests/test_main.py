@@ -63,6 +63,8 @@ def test_main_trains_logs_and_writes_the_seed_outputs(tmp_path, tiny_folder, cap
     lr = resolved["trainer_settings"]["dl_settings"]["optimizers"]
     for group in ("token_merger", "layer_pruners", "discriminator"):  # constant schedules: the configured rate
         assert [e.value for e in events.Scalars(f"lr/{group}")] == pytest.approx([lr[group]["lr"]] * 2)
+    assert {"final/accuracy_hard", "final/flops_reduction"} <= tags  # beside the run's hyper-parameters:
+    assert events.PluginTagToContent("hparams")  # TensorBoard's HPARAMS tab
     assert set(events.Tags()["images"]) == {f"kept_tokens/{i}" for i in range(4)}  # 4 of the 6 eval samples
     picture = events.Images("kept_tokens/0")[-1]
     # the image, what each patch merged into, the merger's output and 3 stages, 2 px apart

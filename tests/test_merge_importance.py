@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from data.collator import VQACollator
+from data.relevance import Relevance
 from data.synthetic_vqa import SyntheticVQADataset
 from models.llava_backbone import LlavaBackbone
 from models.pruned_llava import PrunedLlava
@@ -88,16 +89,27 @@ def test_soft_forward_records_each_stages_logits_at_the_merged_tokens_positions(
         assert torch.equal(positions, image_positions.gather(1, out.merge.positions))
 
 
-def test_relevance_labels_map_onto_the_backbones_patch_grid():
-    grids = torch.zeros(2, 12, 12, dtype=torch.bool)
-    grids[0, 3, 5] = grids[1, 11, 0] = True
-    same = irrelevant_tokens(grids, 144)
-    assert same.shape == (2, 144) and same.nonzero().tolist() == [[0, 3 * 12 + 5], [1, 11 * 12]]
-    finer = irrelevant_tokens(grids, 576).view(2, 24, 24)  # a 24 x 24 grid: each labelled patch covers 2 x 2 tokens
-    assert finer[0].nonzero().tolist() == [[6, 10], [6, 11], [7, 10], [7, 11]]
-    assert finer[1].nonzero().tolist() == [[22, 0], [22, 1], [23, 0], [23, 1]]
-    with pytest.raises(ValueError, match="square patch grid; the backbone has 150 vision tokens"):
-        irrelevant_tokens(grids, 150)
+def test_relevance_boxes_label_the_tokens_no_relevant_box_covers_or_the_distractors():
+    """irrelevant_tokens over a backbone's map from boxes to tokens (here: a 1 x 4 strip, a box covers the tokens its
+    x range overlaps): without distractors every uncovered token is irrelevant; with them, only the distractors'."""
+    def box_tokens(boxes, size):
+        strip = torch.arange(4)
+        return torch.tensor([any(b[0] < (t + 1) / 4 and b[2] > t / 4 for b in boxes) for t in strip.tolist()]
+                            + [False] * (size[0] - 4), dtype=torch.bool)
+
+    relevance = [Relevance(((0.0, 0, 0.25, 1),)),  # the first token; all the others irrelevant
+                 Relevance(((0.0, 0, 0.25, 1),), ((0.5, 0, 1.0, 1),)),  # distractors: the last two
+                 None,  # no boxes: no label
+                 Relevance((), ((0.25, 0, 0.5, 1),)),  # nothing relevant, one distractor (a count of zero)
+                 Relevance(((0.0, 0, 1.0, 0.5),)),  # everything relevant: labelled, nothing to push down
+                 Relevance(((2.0, 0, 3.0, 1),))]  # a box no token sees (cut away by a crop): no label
+    valid = torch.ones(6, 5, dtype=torch.bool)
+    valid[:, 4] = False  # images of 4 tokens in a batch of 5
+    irrelevant, labelled = irrelevant_tokens(box_tokens, relevance, [(4, 4)] * 6, valid)
+    assert irrelevant.int().tolist() == [[0, 1, 1, 1, 0], [0, 0, 1, 1, 0], [0] * 5, [0, 1, 0, 0, 0], [0] * 5, [0] * 5]
+    assert labelled.tolist() == [True, True, False, True, True, False]
+    with pytest.raises(ValueError, match="map onto 5 vision tokens, but its image .* has 4"):
+        irrelevant_tokens(box_tokens, relevance[:1], [(5, 5)], valid[:1])
 
 
 def test_a_stage_whose_every_target_is_zero_adds_no_loss_and_no_nan():
@@ -143,3 +155,25 @@ def test_the_relevance_loss_is_a_per_sample_mean():
     assert relevance_loss(z, irrelevant).item() == pytest.approx(torch.stack(per_sample).mean().item(), rel=1e-6)
     halves = (relevance_loss(z[:2], irrelevant[:2]) + relevance_loss(z[2:], irrelevant[2:])) / 2
     assert relevance_loss(z, irrelevant).item() == pytest.approx(halves.item(), rel=1e-6)
+
+
+def test_samples_without_labels_add_nothing_and_shards_still_average_to_the_whole_batch():
+    """A mixed batch: the loss is the mean over the labelled samples only; cut into micro-batches holding different
+    numbers of them, their losses (divided by the global count per micro-batch) average to the same value, as
+    accumulation and data parallelism average them."""
+    torch.manual_seed(0)
+    z = torch.randn(8, 5, requires_grad=True)
+    irrelevant = torch.rand(8, 5) < 0.4
+    labelled = torch.tensor([True, False, False, False, True, True, False, True])
+    whole = relevance_loss(z, irrelevant, labelled=labelled)
+    per_sample = [relevance_loss(z[b:b + 1], irrelevant[b:b + 1]) for b in range(8)]
+    assert whole.item() == pytest.approx(torch.stack(per_sample)[labelled].mean().item(), rel=1e-6)
+    shards = [slice(0, 4), slice(4, 8)]  # one labelled sample in the first, three in the second
+    share = labelled.sum().item() / len(shards)
+    averaged = sum(relevance_loss(z[s], irrelevant[s], labelled=labelled[s], labelled_per_batch=share)
+                   for s in shards) / len(shards)
+    assert averaged.item() == pytest.approx(whole.item(), rel=1e-6)
+    whole.backward()
+    assert not z.grad[~labelled].any() and z.grad[labelled].any()
+    nothing = relevance_loss(z, irrelevant, labelled=torch.zeros(8, dtype=torch.bool), labelled_per_batch=0.0)
+    assert nothing.item() == 0 and nothing.requires_grad  # a global batch without labels: a zero with its graph

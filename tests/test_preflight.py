@@ -9,7 +9,7 @@ import torch
 import main as entry
 from data.synthetic_vqa import make_sample
 from models.llava_backbone import LlavaBackbone
-from tests.helpers import main_args
+from tests.helpers import llava_like, main_args
 from trainers import checkpoint
 from trainers.checkpoint import CheckpointError, atomic_save
 
@@ -250,3 +250,40 @@ def test_a_first_turn_longer_than_the_positions_is_a_bad_record(tmp_path, proces
     check_prompt_lengths(data, SHIPPED_BACKBONE, 144, limit)
     assert [r.id for r in data.records] == ["a", "b"] and data.truncated == []
     assert len(data.skipped) == 1 and "sample 'long'" in data.skipped[0] and "first turn is longer" in data.skipped[0]
+
+
+def test_a_resume_continues_on_the_same_backbone_moved_elsewhere(tmp_path, tiny_folder, capsys):
+    backbone, other = tmp_path / "backbone", tmp_path / "other"
+    shutil.copytree(tiny_folder, backbone)
+    model, processor = llava_like(96, 8, text_layers=4, seed=4)  # the same shapes and config, other weights
+    model.save_pretrained(other)
+    processor.save_pretrained(other)
+    run = {"trainer_settings.max_steps": 2, "trainer_settings.save_every": 2, "trainer_settings.eval_every": 2}
+    args, out = main_args(tmp_path, backbone, **run)
+    assert entry.main(args) == 0
+    moved = backbone.rename(tmp_path / "moved")
+    stale, _ = main_args(tmp_path, backbone, "--resume", "auto", **run)
+    assert entry.main(stale) == 2  # the old path: it is gone
+    capsys.readouterr()
+    elsewhere, _ = main_args(tmp_path, other, "--resume", "auto", **run)
+    assert entry.main(elsewhere) == 2  # another backbone where the old one was
+    err = one_error(capsys)
+    assert f"the checkpoint's backbone folder {backbone} no longer exists, and {other} is not the same " \
+           "backbone" in err and f"put the backbone back at {backbone}" in err
+    resumed, _ = main_args(tmp_path, moved, "--resume", "auto", **{**run, "trainer_settings.max_steps": 3})
+    assert entry.main(resumed) == 0
+    assert "Resumed from" in capsys.readouterr().out and (out / "checkpoints" / "training_state_step_3.pt").is_file()
+
+
+@pytest.mark.parametrize("damage", ["missing", "truncated"])
+def test_eval_of_a_saved_folder_with_broken_weights_stops_before_the_backbone_loads(tmp_path, finished_tiny_run,
+                                                                                     tiny_folder, damage, no_weights,
+                                                                                     capsys):
+    folder = tmp_path / "pruned_best"
+    shutil.copytree(finished_tiny_run / "pruned_best", folder)
+    weights = folder / "pruning_modules.safetensors"
+    weights.unlink() if damage == "missing" else weights.write_bytes(weights.read_bytes()[:100])
+    args, _ = main_args(tmp_path, tiny_folder, "--resume", str(folder), **{"manager_settings.mode": "eval"})
+    assert entry.main(args) == 2
+    err = one_error(capsys)
+    assert str(weights) in err and ("is missing" if damage == "missing" else "it is truncated") in err

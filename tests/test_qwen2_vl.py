@@ -2,7 +2,7 @@
 and the shipped config. What every family shares (stock forward, soft == hard, generation, baselines, main.py) is
 in tests/test_backbone_families.py.
 
-The toy models are random-init (tests/helpers.qwen2_vl_like: 8 px patches merged 2 x 2, 4 to 64 tokens per image).
+The toy models are random-init (models/tiny_llava.toy_qwen2_vl: 8 px patches merged 2 x 2, 4 to 64 tokens per image).
 """
 
 import pytest
@@ -10,7 +10,8 @@ import torch
 
 from models.backbones import load_backbone, read_backbone_shape
 from models.qwen2_vl_backbone import Qwen2_5_VLBackbone, Qwen2VLBackbone
-from tests.helpers import qwen2_vl_like, resized_batch
+from models.tiny_llava import toy_qwen2_vl
+from tests.helpers import resized_batch
 
 SIZES = [(40, 90), (96, 72), (96, 96)]  # (height, width): 12, 24 and 36 tokens
 FAMILIES = {"2": Qwen2VLBackbone, "2.5": Qwen2_5_VLBackbone}
@@ -18,7 +19,7 @@ FAMILIES = {"2": Qwen2VLBackbone, "2.5": Qwen2_5_VLBackbone}
 
 @pytest.fixture(scope="module", params=["2", "2.5"], ids=["qwen2_vl", "qwen2_5_vl"])
 def qwen(request):
-    model, processor = qwen2_vl_like(request.param, text_layers=3, seed=1)
+    model, processor = toy_qwen2_vl(request.param, text_layers=3, seed=1)
     return FAMILIES[request.param](model, processor)
 
 
@@ -29,7 +30,7 @@ def batch_of(backbone, sizes=SIZES, with_answers=True):
 def test_max_vision_tokens_bounds_the_resize(tmp_path):
     """For Qwen2-VL the bounds are real: the processor resizes every image to at most max_vision_tokens tokens
     (image_max_size: at most that side squared in area), and the shape the checks read says so."""
-    model, processor = qwen2_vl_like("2", text_layers=2, seed=0)
+    model, processor = toy_qwen2_vl("2", text_layers=2, seed=0)
     model.save_pretrained(tmp_path)
     processor.save_pretrained(tmp_path)
     assert read_backbone_shape(str(tmp_path), max_vision_tokens=16).num_vision_tokens == 16

@@ -5,7 +5,6 @@ import torch
 
 from data.build import build_datasets
 from models.backbones import load_backbone
-from models.llava_backbone import LlavaBackbone
 from tests.helpers import sharpen_attention, tiny_run_config
 from trainers import checkpoint as checkpoint_module
 from trainers.run_log import RunLog
@@ -200,8 +199,8 @@ def test_relevance_labels_zero_the_importance_target_at_the_distractors(tmp_path
     monkeypatch.setattr(trainer_module, "merge_importance_loss", recording("merger", trainer_module.merge_importance_loss))
     (batch,) = micro_batches = first_batch(trainer)
     values = trainer.training_step(micro_batches)
-    distractors = batch["irrelevant"].flatten(1)  # (B, 144): the 12 x 12 grid is the backbone's patch grid
-    assert distractors.any(dim=1).sum() >= 2  # the batch has distractors to drop
+    distractors, labelled = trainer.relevance_labels(batch)  # (B, 144): the scenes' boxes on the patch grid
+    assert labelled.all() and distractors.any(dim=1).sum() >= 2  # the batch has distractors to drop
     ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
     with torch.no_grad():
         attention = trainer.teacher(ids, batch["pixel_values"], mask, labels=labels, record_attention=True).vision_attention
@@ -214,22 +213,33 @@ def test_relevance_labels_zero_the_importance_target_at_the_distractors(tmp_path
 
 
 
-def test_relevance_labels_are_refused_on_a_backbone_without_a_square_patch_grid(tmp_path, tiny_folder, monkeypatch):
-    monkeypatch.setattr(LlavaBackbone, "one_patch_grid", False)
-    with pytest.raises(ValueError, match="relevance_weight is 1 but the relevance labels are a patch grid"):
-        make_trainer(tmp_path, tiny_folder, **{"method_settings.relevance_weight": 1.0})
+def test_relevance_weight_without_boxes_in_the_data_is_refused(tmp_path, tiny_folder):
+    with pytest.raises(ValueError, match="relevance_weight is 1 but no sample of the synthetic train set"):
+        make_trainer(tmp_path, tiny_folder, **{"method_settings.relevance_weight": 1.0,
+                                               "data_settings.synthetic_labelled_fraction": 0.0})
 
 
-def test_relevance_labels_on_a_backbone_without_a_patch_grid_stop_main_before_the_weights_load(tmp_path, tiny_folder,
-                                                                                              monkeypatch, capsys):
+def test_relevance_weight_without_boxes_stops_main_before_the_weights_load(tmp_path, tiny_folder, monkeypatch, capsys):
     import main as entry
     from models import llava_backbone
     from tests.helpers import main_args
 
-    monkeypatch.setattr(llava_backbone.LlavaBackbone, "one_patch_grid", False)  # as LLaVA-NeXT's and Qwen2-VL's
     monkeypatch.setattr(llava_backbone.LlavaBackbone, "from_pretrained", lambda *a, **k: pytest.fail("weights loaded"))
-    args, out = main_args(tmp_path, tiny_folder, **{"method_settings.relevance_weight": 1.0})
+    args, out = main_args(tmp_path, tiny_folder, **{"method_settings.relevance_weight": 1.0,
+                                                    "data_settings.synthetic_labelled_fraction": 0.0})
     assert entry.main(args) == 2
-    assert "relevance labels are a patch grid, and this backbone's 144 vision tokens per image are no single square" \
-        in capsys.readouterr().err
-    assert not out.exists()
+    err = capsys.readouterr().err
+    assert "relevance_weight is 1 but no sample of" in err and "set it to 0, or add boxes" in err
+    assert len(err.strip().splitlines()) == 1 and not out.exists()
+
+
+def test_a_partly_labelled_train_set_trains_its_relevance_losses_on_the_labelled_samples(tmp_path, tiny_folder):
+    trainer = make_trainer(tmp_path, tiny_folder, **{"method_settings.relevance_weight": 1.0,
+                                                     "data_settings.synthetic_labelled_fraction": 0.3,
+                                                     "trainer_settings.dl_settings.gradient_accumulation_steps": 2})
+    micro_batches = first_batch(trainer)
+    counts = [int(trainer.relevance_labels(b)[1].sum()) for b in micro_batches]
+    assert [len(b["ids"]) for b in micro_batches] == [2, 2] and 0 < sum(counts) < 4
+    assert trainer.labelled_per_batch(micro_batches) == sum(counts) / 2
+    values = trainer.training_step(micro_batches)
+    assert values is not None and values["pruner_relevance_loss"] > 0

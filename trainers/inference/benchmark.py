@@ -43,7 +43,9 @@ from trainers.inference.pruned_model import load_pruned
 from trainers.inference.timing import machine, timed_interleaved
 
 ROOT = Path(__file__).resolve().parents[2]  # where main.py is: the learned runs train through it
-METHODS = ("learned", "fastv", "pyramiddrop", "visionzip", "tome", "tome_pa", "pooling", "random")
+METHODS = ("learned", "fastv", "pyramiddrop", "visionzip", "tome", "tome_pa", "cdpruner", "divpruner", "vispruner",
+           "dart", "pooling", "random")
+BUDGETS = (0.5, 0.25, 0.11, 0.05)  # the default budgets: fractions of the vision tokens left after the last stage
 FINGERPRINT = "fingerprint.txt"  # backbone weights and training data of a run the benchmark trained
 SEARCHED = "learned (searched)"
 
@@ -169,8 +171,7 @@ def check_request(args) -> tuple[Config, BackboneShape, dict[float, int], list[S
                            "letters or digits (it names the runs' folders)"], "command line")
     shape = read_backbone_shape(config.backbone_settings.name_or_path, config.data_settings.max_vision_tokens,
                                 config.data_settings.image_max_size)
-    problems = check_against_backbone(config, shape.num_layers, shape.num_vision_tokens, shape.image_size,
-                                      shape.one_patch_grid)
+    problems = check_against_backbone(config, shape.num_layers, shape.num_vision_tokens, shape.image_size)
     if problems:
         raise ConfigError(problems, args.config)
     kept = plan(args, config, shape)

@@ -53,8 +53,8 @@ def generate_pruned(model: PrunedLlava, batch: dict, mode: str, tau: float,
     tok = model.backbone.processor.tokenizer
     ids, pixels, mask, image_inputs = _to_device(batch, model.backbone)
     if mode == "hard":
-        (prefill, cache), seconds = stopwatch(lambda: model.prefill(ids, pixels, mask, image_inputs=image_inputs),
-                                              model.backbone.device)
+        prefill_fn = lambda: model.prefill(ids, pixels, mask, image_inputs=image_inputs, tau=tau)
+        (prefill, cache), seconds = stopwatch(prefill_fn, model.backbone.device)
         prefill.prefill_seconds = seconds
         tokens = model.decode(prefill, cache, max_new_tokens, tok.eos_token_id, tok.pad_token_id)
         return tok.batch_decode(tokens, skip_special_tokens=True), prefill

@@ -27,9 +27,11 @@ from __future__ import annotations
 
 import os
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import accelerate.utils
 from accelerate import Accelerator, DistributedDataParallelKwargs, InitProcessGroupKwargs, PartialState
 from accelerate.state import AcceleratorState, GradientState
 
@@ -55,13 +57,21 @@ def join_processes() -> PartialState:
     return PartialState(cpu=not torch.cuda.is_available(), timeout=COLLECTIVE_TIMEOUT)
 
 
-def make_accelerator(settings: TrainerSettings) -> Accelerator:
+def tracker_installed(name: str) -> bool:
+    """Whether the package of accelerate's tracker ``name`` is importable."""
+    return bool(getattr(accelerate.utils, f"is_{name}_available")())
+
+
+def make_accelerator(settings: TrainerSettings, logging_dir: str | Path | None = None) -> Accelerator:
     """The accelerator of one run. A process may hold several runs one after the other (an Optuna worker's trials,
     tests), each with its own accumulation and precision: accelerate keeps those in process-wide state that refuses
-    to change, so it is cleared first (the process group itself, in ``PartialState``, stays)."""
+    to change, so it is cleared first (the process group itself, in ``PartialState``, stays). The trackers of
+    ``report_to`` other than TensorBoard (which the run writes itself, pictures included) are accelerate's."""
     AcceleratorState._reset_state()
     GradientState._reset_state()
     return Accelerator(
+        log_with=[name for name in settings.report_to if name != "tensorboard"] or None,
+        project_dir=logging_dir,
         cpu=not torch.cuda.is_available(),
         mixed_precision=settings.mixed_precision,
         gradient_accumulation_steps=settings.dl_settings.gradient_accumulation_steps,

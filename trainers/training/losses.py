@@ -3,7 +3,6 @@ losses that teach the merger and the pruners the unpruned model's attention."""
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -67,39 +66,78 @@ def at_stage(values: torch.Tensor, positions: torch.Tensor, image_positions: tor
 RELEVANCE_MARGIN = 2.0  # how far below the relevant tokens' median score an irrelevant token is pushed
 
 
-def relevance_loss(logits: torch.Tensor, irrelevant: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+def relevance_loss(logits: torch.Tensor, irrelevant: torch.Tensor, valid: torch.Tensor | None = None,
+                   labelled: torch.Tensor | None = None, labelled_per_batch: float | None = None) -> torch.Tensor:
     """sigmoid(z_j - median + margin) averaged over each sample's tokens labelled irrelevant (``irrelevant`` (B, n)
-    bool; 0 for a sample with none), then over the samples: a per-sample mean, as every loss here, so that the
-    data-parallel shards' losses average to the whole batch's. The median is over the sample's other real tokens
-    (``valid`` (B, n)), detached: an irrelevant token's keep logit (or merger score) is pushed below the typical
-    relevant token's (mostly background), so hard mode's top-k drops it first, while the level and order of the
-    relevant tokens are left to the other losses. Bounded: a token the module cannot tell from a relevant one stops
-    pulling once it is far above (a softplus here made the merger's scores diverge)."""
+    bool; 0 for a sample with none), then over the labelled samples (:func:`labelled_mean`). The median is over the
+    sample's other real tokens (``valid`` (B, n)), detached: an irrelevant token's keep logit (or merger score) is
+    pushed below the typical relevant token's (mostly background), so hard mode's top-k drops it first, while the
+    level and order of the relevant tokens are left to the other losses. Bounded: a token the module cannot tell from
+    a relevant one stops pulling once it is far above (a softplus here made the merger's scores diverge)."""
+    return labelled_mean(_relevance_per_sample(logits, irrelevant, valid), labelled, labelled_per_batch)
+
+
+def _relevance_per_sample(logits: torch.Tensor, irrelevant: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    """(B,) :func:`relevance_loss` of each sample."""
     logits = logits.float()
     valid = torch.ones_like(irrelevant) if valid is None else valid
     others = logits.detach().masked_fill(irrelevant | ~valid, float("nan")).nanmedian(dim=1, keepdim=True).values
     gap = torch.sigmoid(logits - others.nan_to_num(0.0) + RELEVANCE_MARGIN)
     weight = (irrelevant & valid).float()
-    return ((gap * weight).sum(1) / weight.sum(1).clamp_min(1)).mean()
+    return (gap * weight).sum(1) / weight.sum(1).clamp_min(1)
 
 
 def pruner_relevance_loss(stage_logits: list[torch.Tensor], stage_positions: list[torch.Tensor],
-                          irrelevant: torch.Tensor, image_positions: torch.Tensor) -> torch.Tensor:
+                          irrelevant: torch.Tensor, image_positions: torch.Tensor, labelled: torch.Tensor | None = None,
+                          labelled_per_batch: float | None = None) -> torch.Tensor:
     """:func:`relevance_loss` for each pruning stage at its tokens (``irrelevant`` (B, N) over the image
     placeholders, as the teacher's attention is), averaged over the stages."""
-    return torch.stack([relevance_loss(z, at_stage(irrelevant.float(), positions, image_positions) > 0, positions >= 0)
-                        for z, positions in zip(stage_logits, stage_positions)]).mean()
+    per_sample = torch.stack([
+        _relevance_per_sample(z, at_stage(irrelevant.float(), positions, image_positions) > 0, positions >= 0)
+        for z, positions in zip(stage_logits, stage_positions)]).mean(dim=0)  # (B,)
+    return labelled_mean(per_sample, labelled, labelled_per_batch)
 
 
-def irrelevant_tokens(grids: torch.Tensor, num_tokens: int) -> torch.Tensor:
-    """(B, num_tokens) bool: the relevance labels (B, h, w) (True at the image patches the question does not need)
-    on the backbone's square patch grid of ``num_tokens`` tokens, resized by nearest neighbour."""
-    side = math.isqrt(num_tokens)
-    if side * side != num_tokens:
-        raise ValueError(f"relevance labels need a square patch grid; the backbone has {num_tokens} vision tokens")
-    if grids.shape[1:] == (side, side):
-        return grids.flatten(1)
-    return F.interpolate(grids[:, None].float(), size=(side, side), mode="nearest")[:, 0].flatten(1) > 0.5
+def labelled_mean(per_sample: torch.Tensor, labelled: torch.Tensor | None = None,
+                  labelled_per_batch: float | None = None) -> torch.Tensor:
+    """The sum of ``per_sample`` (B,) over the ``labelled`` samples (B,) bool (default: all) divided by
+    ``labelled_per_batch`` (default: their number here): a sample without relevance labels adds nothing. In a step
+    whose global batch is cut into micro-batches (accumulation steps x processes), whose losses accumulation and
+    data parallelism average, ``labelled_per_batch`` is the global batch's labelled samples divided by the number of
+    micro-batches, so that the average is the mean over all its labelled samples however they fall into the
+    micro-batches. 0 (with its graph) when nothing is labelled."""
+    labelled = torch.ones_like(per_sample, dtype=torch.bool) if labelled is None else labelled.to(per_sample.device)
+    total = (per_sample * labelled).sum()
+    count = float(labelled.sum()) if labelled_per_batch is None else labelled_per_batch
+    return total / count if count > 0 else total * 0.0
+
+
+def irrelevant_tokens(box_tokens, relevance: list, image_sizes: list[tuple[int, int]],
+                      valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The relevance labels of a batch on its vision tokens: (irrelevant (B, N) bool, labelled (B,) bool).
+
+    ``relevance``: each sample's data.relevance.Relevance or None; ``image_sizes``: each image's (width, height);
+    ``valid`` (B, N): each sample's vision tokens (left-aligned, as the backbone's image features are);
+    ``box_tokens(boxes, image_size)``: the backbone adapter's map from boxes to its tokens (models/box_tokens.py).
+    Irrelevant: the tokens no relevant box covers, or, when the sample lists distractors, those a distractor box
+    covers and no relevant box does. A sample is labelled when it carries boxes and some token of it is not
+    irrelevant: one whose relevant boxes fall wholly outside what the backbone sees (a crop cut them away) has no
+    label."""
+    irrelevant = torch.zeros(valid.shape, dtype=torch.bool)
+    labelled = torch.zeros(valid.shape[0], dtype=torch.bool)
+    for b, (boxes, size) in enumerate(zip(relevance, image_sizes)):
+        if boxes is None:
+            continue
+        relevant = box_tokens(boxes.relevant, size)  # (n_b,)
+        count = int(valid[b].sum())
+        if len(relevant) != count:
+            raise ValueError(f"sample {b}: its relevance boxes map onto {len(relevant)} vision tokens, but its image "
+                             f"({size[0]} x {size[1]} px) has {count}: the adapter's patch_boxes and the processor "
+                             "disagree about the image's geometry")
+        marked = ~relevant if boxes.distractors is None else box_tokens(boxes.distractors, size) & ~relevant
+        if not marked.all():
+            irrelevant[b, :count], labelled[b] = marked, True
+    return irrelevant, labelled
 
 
 @dataclass(frozen=True)

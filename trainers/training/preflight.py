@@ -10,20 +10,23 @@ that fails here changes nothing there.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import tempfile
 from pathlib import Path
 
 from tqdm import tqdm
 from transformers import AutoConfig
+from transformers.utils import cached_file
 
 from configs.schema import Config, config_to_dict
-from data.build import build_datasets
+from data.build import build_datasets, unlabelled_data_problem
 from data.collator import adds_special_tokens, render_conversation
 from data.instruction_json import SHOWN_PROBLEMS, LlavaInstructionDataset
 from models.backbones import backbone_class
 from trainers.checkpoint import MODULES, STATE, CheckpointError, Checkpointer, load
-from trainers.inference.pruned_model import CONFIG_FILE, PrunedModelError, saved_meta
+from trainers.inference.pruned_model import CONFIG_FILE, saved_meta
 
 
 class PreflightError(ValueError):
@@ -126,10 +129,47 @@ def resume_state(resume: str | None, out: Path, config: Config,
                                  "give a training_state_step_N.pt, or --resume auto for the latest in output_dir")
         state = _read_state(path)
     differences = resume_differences(state["config"], config)
+    moved = [d for d in differences if d.startswith("backbone_settings.name_or_path:")]
+    if moved:
+        old, new = state["config"]["backbone_settings"]["name_or_path"], config.backbone_settings.name_or_path
+        saved_identity = state.get("backbone_identity")
+        if saved_identity is not None and saved_identity == backbone_identity(new):
+            differences.remove(moved[0])  # the same backbone in another folder: the run continues on it
+        elif not differences[1:] and not Path(old).exists():
+            raise PreflightError(f"the checkpoint's backbone folder {old} no longer exists, and {new} is "
+                                 + ("not the same backbone (its config.json or weight files differ)"
+                                    if saved_identity is not None else "not known to be the same (this checkpoint "
+                                    "was written before backbones were identified)"), str(path),
+                                 f"put the backbone back at {old} (a symbolic link will do), or start a new output_dir")
     if differences:
         raise PreflightError("the checkpoint was trained with another config: " + "; ".join(differences), str(path),
                              "resume with the config of that run (its resolved_config.yaml), or start a new output_dir")
     return path, state
+
+
+SAMPLED = 1 << 20  # bytes read at each end of a weight file: its header and some of its tensors, for any size
+
+
+def backbone_identity(name_or_path: str) -> dict | None:
+    """What makes a backbone the same wherever its folder is: its config.json (less the fields that name the folder
+    or the writer's version), and each weight file's size and the SHA-256 of its first and last MiB (a 7B checkpoint
+    is not read whole). None when it cannot be found locally."""
+    try:
+        config_file = Path(cached_file(name_or_path, "config.json", local_files_only=True))
+    except OSError:
+        return None
+    config = {k: v for k, v in json.loads(config_file.read_text()).items()
+              if k not in ("_name_or_path", "transformers_version")}
+    weights = {}
+    for file in sorted(config_file.parent.iterdir()):
+        if file.suffix in (".safetensors", ".bin"):
+            size = file.stat().st_size
+            with open(file, "rb") as f:
+                head = f.read(SAMPLED)
+                f.seek(max(size - SAMPLED, 0))
+                weights[file.name] = f"{size}:{hashlib.sha256(head + f.read()).hexdigest()}"
+    return {"config_sha256": hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest(),
+            "weight_files": weights}
 
 
 def latest_readable(folder: Path) -> tuple[Path, dict]:
@@ -153,13 +193,7 @@ def _eval_source(folder: Path) -> tuple[Path, dict]:
     """What eval mode evaluates for ``--resume FOLDER``: a folder written by save_pretrained (its config and the folder
     itself as ``saved_folder``; the weights load with the model), or a run's output_dir (its latest readable step)."""
     if (folder / CONFIG_FILE).is_file():
-        try:
-            meta = saved_meta(folder)
-        except PrunedModelError as err:
-            raise PreflightError(str(err), str(folder), "load it with the project version that saved it") from err
-        except (OSError, ValueError) as err:
-            raise PreflightError(f"{CONFIG_FILE} cannot be read ({err})", str(folder),
-                                 "save the pruned model again (save_pretrained)") from err
+        meta = saved_meta(folder)  # PrunedModelError: one line that names the file and the fix
         return folder, {"config": meta["config"], "saved_folder": str(folder)}
     if (folder / "checkpoints").is_dir():
         return latest_readable(folder / "checkpoints")
@@ -185,8 +219,12 @@ def _read_state(path: Path) -> dict:
 
 # ----------------------------------------------------------------------------- data
 def load_data(config: Config, num_vision_tokens: int, max_positions: int | None):
-    """(train, eval) data sets, every record and image header checked, conversations within the model's positions."""
+    """(train, eval) data sets, every record and image header checked, conversations within the model's positions,
+    and relevance boxes on some training sample if relevance_weight asks for them."""
     train_set, eval_set = build_datasets(config.data_settings)  # BadSampleError: 'what (where): fix' as well
+    unlabelled = unlabelled_data_problem(config.method_settings.relevance_weight, train_set)
+    if unlabelled:
+        raise ValueError(unlabelled)
     if max_positions is not None:
         for dataset in (train_set, eval_set):
             if isinstance(dataset, LlavaInstructionDataset):

@@ -22,6 +22,7 @@ evaluates its share of the eval set; rank 0 alone logs and writes checkpoints.
 
 from __future__ import annotations
 
+import signal
 import time
 from pathlib import Path
 from typing import Callable
@@ -31,8 +32,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from configs.schema import Config, batch_split_problem, config_to_dict, relevance_grid_problem
-from data.build import batches, describe, planned_steps
+from configs.schema import Config, batch_split_problem, config_to_dict
+from data.build import batches, describe, planned_steps, unlabelled_data_problem
 from data.collator import VQACollator
 from models.discriminator import adversarial_loss, discriminator_losses
 from models.llava_backbone import LlavaBackbone
@@ -40,17 +41,27 @@ from models.pruned_llava import PrunedLlava, PrunedOutput
 from models.sequences import compact, sorted_positions
 from trainers.checkpoint import STATE, Checkpointer, load, restore_rng_state, rng_state
 from trainers.inference.build import build_discriminator, build_pruned_model, stage_keep_ratios
-from trainers.training.distributed import make_accelerator, shard
-from trainers.inference.evaluation import (answer_accuracy, collect_answers, generate_baseline_answers, pruned_results,
-                                 summarize_pruned)
-from trainers.run_log import RunLog
-from trainers.training.losses import (distillation_loss, irrelevant_tokens, merge_importance_loss, next_token_positions,
-                             pruner_importance_loss, pruner_relevance_loss, relevance_loss, task_loss, weighted_sum)
+from trainers.inference.evaluation import (answer_accuracy, collect_answers, generate_baseline_answers,
+                                           pruned_results, summarize_pruned)
 from trainers.inference.pictures import grid_side, kept_patch_grids, model_view, strip
 from trainers.inference.pruned_model import load_modules, read_saved_modules, save_pretrained
+from trainers.run_log import RunLog
+from trainers.training.distributed import make_accelerator, shard
+from trainers.training.losses import (distillation_loss, irrelevant_tokens, merge_importance_loss,
+                                      next_token_positions, pruner_importance_loss, pruner_relevance_loss,
+                                      relevance_loss, task_loss, weighted_sum)
 from trainers.training.metrics_log import MetricsLog, summary
+from trainers.training.preflight import backbone_identity, flatten
 from trainers.training.schedules import TemperatureSchedule, learning_rate_schedule
+from trainers.training.signals import StopRequested, StopSignals, TrainingInterrupted
 from trainers.training.throughput import Throughput, eta_seconds
+
+
+def hyperparameters(config: Config) -> dict[str, int | float | str | bool]:
+    """The resolved config as flat ``section.key`` scalars, what TensorBoard's hparams and the trackers take (lists
+    and empty values written as text)."""
+    return {key: value if isinstance(value, (int, float, str, bool)) else str(value)
+            for key, value in flatten(config_to_dict(config)).items()}
 
 
 def eval_set_identity(data) -> dict:
@@ -84,15 +95,15 @@ class Trainer:
     def __init__(self, config: Config, backbone: LlavaBackbone, train_set, eval_set, log: RunLog,
                  output_dir: str | Path):
         self.config, self.backbone, self.log = config, backbone, log
-        self.accelerator = make_accelerator(config.trainer_settings)
+        self.accelerator = make_accelerator(config.trainer_settings, Path(output_dir) / "logs")
         split = batch_split_problem(config, self.accelerator.num_processes)
         if split:  # main.py refuses it before the weights load; here for callers that build a Trainer themselves
             raise ValueError(split)
         self.train_set, self.eval_set = train_set, eval_set
         method, trainer = config.method_settings, config.trainer_settings
-        relevance = relevance_grid_problem(method, backbone.one_patch_grid, backbone.num_vision_tokens)
-        if relevance:  # main.py refuses it before the weights load; here for callers that build a Trainer themselves
-            raise ValueError(relevance)
+        unlabelled = unlabelled_data_problem(method.relevance_weight, train_set)
+        if unlabelled:  # main.py refuses it before the weights load; here for callers that build a Trainer themselves
+            raise ValueError(unlabelled)
         self.out = Path(output_dir)
         log.info("Creating Trainer...")
         log.info("Creating Token Merger...")
@@ -124,14 +135,20 @@ class Trainer:
         self.temperature = TemperatureSchedule(method.temperature, method.temperature_min,
                                                method.temperature_anneal_rate, self.total_steps)
         self.checkpointer = Checkpointer(self.out / "checkpoints", trainer.keep_last)
+        self.backbone_identity = backbone_identity(config.backbone_settings.name_or_path)
         self.step = 0
+        self.model.temperature = self.temperature(self.step)  # what hard mode and saved folders use: the current tau
         self.best: float | None = None
         self.nonfinite_in_a_row = 0
         self.accuracy_baseline: float | None = None
         self.baseline_eval_set: dict | None = None  # the eval set accuracy_baseline was measured on
         self.throughput = Throughput(backbone.device)
         self._started, self._started_step = time.perf_counter(), 0  # where the ETA's pace is measured from
-        self.metrics = MetricsLog(log, self.out / "logs" / "tensorboard")
+        trackers = any(name != "tensorboard" for name in trainer.report_to)
+        if trackers:  # accelerate's trackers (W&B, MLflow, ...; on the main process): the run's hyper-parameters first
+            self.accelerator.init_trackers(self.out.name or "run", config=hyperparameters(config))
+        self.metrics = MetricsLog(log, self.out / "logs" / "tensorboard" if "tensorboard" in trainer.report_to else None,
+                                  self.accelerator.log if trackers else None)
 
     # ------------------------------------------------------------------ state
     def module_states(self) -> dict[str, dict]:
@@ -148,6 +165,7 @@ class Trainer:
             "rng": rng_state(), "best": self.best, "nonfinite_in_a_row": self.nonfinite_in_a_row,
             "accuracy_baseline": self.accuracy_baseline, "baseline_eval_set": self.baseline_eval_set,
             "data_position": {"epoch": self.step // self.steps_per_epoch, "batch": self.step % self.steps_per_epoch},
+            "backbone_identity": self.backbone_identity,  # a resume on the same backbone moved elsewhere continues
             "config": config_to_dict(self.config),
         }
 
@@ -156,8 +174,9 @@ class Trainer:
         trainers/training/preflight.resume_state)."""
         state = load(path) if state is None else state
         if "saved_folder" in state:  # eval mode on a folder written by save_pretrained: modules only
-            load_modules(self.model, read_saved_modules(Path(state["saved_folder"]), self.backbone))
-            self.step = self.total_steps  # a finished run's modules: soft mode at the final temperature
+            weights, self.model.temperature = read_saved_modules(Path(state["saved_folder"]), self.backbone)
+            load_modules(self.model, weights)
+            self.step = self.total_steps  # a finished run's modules, at the temperature its training ended at
             self.log.info(f"Loaded the pruned model saved in {path}")
             return
         load_modules(self.model, state["modules"])
@@ -167,6 +186,7 @@ class Trainer:
             if "schedulers" in state:  # written since the schedules exist; before, every rate was constant
                 self.schedulers[name].load_state_dict(state["schedulers"][name])
         self.step, self.best = state["step"], state["best"]
+        self.model.temperature = self.temperature(self.step)
         self.nonfinite_in_a_row, self.accuracy_baseline = state["nonfinite_in_a_row"], state["accuracy_baseline"]
         self.baseline_eval_set = state.get("baseline_eval_set")
         restore_rng_state(state["rng"], self.accelerator.num_processes > 1)
@@ -217,9 +237,10 @@ class Trainer:
                          sum(int(b["attention_mask"].sum()) for b in micro_batches))
         means: dict[str, torch.Tensor] = {}
         bad: set[str] = set()
+        labelled = self.labelled_per_batch(micro_batches) if method.relevance_weight > 0 else None
         for batch in micro_batches:
             with self.accelerator.accumulate(self.student, self.critic):
-                terms = self.losses(batch, tau)
+                terms = self.losses(batch, tau, labelled)
                 bad |= {name for name, value in terms.items() if not torch.isfinite(value).all()}
                 self.accelerator.backward(weighted_sum(terms, method))
             clock.lap("backward")
@@ -241,9 +262,29 @@ class Trainer:
         values["temperature"] = tau
         return values
 
-    def losses(self, batch: dict, tau: float) -> dict[str, torch.Tensor]:
+    def relevance_labels(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch's relevance boxes on its vision tokens: (irrelevant (B, N) bool, labelled (B,) bool)
+        (trainers/training/losses.irrelevant_tokens, through the adapter's geometry)."""
+        _, valid = self.vision_slots(batch["input_ids"], self.backbone.image_inputs(batch))
+        return irrelevant_tokens(self.backbone.box_tokens, batch["relevance"], batch["image_sizes_wh"], valid.cpu())
+
+    def vision_slots(self, ids: torch.Tensor, images: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, N) the positions of each sample's placeholders that hold a vision feature (LLaVA-NeXT's row ends do
+        not), left-aligned, and (B, N) which are real: what the teacher's attention and the labels are over."""
+        return compact(self.backbone.feature_slots(ids, **images))
+
+    def labelled_per_batch(self, micro_batches: list[dict]) -> float:
+        """The samples with relevance labels in this step's global batch (every process's micro-batches), per
+        micro-batch: what the relevance losses divide their sums by, so that accumulation and data parallelism, which
+        average the micro-batches' losses, give the mean over the labelled samples however they are spread."""
+        here = sum(int(self.relevance_labels(batch)[1].sum()) for batch in micro_batches)
+        total = self.accelerator.reduce(torch.tensor([float(here)], device=self.accelerator.device), "sum")
+        return total.item() / (len(micro_batches) * self.accelerator.num_processes)
+
+    def losses(self, batch: dict, tau: float, labelled_per_batch: float | None = None) -> dict[str, torch.Tensor]:
         """Every loss term of one micro-batch (trainers/training/losses.LOSS_TERMS; ``real_loss`` and ``fake_loss`` for the
-        discriminator) and the discriminator's mean probabilities."""
+        discriminator) and the discriminator's mean probabilities. ``labelled_per_batch``: see
+        :meth:`labelled_per_batch` (None: the relevance losses are means over this micro-batch's labelled samples)."""
         method = self.config.method_settings
         device = self.backbone.device
         ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
@@ -271,7 +312,8 @@ class Trainer:
             # question-aware merger only
             aware = method.merger_type == "question_aware"
             if method.relevance_weight > 0:
-                irrelevant = irrelevant_tokens(batch["irrelevant"], self.backbone.num_vision_tokens).to(device)
+                irrelevant, labelled = self.relevance_labels(batch)  # unlabelled samples: no token irrelevant
+                irrelevant, labelled = irrelevant.to(device), labelled.to(device)
                 relevant = None if attention is None else attention * ~irrelevant
             if student.merge is not None:
                 terms["merge_sparsity_loss"] = student.merge.sparsity_loss
@@ -279,17 +321,18 @@ class Trainer:
                     terms["merge_importance_loss"] = merge_importance_loss(student.merge.scores,
                                                                            relevant if aware else attention)
                 if method.relevance_weight > 0 and aware:
-                    terms["merge_relevance_loss"] = relevance_loss(student.merge.scores, irrelevant)
+                    terms["merge_relevance_loss"] = relevance_loss(student.merge.scores, irrelevant,
+                                                                   self.vision_slots(ids, images)[1], labelled,
+                                                                   labelled_per_batch)
             if student.stage_logits and (method.pruner_importance_weight > 0 or method.relevance_weight > 0):
-                # the placeholders that hold a vision feature (LLaVA-NeXT's row ends do not), as the teacher's
-                # attention and the labels are over them
-                image_positions = sorted_positions(*compact(self.backbone.feature_slots(ids, **images)))  # (B, N)
+                image_positions = sorted_positions(*self.vision_slots(ids, images))  # (B, N)
             if method.pruner_importance_weight > 0 and student.stage_logits:
                 terms["pruner_importance_loss"] = pruner_importance_loss(
                     student.stage_logits, student.stage_positions, relevant, image_positions)
             if method.relevance_weight > 0 and student.stage_logits:
                 terms["pruner_relevance_loss"] = pruner_relevance_loss(
-                    student.stage_logits, student.stage_positions, irrelevant, image_positions)
+                    student.stage_logits, student.stage_positions, irrelevant, image_positions, labelled,
+                    labelled_per_batch)
             if method.distill_weight > 0:
                 terms["distill_loss"] = distillation_loss(student.logits, student.labels,
                                                           teacher.logits, teacher.labels)
@@ -324,14 +367,17 @@ class Trainer:
         return dict(zip(keys, mean.tolist()))
 
     # ------------------------------------------------------------------ evaluation
-    def evaluate(self) -> dict[str, float]:
+    def evaluate(self, stop: StopSignals | None = None) -> dict[str, float]:
         """The evaluation metrics; under data parallelism every process answers its share of the eval set and the
-        answers and counts are gathered (``gather_for_metrics``), so every process returns the whole set's."""
+        answers and counts are gathered (``gather_for_metrics``), so every process returns the whole set's.
+        ``stop``: a stop asked for during the evaluation ends it between two batches (one process; several finish
+        it together and stop after)."""
         data = self.config.data_settings
         prompts = VQACollator(self.backbone.processor, with_answers=False)
         share = Subset(self.eval_set, shard(list(range(len(self.eval_set))), self.accelerator.process_index,
                                             self.accelerator.num_processes))
-        eval_batches = lambda: batches(share, prompts, data.eval_batch_size)
+        guard = stop.guard if stop is not None and self.accelerator.num_processes == 1 else iter
+        eval_batches = lambda: guard(batches(share, prompts, data.eval_batch_size))
         gather = lambda rows: self.accelerator.gather_for_metrics(rows, use_gather_object=True)
         show = self.accelerator.is_main_process
         trainer = self.config.trainer_settings
@@ -343,7 +389,7 @@ class Trainer:
                                    eval_batches(), desc="accuracy_baseline", show_progress=show)
             self.accuracy_baseline = answer_accuracy(gather(rows))["overall"]
         metrics = {} if self.accuracy_baseline is None else {"accuracy_baseline": self.accuracy_baseline}
-        results = pruned_results(self.model, eval_batches(), self.temperature(self.step), data.max_new_tokens,
+        results = pruned_results(self.model, eval_batches(), self.model.temperature, data.max_new_tokens,
                                  show_progress=show, soft=trainer.eval_soft)
         metrics.update(summarize_pruned(gather(results)))
         return metrics
@@ -381,9 +427,12 @@ class Trainer:
                 for i in range(len(samples))]
 
     # ------------------------------------------------------------------ the loop
-    def train(self, on_eval: Callable[[int, dict[str, float]], None] | None = None) -> dict[str, float]:
+    def train(self, on_eval: Callable[[int, dict[str, float]], None] | None = None,
+              handle_signals: bool = False) -> dict[str, float]:
         """Train to the last step; ``on_eval(step, metrics)`` after each evaluation (an Optuna trial reports there
-        and may stop the run by raising ``optuna.TrialPruned``)."""
+        and may stop the run by raising ``optuna.TrialPruned``). ``handle_signals``: SIGTERM and the first Ctrl-C stop
+        the run at the next safe point with a resumable state saved (trainers/training/signals.py;
+        TrainingInterrupted)."""
         method, trainer = self.config.method_settings, self.config.trainer_settings
         self.log.info("Starting training...")
         self.log.info(f"Token Merger type: {method.merger_type}")
@@ -402,40 +451,70 @@ class Trainer:
         self._started, self._started_step = time.perf_counter(), self.step  # the run's ETA counts from here
         bar = tqdm(total=self.total_steps, initial=self.step, desc="training", disable=not main)
         data = self.train_batches()
+        stop = StopSignals(enabled=handle_signals)
+        saved_at = None
         try:
-            while self.step < self.total_steps:
-                values = self.training_step(next(data))
-                self.step += 1
-                bar.update(1)
-                if values is not None:
-                    bar.set_postfix(task=f"{values['task_loss']:.3f}", tau=f"{values['temperature']:.2f}")
-                    if self.step % trainer.log_every == 0:
-                        values = self._mean_over_processes(values)
+            with stop:
+                while self.step < self.total_steps:
+                    values = self.training_step(next(data))
+                    self.step += 1
+                    self.model.temperature = self.temperature(self.step)
+                    bar.update(1)
+                    if values is not None:
+                        bar.set_postfix(task=f"{values['task_loss']:.3f}", tau=f"{values['temperature']:.2f}")
+                        if self.step % trainer.log_every == 0:
+                            values = self._mean_over_processes(values)
+                            if main:
+                                self.log_step(values)
+                    self._stop_if_asked(stop)
+                    last = self.step == self.total_steps
+                    if self.step % trainer.eval_every == 0 or last:
+                        metrics = self.evaluate(stop)  # every process its share of the eval set
                         if main:
-                            self.log_step(values)
-                last = self.step == self.total_steps
-                if self.step % trainer.eval_every == 0 or last:
-                    metrics = self.evaluate()  # every process its share of the eval set
-                    if main:
-                        self.log_eval(metrics)
-                        self._keep_best(metrics)
-                        if on_eval is not None:
-                            on_eval(self.step, metrics)
-                if self.step % trainer.save_every == 0 or last:
-                    self.save()
-                if last and main:
-                    save_pretrained(self.model, self.config, self.out / "pruned_final")
+                            self.log_eval(metrics)
+                            self._keep_best(metrics)
+                            if on_eval is not None:
+                                on_eval(self.step, metrics)
+                        self._stop_if_asked(stop)
+                    if self.step % trainer.save_every == 0 or last:
+                        self.save()
+                        saved_at = self.step
+                    if last and main:
+                        save_pretrained(self.model, self.config, self.out / "pruned_final", metrics)
+                    self._stop_if_asked(stop)
+        except StopRequested:
+            path = self.save() if saved_at != self.step else self.checkpointer.folder / f"{STATE}_step_{self.step}.pt"
+            message = (f"Stopped by {stop.name} at step {self.step} of {self.total_steps}: the state is saved in {path}; "
+                       "continue with --resume auto")
+            self.log.info(message)
+            raise TrainingInterrupted(stop.received, message) from None
         finally:
             bar.close()
-            self.close()
+            self.close(metrics)
         self.log.block(summary(metrics))
         if hasattr(self.train_set, "skipped"):  # instruction data: what the run left out, beside what it reached
             self.log.info(describe("train", self.train_set))
         return metrics
 
-    def close(self) -> None:
-        """Flush and close the TensorBoard writer (train and eval modes both end here)."""
+    def _stop_if_asked(self, stop: StopSignals) -> None:
+        """Raise StopRequested when a stop was asked for; under data parallelism the processes agree (one all-reduce
+        of a flag), so that all stop at the same step."""
+        asked = stop.received is not None
+        if self.accelerator.num_processes > 1:
+            flag = torch.tensor([float(asked)], device=self.accelerator.device)
+            asked = bool(self.accelerator.reduce(flag, reduction="sum").item())
+            if asked and stop.received is None:
+                stop.received = signal.SIGTERM  # another process was asked
+        if asked:
+            raise StopRequested
+
+    def close(self, metrics: dict[str, float] | None = None) -> None:
+        """Record the run's hyper-parameters with its final ``metrics`` (TensorBoard's hparams), then close the
+        trackers (train and eval modes both end here)."""
+        if metrics and self.accelerator.is_main_process:
+            self.metrics.hyperparameters(hyperparameters(self.config), metrics)
         self.metrics.close()
+        self.accelerator.end_training()
 
     def _budget_trajectory(self) -> list[int]:
         merged = self.model.merger.num_keep if self.model.merger is not None else self.backbone.num_vision_tokens
@@ -451,4 +530,4 @@ class Trainer:
         if better:
             self.best = value
             self.save(tag="best")
-            save_pretrained(self.model, self.config, self.out / "pruned_best")
+            save_pretrained(self.model, self.config, self.out / "pruned_best", metrics)

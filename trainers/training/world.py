@@ -49,6 +49,25 @@ def subtask_devices(config: Config, processes: PartialState | None = None) -> li
     return [torch.device("cuda", first + i) for i in range(count)]
 
 
+UNKNOWN_SHARE = 0.2  # of the question words (one in five): above it, the backbone cannot read the data
+
+
+def question_texts(dataset, limit: int = 2000) -> list[str]:
+    """The human turns of up to ``limit`` records of an instruction data set (none for the synthetic scenes, whose
+    words the tiny backbone knows by construction)."""
+    records = getattr(dataset, "records", [])[:limit]
+    return [question for record in records for question, _ in record.turns]
+
+
+def unknown_word_share(tokenizer, texts: list[str]) -> float | None:
+    """The share of ``texts``' tokens that the tokenizer maps to its unknown token (None: no texts, or a tokenizer
+    without one, as byte-level BPE tokenizers are)."""
+    if not texts or tokenizer.unk_token_id is None:
+        return None
+    ids = [i for row in tokenizer(texts, add_special_tokens=False)["input_ids"] for i in row]
+    return sum(i == tokenizer.unk_token_id for i in ids) / len(ids) if ids else None
+
+
 def load_world(config: Config, log: RunLog, data=None, processes: PartialState | None = None) -> BackboneAndData:
     """The frozen backbone and the train / eval data sets (``data``, checked before: trainers/training/preflight.py; built
     here when None), with what the seed guide prints. ``processes``: the launch's (trainers/training/distributed.py)."""
@@ -72,6 +91,12 @@ def load_world(config: Config, log: RunLog, data=None, processes: PartialState |
         if rewritten:
             log.info(f"  {len(rewritten)} samples had no <image>, several, or one after the first question (e.g. "
                      f"{', '.join(rewritten[:3])}); the image is placed once, before the first question")
+    share = unknown_word_share(backbone.processor.tokenizer, question_texts(train_set))
+    if share is not None and share > UNKNOWN_SHARE:
+        log.warning(f"{share:.0%} of the train set's question words are unknown to the backbone's tokenizer (they "
+                    f"read as {backbone.processor.tokenizer.unk_token}): {settings.name_or_path} cannot read this data. "
+                    "The shipped tiny backbone knows only the synthetic scenes' words and is there to try the code on "
+                    "a CPU; train on your own data with a real LLaVA backbone (backbone_settings.name_or_path)")
     log.info("Freezing backbone parameters...")
     frozen = sum(p.numel() for p in backbone.parameters() if not p.requires_grad)
     where = (f"decoder layers over {', '.join(str(d) for d in devices)}" if layer_devices else f"device {devices[0]}")
