@@ -6,6 +6,8 @@ model_args (comma-separated, as lmms-eval passes them):
 - ``method`` and ``budget``: a training-free baseline by name (fastv, pyramiddrop, visionzip, tome, tome_pa,
   cdpruner, divpruner, vispruner, dart, pooling, random) keeping that fraction of the vision tokens; neither: the
   unpruned backbone through the same code;
+- ``clip``: with ``method=cdpruner``, the folder of the saved CLIPModel whose text tower reads the instruction
+  (default: the backbone folder's ``clip/``, else the word embeddings; models/clip_relevance.py);
 - ``mode`` (hard | soft), ``device``, ``dtype``, ``batch_size``, ``max_new_tokens`` (when a task sets none).
 """
 
@@ -23,7 +25,7 @@ from trainers.inference.pruned_model import PrunedModel, load_pruned
 
 
 def _load(pretrained: str | None, pruner: str | None, method: str | None, budget: float | None, device: str,
-          dtype: str | None) -> PrunedModel:
+          dtype: str | None, clip: str | None = None) -> PrunedModel:
     if pruner is not None:
         if method is not None:
             raise ValueError("pass pruner=<trained modules> or method=<baseline>, not both")
@@ -42,7 +44,7 @@ def _load(pretrained: str | None, pruner: str | None, method: str | None, budget
     if max(layers) >= backbone.num_layers:  # the seed's [10, 20, 31] on a shallower backbone: 1/4, 1/2, 3/4
         layers = [backbone.num_layers * i // 4 for i in (1, 2, 3)]
     model = build_baseline(method, backbone, kept_tokens(backbone.num_vision_tokens, budget), layers,
-                           fastv_layer=min(2, backbone.num_layers - 1))
+                           fastv_layer=min(2, backbone.num_layers - 1), clip=clip)
     return PrunedModel(model, config)
 
 
@@ -51,11 +53,13 @@ class PrunedLlavaEval(lmms):
 
     def __init__(self, pretrained: str | None = None, pruner: str | None = None, method: str | None = None,
                  budget: float | None = None, mode: str = "hard", device: str = "cpu", dtype: str | None = None,
-                 batch_size: int = 1, max_new_tokens: int = 16, **kwargs) -> None:
+                 batch_size: int = 1, max_new_tokens: int = 16, clip: str | None = None, **kwargs) -> None:
         super().__init__()
         if mode not in ("hard", "soft"):
             raise ValueError(f"mode must be hard or soft, got {mode!r}")
-        self.pruned = _load(pretrained, pruner, method, None if budget is None else float(budget), device, dtype)
+        if clip is not None and method != "cdpruner":
+            raise ValueError(f"clip= is read by method=cdpruner only, not {method!r}")
+        self.pruned = _load(pretrained, pruner, method, None if budget is None else float(budget), device, dtype, clip)
         self.mode, self.device = mode, device
         self.batch_size = int(batch_size)
         self.max_new_tokens = int(max_new_tokens)

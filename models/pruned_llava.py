@@ -330,6 +330,8 @@ class PrunedLlava(nn.Module):
         merge, alive = None, valid  # alive: (B, K) the slots that hold a token
         if self.merger is not None:
             question, in_question = question_tokens(embeds, question_mask)  # (B, Tq, D), (B, Tq)
+            if getattr(self.merger, "reads_question_ids", False):  # a CLIP text tower reads the instruction's text
+                merger_inputs["question_ids"] = question_tokens(input_ids[..., None], question_mask)[0][..., 0]
             merge = self.merger(features, tau, question=question, question_mask=in_question, generator=generator,
                                 **merger_inputs)
             vision, kept, alive = merge.tokens, merge.positions, merge.valid  # (B, K, Dv), (B, K), (B, K) | None

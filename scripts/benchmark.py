@@ -89,6 +89,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=20, help="timed prefills per setting (median)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--seed", type=int, default=0, help="the random baseline's draw")
+    parser.add_argument("--clip", metavar="FOLDER",
+                        help="the saved CLIPModel whose text tower CDPruner reads (default: the backbone folder's clip/, "
+                             "else the word embeddings; models/clip_relevance.py)")
     return parser.parse_args(argv)
 
 

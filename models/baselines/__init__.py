@@ -41,6 +41,7 @@ from models.baselines.subset import linear_cost_per_token
 from models.baselines.tome import ToMe
 from models.baselines.visionzip import VisionZip
 from models.baselines.vispruner import VisPruner
+from models.clip_relevance import ClipTextRelevance, clip_folder_of, load_clip_relevance
 from models.llava_backbone import LlavaBackbone
 from models.pruned_llava import PrunedLlava
 
@@ -78,12 +79,21 @@ def check_baseline(name: str, num_tokens: int, num_layers: int, num_keep: int, p
         raise ValueError("PyramidDrop needs at least one pruning layer (method_settings.pruning_layers)")
 
 
+def text_relevance(backbone: LlavaBackbone, clip: str | None) -> ClipTextRelevance | None:
+    """The CLIP text tower CDPruner reads on ``backbone``: the one in ``clip``, or beside the backbone, or None."""
+    folder = clip if clip is not None else clip_folder_of(backbone.model.name_or_path)
+    if folder is None:
+        return None
+    return load_clip_relevance(folder, backbone.processor.tokenizer, backbone.vision_hidden_size).to(backbone.device)
+
+
 def build_baseline(name: str, backbone: LlavaBackbone, num_keep: int, pruning_layers: list[int],
-                   fastv_layer: int = 2, seed: int = 0) -> PrunedLlava:
+                   fastv_layer: int = 2, seed: int = 0, clip: str | None = None) -> PrunedLlava:
     """The baseline ``name`` keeping ``num_keep`` vision tokens, on ``backbone``, in eval mode.
 
     ``pruning_layers`` are PyramidDrop's stage starts; ``fastv_layer`` is FastV's and DART's K; ``seed`` the random
-    draw's.
+    draw's; ``clip`` the folder of the CLIP whose text tower CDPruner reads (default: the ``clip/`` saved beside the
+    backbone, if there is one; else CDPruner reads the word embeddings).
     """
     n = backbone.num_vision_tokens
     check_baseline(name, n, backbone.num_layers, num_keep, pruning_layers, fastv_layer)
@@ -95,7 +105,8 @@ def build_baseline(name: str, backbone: LlavaBackbone, num_keep: int, pruning_la
                      "tome": lambda: ToMe(num_keep, backbone.vision_hidden_size, reference_tokens=n),
                      "tome_pa": lambda: ToMe(num_keep, backbone.vision_hidden_size, reference_tokens=n,
                                              proportional_attention=True),
-                     "cdpruner": lambda: CDPruner(num_keep, *projected(), reference_tokens=n),
+                     "cdpruner": lambda: CDPruner(num_keep, *projected(), reference_tokens=n,
+                                                  text_relevance=text_relevance(backbone, clip)),
                      "divpruner": lambda: DivPrune(num_keep, *projected(), reference_tokens=n),
                      "vispruner": lambda: VisPruner(num_keep, backbone.vision_hidden_size, reference_tokens=n)}
     at_layer_k = {"fastv": FastV, "dart": lambda: DART(num_keep, n, backbone.hidden_size)}

@@ -34,6 +34,7 @@ class PreProjectorSelector(nn.Module):
     """Keep or merge N vision features into ``num_keep`` tokens before the projector."""
 
     reads_vision_attention = False  # True: PrunedLlava passes the feature layer's VisionAttention
+    reads_question_ids = False  # True: PrunedLlava passes the instruction's ids (question_ids=, (B, Tq))
 
     def __init__(self, num_keep: int, reference_tokens: int | None = None):
         super().__init__()

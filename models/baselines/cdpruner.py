@@ -10,9 +10,12 @@ incremental Cholesky rows.
 
 What differs here:
 - relevance: the paper compares the vision encoder's image embeddings with the instruction embedded by that
-  encoder's paired text encoder (CLIP's), averaged over the instruction's embeddings and min-max normalised per
-  image.
-  LLaVA keeps no text encoder. Here r_i is the cosine between the projected token i and each instruction token's
+  encoder's paired text encoder (CLIP's), negates the cosine (its reference code ranks the tokens least like the
+  text first: OpenAI CLIP's patch-text similarity is higher on background) and min-max normalises it per image.
+  That is what runs when a CLIP text tower is given (``text_relevance``; the tiny backbone ships one,
+  models/clip_relevance.clip_folder_of), with the sign measured on that tower where its config records one
+  (``patch_text_sign``), else the paper's.
+  llava-hf checkpoints keep no text encoder. Without one, r_i is the cosine between the projected token i and each instruction token's
   word embedding, averaged over the instruction's tokens and min-max normalised per image: the projector was
   trained to map vision features into the language model's input space, where the word embeddings live, so that
   is the one space in which LLaVA compares an image token with a word. The instruction is the prompt's text after
@@ -28,12 +31,22 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from models.baselines.subset import ProjectedSelector, first_picks
 from models.flops import dpp_greedy_map_flops, similarity_flops
 
 RIDGE = 1e-3  # added to the similarity's diagonal: det(L_Y) of a set with a duplicate stays positive, not 0
 TINY = 1e-12  # the smallest squared residual a division by it may meet
+
+
+def minmax(scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """(B, N) scores -> (B, N) in [0, 1], min-max normalised over each image's valid tokens (all 1 where they do not
+    differ), 0 at the others."""
+    low = scores.masked_fill(~valid, float("inf")).min(dim=1, keepdim=True).values  # (B, 1)
+    spread = scores.masked_fill(~valid, float("-inf")).max(dim=1, keepdim=True).values - low  # (B, 1)
+    relevance = torch.where(spread > 1e-6, (scores - low) / spread.clamp_min(1e-6), torch.ones_like(scores))
+    return relevance.masked_fill(~valid, 0.0)
 
 
 def instruction_relevance(tokens: torch.Tensor, question: torch.Tensor, question_mask: torch.Tensor,
@@ -45,10 +58,7 @@ def instruction_relevance(tokens: torch.Tensor, question: torch.Tensor, question
     weights = question_mask.float()  # (B, Tq)
     cosine = tokens @ words.transpose(1, 2)  # (B, N, Tq)
     mean = (cosine * weights[:, None, :]).sum(dim=2) / weights.sum(dim=1, keepdim=True).clamp_min(1)  # (B, N)
-    low = mean.masked_fill(~valid, float("inf")).min(dim=1, keepdim=True).values  # (B, 1)
-    spread = mean.masked_fill(~valid, float("-inf")).max(dim=1, keepdim=True).values - low  # (B, 1)
-    relevance = torch.where(spread > 1e-6, (mean - low) / spread.clamp_min(1e-6), torch.ones_like(mean))
-    return relevance.masked_fill(~valid, 0.0)
+    return minmax(mean, valid)
 
 
 def conditional_kernel(tokens: torch.Tensor, relevance: torch.Tensor) -> torch.Tensor:
@@ -83,17 +93,38 @@ def dpp_greedy_map(kernel: torch.Tensor, k: int, selectable: torch.Tensor) -> to
 
 
 class CDPruner(ProjectedSelector):
-    def flops(self, n: int, k: int | None = None, n_text: int = 0) -> int:
-        """Projection, the n x n similarities, the relevance to n_text instruction tokens and the greedy MAP."""
-        k = self.num_keep if k is None else k
-        return (self.projection_and_gram_flops(n) + similarity_flops(n, n_text, self.width)
-                + dpp_greedy_map_flops(n, k))
+    """``text_relevance`` (models/clip_relevance.ClipTextRelevance): read the relevance from the backbone's CLIP text
+    tower as the paper does (the signed cosine, min-max normalised); without it, from the word embeddings."""
 
-    def choose(self, features, valid, keep, vision_attention, question, question_mask):
+    def __init__(self, num_keep: int, project, project_cost: int, width: int, reference_tokens: int | None = None,
+                 text_relevance: nn.Module | None = None):
+        super().__init__(num_keep, project, project_cost, width, reference_tokens)
+        self.text_relevance = text_relevance
+
+    @property
+    def reads_question_ids(self) -> bool:
+        """The CLIP text tower reads the instruction's text, so PrunedLlava passes its ids."""
+        return self.text_relevance is not None
+
+    def flops(self, n: int, k: int | None = None, n_text: int = 0) -> int:
+        """Projection, the n x n similarities, the relevance to n_text instruction tokens (or the CLIP text tower's)
+        and the greedy MAP."""
+        k = self.num_keep if k is None else k
+        relevance = (similarity_flops(n, n_text, self.width) if self.text_relevance is None
+                     else self.text_relevance.flops(n, n_text))
+        return self.projection_and_gram_flops(n) + relevance + dpp_greedy_map_flops(n, k)
+
+    def choose(self, features, valid, keep, vision_attention, question, question_mask, question_ids=None):
         if question is None:
             raise ValueError("CDPruner conditions its choice on the instruction: pass question= (B, Tq, D) embeddings "
                              "and question_mask= (PrunedLlava passes the prompt's)")
         tokens = self.unit_tokens(features)  # (B, N, D)
-        relevance = instruction_relevance(tokens, question, question_mask, valid)  # (B, N)
+        if self.text_relevance is None:
+            relevance = instruction_relevance(tokens, question, question_mask, valid)  # (B, N)
+        elif question_ids is None:
+            raise ValueError("CDPruner with a CLIP text tower reads the instruction's text: pass question_ids= "
+                             "(PrunedLlava passes the prompt's)")
+        else:
+            relevance = minmax(self.text_relevance(features, question_ids, question_mask), valid)  # (B, N)
         order = dpp_greedy_map(conditional_kernel(tokens, relevance), int(keep.max()), valid)  # (B, K)
         return first_picks(order, keep, features.shape[1])

@@ -48,7 +48,7 @@ class DivPrune(ProjectedSelector):
         """Projection and the n x n similarities (the greedy steps only compare)."""
         return self.projection_and_gram_flops(n)
 
-    def choose(self, features, valid, keep, vision_attention, question, question_mask):
+    def choose(self, features, valid, keep, vision_attention, question, question_mask, question_ids=None):
         tokens = self.unit_tokens(features)  # (B, N, D)
         distance = 1 - tokens @ tokens.transpose(1, 2)  # (B, N, N)
         return first_picks(max_min_greedy(distance, int(keep.max()), valid), keep, features.shape[1])

@@ -41,14 +41,17 @@ class SubsetSelector(PreProjectorSelector):
     :meth:`choose`; the kept tokens go on unchanged, in spatial order."""
 
     def choose(self, features: torch.Tensor, valid: torch.Tensor, keep: torch.Tensor, vision_attention,
-               question: torch.Tensor | None, question_mask: torch.Tensor | None) -> torch.Tensor:
+               question: torch.Tensor | None, question_mask: torch.Tensor | None,
+               question_ids: torch.Tensor | None = None) -> torch.Tensor:
         """(B, N, Dv) features, (B, N) valid tokens, (B,) how many each image keeps -> (B, N) bool, exactly keep[b]
-        valid tokens of image b."""
+        valid tokens of image b. ``question_ids`` (B, Tq): the instruction's ids, for a selector that
+        ``reads_question_ids``."""
         raise NotImplementedError
 
     def forward(self, features: torch.Tensor, tau: float = 1.0, question: torch.Tensor | None = None,
                 question_mask: torch.Tensor | None = None, generator: torch.Generator | None = None,
-                vision_attention=None, valid: torch.Tensor | None = None) -> MergeOutput:
+                vision_attention=None, valid: torch.Tensor | None = None,
+                question_ids: torch.Tensor | None = None) -> MergeOutput:
         B, N, _ = features.shape
         if valid is None:
             if self.num_keep > N:
@@ -57,7 +60,8 @@ class SubsetSelector(PreProjectorSelector):
             keep = torch.full((B,), self.num_keep, device=features.device)
         else:
             keep = self.keep_counts(valid).to(features.device)
-        kept = self.choose(features, valid, keep, vision_attention, question, question_mask)  # (B, N)
+        kept = self.choose(features, valid, keep, vision_attention, question, question_mask,
+                           question_ids=question_ids)  # (B, N)
         positions, used = compact(kept)  # (B, K) in spatial order, (B, K)
         return self.padded_output(features, gather_tokens(features, positions), positions, used)
 

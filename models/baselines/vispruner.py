@@ -62,7 +62,7 @@ class VisPruner(SubsetSelector):
         """The n x n similarities of the features (the CLS attention is the tower's own)."""
         return similarity_flops(n, n, self.width)
 
-    def choose(self, features, valid, keep, vision_attention, question, question_mask):
+    def choose(self, features, valid, keep, vision_attention, question, question_mask, question_ids=None):
         if vision_attention.cls_attention is None:
             raise ValueError("vispruner ranks the vision tokens by the vision tower's CLS attention, and this "
                              "backbone's tower has no CLS token (Qwen2-VL, Qwen2.5-VL); choose cdpruner, divpruner or "

@@ -32,6 +32,7 @@ from data.build import batches, build_datasets, planned_steps
 from data.collator import VQACollator
 from models.backbones import read_backbone_shape
 from models.baselines import build_baseline, check_baseline, kept_tokens
+from models.clip_relevance import clip_folder_of
 from models.layer_pruner import stage_budgets
 from models.llava_backbone import BackboneShape, LlavaBackbone
 from models.pruned_llava import PrunedLlava
@@ -218,8 +219,8 @@ def learned_runs(args, config: Config, backbone: LlavaBackbone, kept: dict[float
     A run missing or unfinished is to train with ``--train-missing`` and a BenchmarkError with its command otherwise.
     """
     n, layers = backbone.num_vision_tokens, list(config.method_settings.pruning_layers)
-    targets = {(budget, match): flops_ratio(build_baseline(match, backbone, k, layers, args.fastv_layer, args.seed),
-                                            eval_batches)
+    targets = {(budget, match): flops_ratio(build_baseline(match, backbone, k, layers, args.fastv_layer, args.seed,
+                                                           args.clip), eval_batches)
                for budget, k in kept.items() for match in (args.match_flops if "learned" in args.methods else [])}
     methods = {None: config.method_settings, **args.variant_methods}
 
@@ -476,7 +477,7 @@ def build_setups(args, config: Config, backbone: LlavaBackbone, kept: dict[float
                     found.append((SEARCHED, budget, *learned_searched[budget][:2]))
             else:
                 found.append((method, budget, build_baseline(method, backbone, kept[budget], layers,
-                                                             args.fastv_layer, args.seed), 1.0))
+                                                             args.fastv_layer, args.seed, args.clip), 1.0))
     return found
 
 
@@ -530,7 +531,15 @@ def header(args, config: Config, data: EvalBatches) -> str:
     settings = config.backbone_settings
     return (f"{settings.name_or_path}, {settings.dtype}, {data.questions} eval questions "
             f"({config.data_settings.source}), pruning layers {list(config.method_settings.pruning_layers)}, FastV K={args.fastv_layer}; {machine()}; "
-            f"prefill timed on a batch of {data.timing['input_ids'].shape[0]}, median of {args.repeats}")
+            f"prefill timed on a batch of {data.timing['input_ids'].shape[0]}, median of {args.repeats}"
+            + (f"; CDPruner's relevance from {cdpruner_relevance(args.clip, settings.name_or_path)}"
+               if "cdpruner" in args.methods else ""))
+
+
+def cdpruner_relevance(clip: str | None, backbone: str) -> str:
+    """Where CDPruner reads each token's relevance to the instruction (models/baselines.text_relevance)."""
+    folder = clip if clip is not None else clip_folder_of(backbone)
+    return f"the CLIP text tower in {folder}" if folder is not None else "the instruction's word embeddings"
 
 
 def notes(args, learned: dict, learned_searched: dict, targets: dict[tuple[float, str], float]) -> str:
