@@ -15,8 +15,9 @@ What differs here:
   That is what runs when a CLIP text tower is given (``text_relevance``; the tiny backbone ships one,
   models/clip_relevance.clip_folder_of), with the sign measured on that tower where its config records one
   (``patch_text_sign``), else the paper's.
-  llava-hf checkpoints keep no text encoder. Without one, r_i is the cosine between the projected token i and each instruction token's
-  word embedding, averaged over the instruction's tokens and min-max normalised per image: the projector was
+  llava-hf checkpoints keep no text encoder. Without one, r_i is the cosine between the projected token i and
+  each instruction token's word embedding, averaged over the instruction's tokens and min-max normalised per
+  image: the projector was
   trained to map vision features into the language model's input space, where the word embeddings live, so that
   is the one space in which LLaVA compares an image token with a word. The instruction is the prompt's text after
   the image (before the answer where there is one), as the learned question-aware merger reads it;

@@ -22,6 +22,7 @@ evaluates its share of the eval set; rank 0 alone logs and writes checkpoints.
 
 from __future__ import annotations
 
+import gc
 import signal
 import time
 from pathlib import Path
@@ -510,10 +511,17 @@ class Trainer:
 
     def close(self, metrics: dict[str, float] | None = None) -> None:
         """Record the run's hyper-parameters with its final ``metrics`` (TensorBoard's hparams), then close the
-        trackers (train and eval modes both end here)."""
+        trackers and the process group (train and eval modes both end here).
+
+        The data-parallel wrappers go first: a DDP reducer sits in reference cycles, and one the garbage collector
+        freed after ``end_training`` had closed the group took the gloo group's last reference with it, whose
+        destructor then waited on a process that had already exited (a rank hung at exit)."""
         if metrics and self.accelerator.is_main_process:
             self.metrics.hyperparameters(hyperparameters(self.config), metrics)
         self.metrics.close()
+        self.student = self.critic = None
+        self.accelerator.free_memory()
+        gc.collect()
         self.accelerator.end_training()
 
     def _budget_trajectory(self) -> list[int]:
