@@ -3,6 +3,7 @@ LLaVA-665K-shaped instruction file."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 from pathlib import Path
@@ -11,7 +12,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from data.collator import VQACollator
 from data.processors import word_level_processor
+from data.synthetic_vqa import SyntheticVQADataset
+from models.llava_backbone import LlavaBackbone
 from models.tiny_llava import build_llava
 
 SHIPPED_BACKBONE = "backbones/tiny-llava"
@@ -49,6 +53,24 @@ def sharpen_attention(layers, std: float = 0.5) -> None:
         for layer in layers:
             layer.self_attn.q_proj.weight.normal_(std=std)
             layer.self_attn.k_proj.weight.normal_(std=std)
+
+
+def sharp_llava_and_eager(text_layers: int, seed: int):
+    """The tiny LLaVA (96 px, 8 px patches) with sharpened attention as a LlavaBackbone (SDPA), and an eager copy of
+    the same weights, for reference attention maps and the hidden states entering each layer."""
+    model, processor = llava_like(96, 8, text_layers=text_layers, seed=seed)
+    sharpen_attention(model.model.language_model.layers)
+    eager = copy.deepcopy(model)
+    eager.set_attn_implementation("eager")
+    return LlavaBackbone(model, processor), eager
+
+
+def padded_prompts(processor, size: int = 3, seed: int = 4) -> dict:
+    """A batch of ``size`` eval prompts (no answers) of the synthetic data, checked to hold padding."""
+    data = SyntheticVQADataset(size, "eval", seed=seed)
+    out = VQACollator(processor, with_answers=False)([data[i] for i in range(size)])
+    assert (out["attention_mask"] == 0).any(), "padding must be exercised"
+    return out
 
 
 def tiny_settings(tmp_path, backbone_folder, **overrides) -> dict:

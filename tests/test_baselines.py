@@ -1,11 +1,8 @@
-import copy
 import itertools
 
 import pytest
 import torch
 
-from data.collator import VQACollator
-from data.synthetic_vqa import SyntheticVQADataset
 from models.baselines import BASELINES, build_baseline, kept_tokens
 from models.baselines.fastv import received_attention
 from models.baselines.pyramid_drop import pyramid_budgets
@@ -13,8 +10,8 @@ from models.baselines.random_pruning import RandomPruning
 from models.baselines.spatial_pooling import SpatialPooling, pooling_grid
 from models.baselines.tome import ToMe, bipartite_soft_matching, merge_steps
 from models.baselines.visionzip import VisionZip
-from models.llava_backbone import LlavaBackbone, VisionAttention
-from tests.helpers import llava_like, sharpen_attention
+from models.llava_backbone import VisionAttention
+from tests.helpers import padded_prompts, sharp_llava_and_eager
 from trainers.inference.evaluation import module_flops
 
 N = 144  # 96 px images, 8 px patches
@@ -23,19 +20,12 @@ N = 144  # 96 px images, 8 px patches
 @pytest.fixture(scope="module")
 def models():
     """The tiny backbone (SDPA) and an eager copy of the same weights, for reference attention maps."""
-    model, processor = llava_like(96, 8, text_layers=4, seed=5)
-    sharpen_attention(model.model.language_model.layers)
-    eager = copy.deepcopy(model)
-    eager.set_attn_implementation("eager")
-    return LlavaBackbone(model, processor), eager
+    return sharp_llava_and_eager(text_layers=4, seed=5)
 
 
 @pytest.fixture(scope="module")
 def batch(models):
-    data = SyntheticVQADataset(3, "eval", seed=4)
-    out = VQACollator(models[0].processor, with_answers=False)([data[i] for i in range(3)])
-    assert (out["attention_mask"] == 0).any(), "padding must be exercised"
-    return out
+    return padded_prompts(models[0].processor)
 
 
 @pytest.fixture(scope="module")

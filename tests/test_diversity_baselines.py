@@ -1,7 +1,6 @@
 """CDPruner, DivPrune, VisPruner and DART (models/baselines): each against its definition on hand-made inputs, their
 own FLOPs against torch's counter, through the pruned forward of the tiny LLaVA, and on every backbone family."""
 
-import copy
 import itertools
 import math
 from types import SimpleNamespace
@@ -11,16 +10,14 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from data.collator import VQACollator
-from data.synthetic_vqa import SyntheticVQADataset
 from models.baselines import build_baseline
 from models.baselines.cdpruner import CDPruner, conditional_kernel, dpp_greedy_map, instruction_relevance
 from models.baselines.dart import DART, duplication_order, leading_run
 from models.baselines.divprune import DivPrune, max_min_greedy
 from models.baselines.subset import linear_cost_per_token
 from models.baselines.vispruner import VisPruner, remove_duplicates
-from models.llava_backbone import LlavaBackbone, VisionAttention
-from tests.helpers import llava_like, sharpen_attention
+from models.llava_backbone import VisionAttention
+from tests.helpers import padded_prompts, sharp_llava_and_eager
 from tests.test_backbone_families import FAMILIES, batch_of, image_tokens, inputs_of
 
 NEW = ("cdpruner", "divpruner", "vispruner", "dart")
@@ -197,19 +194,12 @@ def test_selectors_on_padded_images_equal_each_image_alone(name):
 @pytest.fixture(scope="module")
 def models():
     """The tiny backbone (SDPA) and an eager copy of the same weights, for the hidden states entering each layer."""
-    model, processor = llava_like(96, 8, text_layers=4, seed=5)
-    sharpen_attention(model.model.language_model.layers)
-    eager = copy.deepcopy(model)
-    eager.set_attn_implementation("eager")
-    return LlavaBackbone(model, processor), eager
+    return sharp_llava_and_eager(text_layers=4, seed=5)
 
 
 @pytest.fixture(scope="module")
 def batch(models):
-    data = SyntheticVQADataset(3, "eval", seed=4)
-    out = VQACollator(models[0].processor, with_answers=False)([data[i] for i in range(3)])
-    assert (out["attention_mask"] == 0).any(), "padding must be exercised"
-    return out
+    return padded_prompts(models[0].processor)
 
 
 def multiply_adds(fn) -> int:

@@ -1,6 +1,5 @@
 """The merger's importance target: the teacher's attention from the answer-predicting token."""
 
-import copy
 
 import pytest
 import torch
@@ -8,21 +7,16 @@ import torch
 from data.collator import VQACollator
 from data.relevance import Relevance
 from data.synthetic_vqa import SyntheticVQADataset
-from models.llava_backbone import LlavaBackbone
 from models.pruned_llava import PrunedLlava
 from models.sequences import IGNORE_INDEX
-from tests.helpers import llava_like, sharpen_attention
+from tests.helpers import sharp_llava_and_eager
 from trainers.training.losses import (RELEVANCE_MARGIN, irrelevant_tokens, merge_importance_loss, pruner_importance_loss,
                              pruner_relevance_loss, relevance_loss)
 
 
 @pytest.fixture(scope="module")
 def models():
-    model, processor = llava_like(96, 8, text_layers=3, seed=7)
-    sharpen_attention(model.model.language_model.layers)  # so that a wrong query row or layer would show
-    eager = copy.deepcopy(model)
-    eager.set_attn_implementation("eager")
-    return LlavaBackbone(model, processor), eager
+    return sharp_llava_and_eager(text_layers=3, seed=7)  # sharpened, so that a wrong query row or layer would show
 
 
 @pytest.mark.parametrize("with_answers", [False, True])
