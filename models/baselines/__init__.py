@@ -28,6 +28,8 @@ K, which is why the benchmark reports FLOPs and time beside accuracy.
 
 from __future__ import annotations
 
+import functools
+
 from torch import nn
 
 from models.baselines.cdpruner import CDPruner
@@ -84,7 +86,14 @@ def text_relevance(backbone: LlavaBackbone, clip: str | None) -> ClipTextRelevan
     folder = clip if clip is not None else clip_folder_of(backbone.model.name_or_path)
     if folder is None:
         return None
-    return load_clip_relevance(folder, backbone.processor.tokenizer, backbone.vision_hidden_size).to(backbone.device)
+    return _loaded_clip(str(folder), backbone.processor.tokenizer, backbone.vision_hidden_size, str(backbone.device))
+
+
+@functools.lru_cache(maxsize=1)
+def _loaded_clip(folder: str, tokenizer, vision_width: int, device: str) -> ClipTextRelevance:
+    """One load of a CLIP for a backbone, however many CDPruners use it (the benchmark builds one per budget; a
+    llava-1.5 CLIP is 1.7 GB). The module is read-only: the CDPruners share it."""
+    return load_clip_relevance(folder, tokenizer, vision_width).to(device)
 
 
 def build_baseline(name: str, backbone: LlavaBackbone, num_keep: int, pruning_layers: list[int],
