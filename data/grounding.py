@@ -16,6 +16,7 @@ scripts/textvqa_to_llava.py read the files and call these.
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections import Counter
 from pathlib import Path
@@ -39,6 +40,19 @@ def read_json(path: str | Path, kind: type = dict) -> Any:
     if not isinstance(value, kind):
         raise ValueError(f"{path} holds a JSON {type(value).__name__}, not the {kind.__name__} this format has")
     return value
+
+
+def write_records(path: Path, records: list, counts: dict[str, int]) -> str:
+    """Write the records as a JSON list through a temporary file beside ``path`` (a crash or a full disk never
+    leaves half a file, nor touches one already there, which may be the input itself); the line a converter prints."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(json.dumps(records))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    found = ", ".join(f"{n} {what}" for what, n in counts.items()) or "no boxes found"
+    return f"wrote {path}: {len(records)} records ({found})"
 
 
 def clipped_box(x0: float, y0: float, x1: float, y1: float) -> Box | None:

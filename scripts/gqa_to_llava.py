@@ -10,11 +10,10 @@ distractor_boxes. docs/data.md ("Relevance boxes") says how such records train.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
-from data.grounding import SHORT_ANSWER, gqa_records, read_json
+from data.grounding import SHORT_ANSWER, gqa_records, read_json, write_records
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,8 +32,7 @@ def main(argv: list[str] | None = None) -> int:
         records, counts = gqa_records(questions, graphs, args.image_folder, args.prompt, args.distractors)
     except (ValueError, KeyError, TypeError) as err:
         parser.error(f"not GQA's format ({err!r}): give the questions file and the scene graphs of the same split")
-    args.out.write_text(json.dumps(records))
-    print(f"wrote {args.out}: {len(records)} records ({', '.join(f'{n} {what}' for what, n in counts.items())})")
+    print(write_records(args.out, records, counts))
     return 0
 
 

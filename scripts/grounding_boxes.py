@@ -11,13 +11,12 @@ of the image). Other records are written unchanged (data/grounding.py).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 from PIL import Image
 
-from data.grounding import add_grounding_boxes, read_json
+from data.grounding import add_grounding_boxes, read_json, write_records
 
 
 def header_size(folder: Path):
@@ -49,9 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(err))
     counts = add_grounding_boxes(records, header_size(args.image_folder) if not args.unpadded else None,
                                  padded=not args.unpadded)
-    args.out.write_text(json.dumps(records))
-    found = ", ".join(f"{n} {what}" for what, n in counts.items()) or "no boxes found"
-    print(f"wrote {args.out}: {len(records)} records ({found})")
+    print(write_records(args.out, records, counts))
     return 0
 
 

@@ -11,11 +11,10 @@ One one-turn record per question, its answer the most frequent of the ten, its i
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
-from data.grounding import SHORT_ANSWER, read_json, textvqa_records
+from data.grounding import SHORT_ANSWER, read_json, textvqa_records, write_records
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,8 +33,7 @@ def main(argv: list[str] | None = None) -> int:
                                           args.prompt, args.distractors)
     except (ValueError, KeyError, TypeError) as err:
         parser.error(f"not TextVQA's format ({err!r}): give the questions file and the OCR file of the same split")
-    args.out.write_text(json.dumps(records))
-    print(f"wrote {args.out}: {len(records)} records ({', '.join(f'{n} {what}' for what, n in counts.items())})")
+    print(write_records(args.out, records, counts))
     return 0
 
 

@@ -6,7 +6,7 @@ import json
 import pytest
 from PIL import Image
 
-from data.grounding import add_grounding_boxes, gqa_records, textvqa_records, unpadded_box
+from data.grounding import add_grounding_boxes, gqa_records, textvqa_records, unpadded_box, write_records
 from data.instruction_json import BadSampleError, LlavaInstructionDataset
 from scripts import gqa_to_llava, grounding_boxes, textvqa_to_llava
 
@@ -172,3 +172,15 @@ def test_a_record_with_a_malformed_box_is_a_bad_record(tmp_path):
         LlavaInstructionDataset(tmp_path / "bad.json", tmp_path)
     assert "3 bad record(s)" in str(err.value) and "'relevant_boxes'[0] is [0.5, 0.1, 0.2, 0.4]" in str(err.value)
     assert "'pixels'" in str(err.value) and "'not-a-list'" in str(err.value) and "'fine'" not in str(err.value)
+
+
+def test_a_converter_writes_in_place_and_a_failed_write_leaves_the_old_file(tmp_path):
+    source = tmp_path / "mix.json"
+    source.write_text(json.dumps(GROUNDING_RECORDS))
+    assert grounding_boxes.main([str(source), "--unpadded", "--out", str(source)]) == 0  # the input, rewritten
+    converted = json.loads(source.read_text())
+    assert converted[1]["relevant_boxes"] and len(converted) == len(GROUNDING_RECORDS)
+    with pytest.raises(TypeError):  # a record JSON cannot hold: nothing is written
+        write_records(source, [{"boxes": {0.1}}], {})
+    assert json.loads(source.read_text()) == converted and [p.name for p in tmp_path.iterdir()] == ["mix.json"]
+    assert write_records(tmp_path / "none.json", [], {}) == f"wrote {tmp_path / 'none.json'}: 0 records (no boxes found)"
