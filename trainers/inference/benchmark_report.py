@@ -8,6 +8,7 @@ unpruned model's row (the first), the accuracy retained, the FLOPs ratio and the
 from __future__ import annotations
 
 import csv
+import re
 from pathlib import Path
 
 from matplotlib.figure import Figure
@@ -82,3 +83,35 @@ def write_report(rows: list[dict], out: Path, num_tokens: int, header: str, note
     write_csv(rows, out / "results.csv")
     plot(rows, out / "accuracy_vs_flops.png", plot_title)
     return markdown
+
+
+# ------------------------------------------------------------------------------------- reading results back, compared
+def read_results(out: Path) -> tuple[list[dict], int | None]:
+    """The rows of ``out/results.csv`` (budget None for the unpruned row; accuracy, FLOPs ratio and per-type accuracy
+    as floats) and the number of eval questions its results.md names (None when it names none)."""
+    with (out / "results.csv").open(newline="") as f:
+        rows = [{**row, "budget": float(row["budget"]) if row["budget"] else None, "accuracy": float(row["accuracy"]),
+                 "flops": float(row["flops"]), "flops_ratio": float(row["flops_ratio"])} for row in csv.DictReader(f)]
+    found = re.search(r"(\d+) eval questions", (out / "results.md").read_text()) if (out / "results.md").exists() else None
+    return rows, int(found.group(1)) if found else None
+
+
+def learned_family(method: str) -> str | None:
+    """'learned, no labels (tome FLOPs)' -> 'learned, no labels'; None for a training-free method."""
+    return re.sub(r" \(\w+ FLOPs\)$", "", method) if method.startswith("learned") else None
+
+
+def matched_margins(rows: list[dict], family: str) -> list[dict]:
+    """For each training-free row at each budget: the most accurate row of the learned ``family`` at that budget that
+    spends no more prefill FLOPs, and its margin (accuracy difference; None where every row of the family spends
+    more, ``learned`` then None)."""
+    found = []
+    for rival in rows:
+        if rival["budget"] is None or learned_family(rival["method"]) is not None:
+            continue
+        mine = [r for r in rows if r["budget"] == rival["budget"] and learned_family(r["method"]) == family
+                and r["flops"] <= rival["flops"]]
+        best = max(mine, key=lambda r: r["accuracy"], default=None)
+        found.append({"budget": rival["budget"], "rival": rival, "learned": best,
+                      "margin": None if best is None else best["accuracy"] - rival["accuracy"]})
+    return found
