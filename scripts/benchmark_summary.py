@@ -9,7 +9,7 @@ tables: every method's accuracy (or retained accuracy) per budget, one figure pe
 budget and learned row family ("learned", "learned, no labels", each --variant), its smallest margin over the
 training-free methods: for each training-free method, the most accurate row of the family at that budget that spends
 no more FLOPs than it, minus that method's accuracy, in questions where results.md names how many (in accuracy
-otherwise). A method cheaper than every row of the family is listed apart: nothing learned was measured at its FLOPs.
+otherwise), and where it loses, the question types where the learned row is below (accuracy difference per type). A method cheaper than every row of the family is listed apart: nothing learned was measured at its FLOPs.
 """
 
 from __future__ import annotations
@@ -39,6 +39,12 @@ def pivot(draws: list[list[dict]], value: str, budgets: list[float]) -> str:
     return "\n".join(lines)
 
 
+def type_differences(mine: dict, rival: dict) -> dict[str, float]:
+    """Accuracy per question type, ``mine`` minus ``rival`` (results.csv's accuracy/<type> columns)."""
+    return {key.split("/", 1)[1]: float(mine[key]) - float(rival[key]) for key in mine
+            if key.startswith("accuracy/") and key in rival}
+
+
 def margins(draws: list[tuple[list[dict], int | None]], budgets: list[float]) -> str:
     families = list(dict.fromkeys(learned_family(row["method"]) for rows, _ in draws for row in rows
                                   if learned_family(row["method"]) is not None))
@@ -59,7 +65,9 @@ def margins(draws: list[tuple[list[dict], int | None]], budgets: list[float]) ->
                     worst.append("none at no more FLOPs")
                     continue
                 size = f"{m['margin'] * questions:+.0f}" if questions else f"{m['margin']:+.4f}"
-                worst.append(f"{size} ({m['rival']['method']})")
+                below = [f"{t} {d:+.3f}" for t, d in type_differences(m["learned"], m["rival"]).items()
+                         if d < 0 and m["margin"] < 0]  # where a loss comes from
+                worst.append(f"{size} ({m['rival']['method']}{'; ' if below else ''}{', '.join(below)})")
             if any(w != "—" for w in worst):  # else the family was not trained for this budget
                 lines.append(f"| {budget:.0%} | {family} | {' / '.join(worst)} | {', '.join(sorted(cheaper)) or '—'} |")
     return "\n".join(lines)

@@ -10,7 +10,7 @@ import pytest
 from scripts import benchmark_summary
 from trainers.inference.benchmark_report import learned_family, matched_margins, read_results
 
-FIELDS = ["budget", "kept", "method", "accuracy", "flops", "flops_ratio", "accuracy/count"]
+FIELDS = ["budget", "kept", "method", "accuracy", "flops", "flops_ratio", "accuracy/count", "accuracy/row_of"]
 
 
 def write_draw(folder, rows, questions=2000):
@@ -21,7 +21,8 @@ def write_draw(folder, rows, questions=2000):
         writer.writeheader()
         for budget, method, accuracy, flops in [(None, "unpruned", 0.8, 1000), *rows]:
             writer.writerow({"budget": "" if budget is None else budget, "kept": 1, "method": method,
-                             "accuracy": accuracy, "flops": flops, "flops_ratio": flops / 1000, "accuracy/count": 0})
+                             "accuracy": accuracy, "flops": flops, "flops_ratio": flops / 1000,
+                             "accuracy/count": accuracy, "accuracy/row_of": 0.5})
     if questions:
         (folder / "results.md").write_text(f"backbones/x, float32, {questions} eval questions (synthetic)\n")
     return folder
@@ -59,7 +60,7 @@ def test_the_script_puts_draws_side_by_side_with_margins_in_questions(tmp_path, 
     # the smallest margin of "learned" at 50% is ToMe's (+10 questions of 2000); VisionZip is cheaper than every row;
     # the second draw has no learned rows
     assert "| 50% | learned | +10 (tome) / — | visionzip (49.9%) |" in out
-    assert "| 50% | learned, no labels | -170 (tome) / — | visionzip (49.9%) |" in out
+    assert "| 50% | learned, no labels | -170 (tome; count -0.085) / — | visionzip (49.9%) |" in out
     assert "| 25% | learned | +100 (tome) / — | — |" in out and "| 25% | learned, no labels" not in out
     benchmark_summary.main([str(one), "--value", "retained", "--budgets", "0.25"])
     assert "| learned (tome FLOPs) | 93.8% |" in capsys.readouterr().out
