@@ -9,7 +9,8 @@ tables: every method's accuracy (or retained accuracy) per budget, one figure pe
 budget and learned row family ("learned", "learned, no labels", each --variant), its smallest margin over the
 training-free methods: for each training-free method, the most accurate row of the family at that budget that spends
 no more FLOPs than it, minus that method's accuracy, in questions where results.md names how many (in accuracy
-otherwise), and where it loses, the question types where the learned row is below (accuracy difference per type). A method cheaper than every row of the family is listed apart: nothing learned was measured at its FLOPs.
+otherwise), and where it loses, the question types where the learned row is below (accuracy difference per type).
+A method cheaper than every row of the family is listed apart: nothing learned was measured at its FLOPs.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ def pivot(draws: list[list[dict]], value: str, budgets: list[float]) -> str:
 
 def type_differences(mine: dict, rival: dict) -> dict[str, float]:
     """Accuracy per question type, ``mine`` minus ``rival`` (results.csv's accuracy/<type> columns)."""
-    return {key.split("/", 1)[1]: float(mine[key]) - float(rival[key]) for key in mine
+    return {key.split("/", 1)[1]: mine[key] - rival[key] for key in mine
             if key.startswith("accuracy/") and key in rival}
 
 
@@ -69,7 +70,8 @@ def margins(draws: list[tuple[list[dict], int | None]], budgets: list[float]) ->
                          if d < 0 and m["margin"] < 0]  # where a loss comes from
                 worst.append(f"{size} ({m['rival']['method']}{'; ' if below else ''}{', '.join(below)})")
             if any(w != "—" for w in worst):  # else the family was not trained for this budget
-                lines.append(f"| {budget:.0%} | {family} | {' / '.join(worst)} | {', '.join(sorted(cheaper)) or '—'} |")
+                rest = ", ".join(sorted(cheaper)) or "—"
+                lines.append(f"| {budget:.0%} | {family} | {' / '.join(worst)} | {rest} |")
     return "\n".join(lines)
 
 

@@ -183,4 +183,5 @@ def test_a_converter_writes_in_place_and_a_failed_write_leaves_the_old_file(tmp_
     with pytest.raises(TypeError):  # a record JSON cannot hold: nothing is written
         write_records(source, [{"boxes": {0.1}}], {})
     assert json.loads(source.read_text()) == converted and [p.name for p in tmp_path.iterdir()] == ["mix.json"]
-    assert write_records(tmp_path / "none.json", [], {}) == f"wrote {tmp_path / 'none.json'}: 0 records (no boxes found)"
+    none = tmp_path / "none.json"
+    assert write_records(none, [], {}) == f"wrote {none}: 0 records (no boxes found)"

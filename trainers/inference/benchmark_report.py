@@ -87,17 +87,22 @@ def write_report(rows: list[dict], out: Path, num_tokens: int, header: str, note
 
 # ------------------------------------------------------------------------------------- reading results back, compared
 def read_results(out: Path) -> tuple[list[dict], int | None]:
-    """The rows of ``out/results.csv`` (budget None for the unpruned row; accuracy, FLOPs ratio and per-type accuracy
-    as floats) and the number of eval questions its results.md names (None when it names none)."""
+    """The rows of ``out/results.csv`` (budget None for the unpruned row; FLOPs and every accuracy column, overall
+    and per question type, as floats) and the number of eval questions its results.md names in the header
+    trainers/inference/benchmark.header writes (None when it names none)."""
+    numbers = ("flops", "flops_ratio")
     with (out / "results.csv").open(newline="") as f:
-        rows = [{**row, "budget": float(row["budget"]) if row["budget"] else None, "accuracy": float(row["accuracy"]),
-                 "flops": float(row["flops"]), "flops_ratio": float(row["flops_ratio"])} for row in csv.DictReader(f)]
-    found = re.search(r"(\d+) eval questions", (out / "results.md").read_text()) if (out / "results.md").exists() else None
+        rows = [{**row, "budget": float(row["budget"]) if row["budget"] else None,
+                 **{k: float(v) for k, v in row.items() if k in numbers or k.startswith("accuracy")}}
+                for row in csv.DictReader(f)]
+    report = out / "results.md"
+    found = re.search(r"(\d+) eval questions", report.read_text()) if report.exists() else None
     return rows, int(found.group(1)) if found else None
 
 
 def learned_family(method: str) -> str | None:
-    """'learned, no labels (tome FLOPs)' -> 'learned, no labels'; None for a training-free method."""
+    """'learned, no labels (tome FLOPs)' -> 'learned, no labels' (the row names of trainers/inference/benchmark.py
+    LearnedRun.name); None for a training-free method."""
     return re.sub(r" \(\w+ FLOPs\)$", "", method) if method.startswith("learned") else None
 
 
