@@ -174,11 +174,17 @@ class MethodSettings:
     pruner_importance_weight: float = num(0.0, ge=0)
     # weight of the relevance losses: with data that carries relevance boxes (the regions a question is about: the
     # synthetic scenes' objects, or relevant_boxes on llava_json records, docs/data.md), the pruners' (and a
-    # question-aware merger's) keep logits at the tokens the boxes mark irrelevant are pushed down and their
-    # importance target is zero there, so they learn to drop those first (0: the boxes are not used). Samples
+    # question-aware merger's) keep logits at the tokens the boxes mark irrelevant are pushed down (how far:
+    # relevance_ranking), so they learn to drop those before the asked ones (0: the boxes are not used). Samples
     # without boxes add no relevance loss. Training only: inference reads no boxes. Refused when no training sample
     # carries boxes
     relevance_weight: float = num(0.0, ge=0)
+    # where the relevance losses put a token the boxes mark irrelevant. last: under nearly everything (pushed below
+    # the median of every other token, a zero importance target): dropped first, before the background.
+    # below_relevant: under the tokens a relevant box covers only (below their median), its importance target left at
+    # the teacher's attention, so an unasked object the model reads still ranks above the background; on the tiny
+    # backbone it lost at a 5% budget on both draws measured and gained nothing beyond noise at 50% (docs/benchmark.md)
+    relevance_ranking: Literal["last", "below_relevant"] = "last"
     merger_d_internal: int = num(256, ge=1)  # width of the merger's scorer
     # decoder layers with a pruner before them, strictly increasing, within the backbone's depth ([]: no pruners, the
     # merger trains alone, with pruner_keep_ratios [])

@@ -50,7 +50,7 @@ def distractor_mask(samples, backbone) -> torch.Tensor:
     through the training's own map from boxes to tokens)."""
     every = torch.ones(len(samples), backbone.num_vision_tokens, dtype=torch.bool)
     return irrelevant_tokens(backbone.box_tokens, [s.relevance for s in samples], [s.image.size for s in samples],
-                             every)[0]
+                             every).irrelevant
 
 
 class WithoutDistractors(PreProjectorSelector):

@@ -163,7 +163,8 @@ def test_the_synthetic_labels_as_boxes_are_the_patch_grid_labels(patch):
     data = SyntheticVQADataset(40, "train", seed=5)
     samples = [data[i] for i in range(40)]
     side = 96 // patch
-    irrelevant, labelled = irrelevant_tokens(backbone.box_tokens, [s.relevance for s in samples],
-                                             [s.image.size for s in samples], torch.ones(40, side * side, dtype=torch.bool))
-    assert labelled.all() and irrelevant.any()
+    irrelevant, relevant, labelled = irrelevant_tokens(backbone.box_tokens, [s.relevance for s in samples],
+                                                       [s.image.size for s in samples],
+                                                       torch.ones(40, side * side, dtype=torch.bool))
+    assert labelled.all() and irrelevant.any() and relevant.any() and not (relevant & irrelevant).any()
     assert torch.equal(irrelevant, torch.stack([old_grid_labels(s, side) for s in samples]))

@@ -99,8 +99,9 @@ def test_relevance_boxes_label_the_tokens_no_relevant_box_covers_or_the_distract
                  Relevance(((2.0, 0, 3.0, 1),))]  # a box no token sees (cut away by a crop): no label
     valid = torch.ones(6, 5, dtype=torch.bool)
     valid[:, 4] = False  # images of 4 tokens in a batch of 5
-    irrelevant, labelled = irrelevant_tokens(box_tokens, relevance, [(4, 4)] * 6, valid)
+    irrelevant, relevant, labelled = irrelevant_tokens(box_tokens, relevance, [(4, 4)] * 6, valid)
     assert irrelevant.int().tolist() == [[0, 1, 1, 1, 0], [0, 0, 1, 1, 0], [0] * 5, [0, 1, 0, 0, 0], [0] * 5, [0] * 5]
+    assert relevant.int().tolist() == [[1, 0, 0, 0, 0], [1, 0, 0, 0, 0], [0] * 5, [0] * 5, [1, 1, 1, 1, 0], [0] * 5]
     assert labelled.tolist() == [True, True, False, True, True, False]
     with pytest.raises(ValueError, match="map onto 5 vision tokens, but its image .* has 4"):
         irrelevant_tokens(box_tokens, relevance[:1], [(5, 5)], valid[:1])
@@ -137,6 +138,25 @@ def test_the_relevance_loss_pushes_down_exactly_the_irrelevant_tokens_of_each_st
     assert loss.item() == pytest.approx(((stage0 + stage1) / 2).item(), rel=1e-6)
     none = pruner_relevance_loss(logits, positions, torch.zeros(2, 6, dtype=torch.bool), image_positions)
     assert none.item() == 0
+
+
+def test_the_relevance_loss_pushes_below_the_median_of_the_reference_tokens_only():
+    # below_relevant: the anchor is the asked tokens' median, not the background's; a sample with no asked token left
+    # (at a stage that dropped them all) adds nothing
+    z = torch.tensor([[4.0, 6.0, 0.0, 0.0, 0.0, 3.0], [1.0, 0.0, 0.0, 2.0, 2.0, 2.0]], requires_grad=True)
+    irrelevant = torch.tensor([[0, 0, 0, 0, 0, 1], [0, 0, 0, 1, 1, 1]], dtype=torch.bool)
+    asked = torch.tensor([[1, 1, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0]], dtype=torch.bool)
+    loss = relevance_loss(z, irrelevant, reference=asked)
+    # sample 0: median of [4, 6] is 4 (the lower middle, as torch's); sample 1 has no reference: 0
+    assert loss.item() == pytest.approx(torch.sigmoid(torch.tensor(3.0 - 4.0 + RELEVANCE_MARGIN)).item() / 2, rel=1e-6)
+    everything_else = relevance_loss(z, irrelevant)  # the default anchor: median of [4, 6, 0, 0, 0] is 0
+    assert everything_else.item() > loss.item()
+    loss.backward()
+    assert z.grad[0].gt(0).tolist() == [False] * 5 + [True] and not z.grad[1].any()
+    # the same at a pruning stage: the reference is read at the stage's tokens
+    image_positions = torch.arange(6).repeat(2, 1)
+    staged = pruner_relevance_loss([z.detach()], [image_positions], irrelevant, image_positions, reference=asked)
+    assert staged.item() == pytest.approx(loss.item(), rel=1e-6)
 
 
 def test_the_relevance_loss_is_a_per_sample_mean():

@@ -181,36 +181,44 @@ def test_importance_losses_are_logged_and_train_merger_and_pruners_towards_the_t
     assert all(name in text for name in names)
 
 
-@pytest.mark.parametrize("merger_type", ["simple", "question_aware"])
-def test_relevance_labels_zero_the_importance_target_at_the_distractors(tmp_path, tiny_folder, monkeypatch, merger_type):
+@pytest.mark.parametrize("merger_type,ranking", [("simple", "last"), ("question_aware", "last"),
+                                                  ("question_aware", "below_relevant")])
+def test_relevance_labels_rank_the_distractors_below_the_asked_tokens_or_last(tmp_path, tiny_folder, monkeypatch,
+                                                                             merger_type, ranking):
     trainer = make_trainer(tmp_path, tiny_folder, **{"method_settings.relevance_weight": 1.0,
+                                                     "method_settings.relevance_ranking": ranking,
                                                      "method_settings.merger_type": merger_type,
                                                      "method_settings.merge_importance_weight": 1.0,
                                                      "method_settings.pruner_importance_weight": 1.0})
-    targets = {}
+    seen = {}
 
-    def recording(name, loss):
+    def recording(name, loss, index):
         def wrapped(*args):
-            targets[name] = args[2] if name == "pruner" else args[1]
+            seen[name] = args[index]
             return loss(*args)
         return wrapped
 
-    monkeypatch.setattr(trainer_module, "pruner_importance_loss", recording("pruner", trainer_module.pruner_importance_loss))
-    monkeypatch.setattr(trainer_module, "merge_importance_loss", recording("merger", trainer_module.merge_importance_loss))
+    for name, index in [("pruner_importance_loss", 2), ("merge_importance_loss", 1), ("relevance_loss", -1),
+                        ("pruner_relevance_loss", -1)]:
+        monkeypatch.setattr(trainer_module, name, recording(name, getattr(trainer_module, name), index))
     (batch,) = micro_batches = first_batch(trainer)
     values = trainer.training_step(micro_batches)
-    distractors, labelled = trainer.relevance_labels(batch)  # (B, 144): the scenes' boxes on the patch grid
+    distractors, asked, labelled = trainer.relevance_labels(batch)  # (B, 144): the scenes' boxes on the patch grid
     assert labelled.all() and distractors.any(dim=1).sum() >= 2  # the batch has distractors to drop
     ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
     with torch.no_grad():
         attention = trainer.teacher(ids, batch["pixel_values"], mask, labels=labels, record_attention=True).vision_attention
     assert (attention > 0).all()
-    assert torch.equal(targets["pruner"], torch.where(distractors, 0.0, attention))
+    # last: a zero importance target at the distractors, pushed below every other token's median; below_relevant:
+    # the teacher's attention everywhere, pushed below the asked tokens' median
+    target = torch.where(distractors, 0.0, attention) if ranking == "last" else attention
+    assert torch.equal(seen["pruner_importance_loss"], target)
+    assert (seen["pruner_relevance_loss"] is None) if ranking == "last" else torch.equal(seen["pruner_relevance_loss"], asked)
     # a question-blind merger cannot know what is asked: it keeps learning the teacher's attention, with no push
     aware = merger_type == "question_aware"
-    assert torch.equal(targets["merger"], torch.where(distractors, 0.0, attention) if aware else attention)
+    assert torch.equal(seen["merge_importance_loss"], target if aware else attention)
     assert values["pruner_relevance_loss"] > 0 and ("merge_relevance_loss" in values) == aware
-
+    assert ("relevance_loss" in seen) == aware
 
 
 def test_relevance_weight_without_boxes_in_the_data_is_refused(tmp_path, tiny_folder):
@@ -238,7 +246,7 @@ def test_a_partly_labelled_train_set_trains_its_relevance_losses_on_the_labelled
                                                      "data_settings.synthetic_labelled_fraction": 0.3,
                                                      "trainer_settings.dl_settings.gradient_accumulation_steps": 2})
     micro_batches = first_batch(trainer)
-    counts = [int(trainer.relevance_labels(b)[1].sum()) for b in micro_batches]
+    counts = [int(trainer.relevance_labels(b).labelled.sum()) for b in micro_batches]
     assert [len(b["ids"]) for b in micro_batches] == [2, 2] and 0 < sum(counts) < 4
     assert trainer.labelled_per_batch(micro_batches) == sum(counts) / 2
     values = trainer.training_step(micro_batches)

@@ -4,6 +4,7 @@ losses that teach the merger and the pruners the unpruned model's attention."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -63,37 +64,45 @@ def at_stage(values: torch.Tensor, positions: torch.Tensor, image_positions: tor
     return values.gather(1, patch.clamp_max(values.shape[1] - 1)) * (positions >= 0)
 
 
-RELEVANCE_MARGIN = 2.0  # how far below the relevant tokens' median score an irrelevant token is pushed
+RELEVANCE_MARGIN = 2.0  # how far below the reference tokens' median score an irrelevant token is pushed
 
 
 def relevance_loss(logits: torch.Tensor, irrelevant: torch.Tensor, valid: torch.Tensor | None = None,
-                   labelled: torch.Tensor | None = None, labelled_per_batch: float | None = None) -> torch.Tensor:
+                   labelled: torch.Tensor | None = None, labelled_per_batch: float | None = None,
+                   reference: torch.Tensor | None = None) -> torch.Tensor:
     """sigmoid(z_j - median + margin) averaged over each sample's tokens labelled irrelevant (``irrelevant`` (B, n)
     bool; 0 for a sample with none), then over the labelled samples (:func:`labelled_mean`). The median is over the
-    sample's other real tokens (``valid`` (B, n)), detached: an irrelevant token's keep logit (or merger score) is
-    pushed below the typical relevant token's (mostly background), so hard mode's top-k drops it first, while the
-    level and order of the relevant tokens are left to the other losses. Bounded: a token the module cannot tell from
-    a relevant one stops pulling once it is far above (a softplus here made the merger's scores diverge)."""
-    return labelled_mean(_relevance_per_sample(logits, irrelevant, valid), labelled, labelled_per_batch)
+    sample's ``reference`` tokens (B, n) bool, detached: the tokens a relevant box covers (an irrelevant token is pushed
+    below the typical asked one), or by default every other real token (``valid`` (B, n)), mostly background (it is
+    pushed below nearly everything). A sample with no reference token adds 0. The level and order of the other tokens
+    are left to the other losses. Bounded: a token the module cannot tell from a relevant one stops pulling once it
+    is far above (a softplus here made the merger's scores diverge)."""
+    return labelled_mean(_relevance_per_sample(logits, irrelevant, valid, reference), labelled, labelled_per_batch)
 
 
-def _relevance_per_sample(logits: torch.Tensor, irrelevant: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+def _relevance_per_sample(logits: torch.Tensor, irrelevant: torch.Tensor, valid: torch.Tensor | None,
+                          reference: torch.Tensor | None = None) -> torch.Tensor:
     """(B,) :func:`relevance_loss` of each sample."""
     logits = logits.float()
     valid = torch.ones_like(irrelevant) if valid is None else valid
-    others = logits.detach().masked_fill(irrelevant | ~valid, float("nan")).nanmedian(dim=1, keepdim=True).values
-    gap = torch.sigmoid(logits - others.nan_to_num(0.0) + RELEVANCE_MARGIN)
-    weight = (irrelevant & valid).float()
+    reference = (~irrelevant if reference is None else reference) & valid
+    anchor = logits.detach().masked_fill(~reference, float("nan")).nanmedian(dim=1, keepdim=True).values
+    gap = torch.sigmoid(logits - anchor.nan_to_num(0.0) + RELEVANCE_MARGIN)
+    weight = (irrelevant & valid & reference.any(dim=1, keepdim=True)).float()
     return (gap * weight).sum(1) / weight.sum(1).clamp_min(1)
 
 
 def pruner_relevance_loss(stage_logits: list[torch.Tensor], stage_positions: list[torch.Tensor],
                           irrelevant: torch.Tensor, image_positions: torch.Tensor, labelled: torch.Tensor | None = None,
-                          labelled_per_batch: float | None = None) -> torch.Tensor:
-    """:func:`relevance_loss` for each pruning stage at its tokens (``irrelevant`` (B, N) over the image
-    placeholders, as the teacher's attention is), averaged over the stages."""
+                          labelled_per_batch: float | None = None,
+                          reference: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`relevance_loss` for each pruning stage at its tokens (``irrelevant`` and ``reference`` (B, N) over the
+    image placeholders, as the teacher's attention is), averaged over the stages."""
+    def at(mask: torch.Tensor | None, positions: torch.Tensor) -> torch.Tensor | None:
+        return None if mask is None else at_stage(mask.float(), positions, image_positions) > 0
+
     per_sample = torch.stack([
-        _relevance_per_sample(z, at_stage(irrelevant.float(), positions, image_positions) > 0, positions >= 0)
+        _relevance_per_sample(z, at(irrelevant, positions), positions >= 0, at(reference, positions))
         for z, positions in zip(stage_logits, stage_positions)]).mean(dim=0)  # (B,)
     return labelled_mean(per_sample, labelled, labelled_per_batch)
 
@@ -112,9 +121,17 @@ def labelled_mean(per_sample: torch.Tensor, labelled: torch.Tensor | None = None
     return total / count if count > 0 else total * 0.0
 
 
+class RelevanceLabels(NamedTuple):
+    """A batch's relevance labels on its vision tokens (:func:`irrelevant_tokens`)."""
+
+    irrelevant: torch.Tensor  # (B, N) bool: what the relevance losses push down
+    relevant: torch.Tensor  # (B, N) bool: the tokens a relevant box covers
+    labelled: torch.Tensor  # (B,) bool: the samples that carry labels
+
+
 def irrelevant_tokens(box_tokens, relevance: list, image_sizes: list[tuple[int, int]],
-                      valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The relevance labels of a batch on its vision tokens: (irrelevant (B, N) bool, labelled (B,) bool).
+                      valid: torch.Tensor) -> RelevanceLabels:
+    """The relevance labels of a batch on its vision tokens.
 
     ``relevance``: each sample's data.relevance.Relevance or None; ``image_sizes``: each image's (width, height);
     ``valid`` (B, N): each sample's vision tokens (left-aligned, as the backbone's image features are);
@@ -124,6 +141,7 @@ def irrelevant_tokens(box_tokens, relevance: list, image_sizes: list[tuple[int, 
     irrelevant: one whose relevant boxes fall wholly outside what the backbone sees (a crop cut them away) has no
     label."""
     irrelevant = torch.zeros(valid.shape, dtype=torch.bool)
+    relevant_tokens = torch.zeros(valid.shape, dtype=torch.bool)
     labelled = torch.zeros(valid.shape[0], dtype=torch.bool)
     for b, (boxes, size) in enumerate(zip(relevance, image_sizes)):
         if boxes is None:
@@ -136,8 +154,8 @@ def irrelevant_tokens(box_tokens, relevance: list, image_sizes: list[tuple[int, 
                              "disagree about the image's geometry")
         marked = ~relevant if boxes.distractors is None else box_tokens(boxes.distractors, size) & ~relevant
         if not marked.all():
-            irrelevant[b, :count], labelled[b] = marked, True
-    return irrelevant, labelled
+            irrelevant[b, :count], relevant_tokens[b, :count], labelled[b] = marked, relevant, True
+    return RelevanceLabels(irrelevant, relevant_tokens, labelled)
 
 
 @dataclass(frozen=True)

@@ -48,7 +48,7 @@ from trainers.inference.pictures import grid_side, kept_patch_grids, model_view,
 from trainers.inference.pruned_model import load_modules, read_saved_modules, save_pretrained
 from trainers.run_log import RunLog
 from trainers.training.distributed import make_accelerator, shard
-from trainers.training.losses import (distillation_loss, irrelevant_tokens, merge_importance_loss,
+from trainers.training.losses import (RelevanceLabels, distillation_loss, irrelevant_tokens, merge_importance_loss,
                                       next_token_positions, pruner_importance_loss, pruner_relevance_loss,
                                       relevance_loss, task_loss, weighted_sum)
 from trainers.training.metrics_log import MetricsLog, summary
@@ -263,9 +263,9 @@ class Trainer:
         values["temperature"] = tau
         return values
 
-    def relevance_labels(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """The batch's relevance boxes on its vision tokens: (irrelevant (B, N) bool, labelled (B,) bool)
-        (trainers/training/losses.irrelevant_tokens, through the adapter's geometry)."""
+    def relevance_labels(self, batch: dict) -> RelevanceLabels:
+        """The batch's relevance boxes on its vision tokens (trainers/training/losses.irrelevant_tokens, through the
+        adapter's geometry)."""
         _, valid = self.vision_slots(batch["input_ids"], self.backbone.image_inputs(batch))
         return irrelevant_tokens(self.backbone.box_tokens, batch["relevance"], batch["image_sizes_wh"], valid.cpu())
 
@@ -278,7 +278,7 @@ class Trainer:
         """The samples with relevance labels in this step's global batch (every process's micro-batches), per
         micro-batch: what the relevance losses divide their sums by, so that accumulation and data parallelism, which
         average the micro-batches' losses, give the mean over the labelled samples however they are spread."""
-        here = sum(int(self.relevance_labels(batch)[1].sum()) for batch in micro_batches)
+        here = sum(int(self.relevance_labels(batch).labelled.sum()) for batch in micro_batches)
         total = self.accelerator.reduce(torch.tensor([float(here)], device=self.accelerator.device), "sum")
         return total.item() / (len(micro_batches) * self.accelerator.num_processes)
 
@@ -308,32 +308,35 @@ class Trainer:
                 "pruner_sparsity_loss": torch.stack(student.pruner_sparsity_losses).sum()
                 if student.pruner_sparsity_losses else torch.zeros((), device=device),
             })
-            attention = relevant = teacher.vision_attention  # (B, N) the importance target
+            attention = target = teacher.vision_attention  # (B, N) the importance target
             # a question-blind merger cannot know what is asked: relevance labels act on the pruners and on a
             # question-aware merger only
             aware = method.merger_type == "question_aware"
             if method.relevance_weight > 0:
-                irrelevant, labelled = self.relevance_labels(batch)  # unlabelled samples: no token irrelevant
-                irrelevant, labelled = irrelevant.to(device), labelled.to(device)
-                relevant = None if attention is None else attention * ~irrelevant
+                labels = self.relevance_labels(batch)  # unlabelled samples: no token irrelevant
+                irrelevant, labelled = labels.irrelevant.to(device), labels.labelled.to(device)
+                # the median the irrelevant tokens are pushed below: the asked tokens', or every other token's
+                reference = labels.relevant.to(device) if method.relevance_ranking == "below_relevant" else None
+                if method.relevance_ranking == "last" and attention is not None:
+                    target = attention * ~irrelevant
             if student.merge is not None:
                 terms["merge_sparsity_loss"] = student.merge.sparsity_loss
                 if method.merge_importance_weight > 0:
                     terms["merge_importance_loss"] = merge_importance_loss(student.merge.scores,
-                                                                           relevant if aware else attention)
+                                                                           target if aware else attention)
                 if method.relevance_weight > 0 and aware:
                     terms["merge_relevance_loss"] = relevance_loss(student.merge.scores, irrelevant,
                                                                    self.vision_slots(ids, images)[1], labelled,
-                                                                   labelled_per_batch)
+                                                                   labelled_per_batch, reference)
             if student.stage_logits and (method.pruner_importance_weight > 0 or method.relevance_weight > 0):
                 image_positions = sorted_positions(*self.vision_slots(ids, images))  # (B, N)
             if method.pruner_importance_weight > 0 and student.stage_logits:
                 terms["pruner_importance_loss"] = pruner_importance_loss(
-                    student.stage_logits, student.stage_positions, relevant, image_positions)
+                    student.stage_logits, student.stage_positions, target, image_positions)
             if method.relevance_weight > 0 and student.stage_logits:
                 terms["pruner_relevance_loss"] = pruner_relevance_loss(
                     student.stage_logits, student.stage_positions, irrelevant, image_positions, labelled,
-                    labelled_per_batch)
+                    labelled_per_batch, reference)
             if method.distill_weight > 0:
                 terms["distill_loss"] = distillation_loss(student.logits, student.labels,
                                                           teacher.logits, teacher.labels)
