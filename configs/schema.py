@@ -867,6 +867,25 @@ def config_to_dict(config: Config) -> dict:
     return dataclasses.asdict(config)
 
 
+def flatten(data: dict, prefix: str = "") -> dict[str, object]:
+    """A nested dict's leaves under dotted keys."""
+    flat = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def config_differences(saved: dict, config: Config, keys: tuple[str, ...]) -> list[str]:
+    """'key: saved -> now' for every setting under ``keys`` (dotted prefixes) on which a saved config (as
+    :func:`config_to_dict` wrote it) and ``config`` differ."""
+    old, new = flatten(saved), flatten(config_to_dict(config))
+    names = sorted(k for k in set(old) | set(new) if any(k == p or k.startswith(p + ".") for p in keys))
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in names if old.get(k) != new.get(k)]
+
+
 def save_config(config: Config, path: str | Path) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))

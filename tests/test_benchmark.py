@@ -88,10 +88,14 @@ def test_benchmark_trains_the_missing_runs_within_their_flops_and_writes_table_a
     assert benchmark.main(again) == 0
     assert benchmark.main([*again, "--set", "data_settings.seed=1"]) == 2
     assert "trained on other backbone weights or other training data" in capsys.readouterr().err
-    # nor when the method it would train now differs (a default or a --set changed since)
+    # nor when the method or the optimizers it would train with now differ (a default or a --set changed since)
     assert benchmark.main([*again, "--set", "method_settings.merge_spread_weight=0.5"]) == 2
     err = capsys.readouterr().err
-    assert "trained with other method settings" in err and "merge_spread_weight" in err and "--train-missing" in err
+    assert "trained with other settings" in err and "method_settings.merge_spread_weight:" in err
+    assert "-> 0.5" in err and "--train-missing" in err
+    cosine = "trainer_settings.dl_settings.optimizers.layer_pruners.scheduler"
+    assert benchmark.main([*again, "--set", f"{cosine}=cosine"]) == 2
+    assert f"{cosine}: 'constant' -> 'cosine'" in capsys.readouterr().err
 
 
 @pytest.mark.slow

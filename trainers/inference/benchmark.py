@@ -26,8 +26,8 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from configs.schema import (Config, ConfigError, check_against_backbone, config_from_dict, config_to_dict,
-                            load_config)
+from configs.schema import (Config, ConfigError, check_against_backbone, config_differences, config_from_dict,
+                            config_to_dict, load_config)
 from data.build import batches, build_datasets, planned_steps
 from data.collator import VQACollator
 from models.backbones import read_backbone_shape
@@ -385,25 +385,30 @@ def fingerprint_problem(folder: Path, expected: str) -> list[str]:
     return []
 
 
+# what a learned run's command trains with, beside the data and the backbone (its fingerprint): a run trained with
+# other values of these is not today's method
+RECIPE_KEYS = ("method_settings", "trainer_settings.dl_settings.epochs", "trainer_settings.dl_settings.batch_size",
+               "trainer_settings.dl_settings.optimizers", "manager_settings.seed")
+
+
 def load_learned(run: LearnedRun, backbone: LlavaBackbone, expected_fingerprint: str,
-                 expected_method: dict | None = None) -> tuple[PrunedLlava, float, int]:
+                 expected: Config | None = None) -> tuple[PrunedLlava, float, int]:
     """The run's final modules, the temperature they were evaluated at, and the step; checked against the budget
-    and, given ``expected_method`` (the method_settings its command trains with now), against the method settings
-    it was trained with: a run trained before a default changed is not reported as today's method."""
+    and, given ``expected`` (the config its command trains with now), against the method, optimizers, batch and
+    torch seed it was trained with (RECIPE_KEYS): a run trained before a default changed is not reported as today's
+    method."""
     path = run.latest()
     model, config, state = load_run(path, backbone)
-    expected = [run.merged, *stage_budgets(run.merged, run.ratios)]
+    budgets = [run.merged, *stage_budgets(run.merged, run.ratios)]
     got = [model.merged_tokens, *model.stage_budgets]
     problems = []
-    trained = config_to_dict(config)["method_settings"]
-    changed = sorted(k for k in (expected_method or {}) if trained.get(k) != expected_method[k])
+    changed = [] if expected is None else config_differences(config_to_dict(config), expected, RECIPE_KEYS)
     if changed:
-        problems.append(f"{path} was trained with other method settings than its command sets now ("
-                        + ", ".join(f"{k}: {trained.get(k)!r} there, {expected_method[k]!r} now" for k in changed)
-                        + f"); move {run.folder} away and rerun with --train-missing")
-    if got != expected or list(config.method_settings.pruning_layers) != sorted(model.stage_of_layer):
+        problems.append(f"{path} was trained with other settings than its command sets now (there -> now: "
+                        + ", ".join(changed) + f"); move {run.folder} away and rerun with --train-missing")
+    if got != budgets or list(config.method_settings.pruning_layers) != sorted(model.stage_of_layer):
         problems.append(f"{path} was trained for vision tokens {' → '.join(map(str, got))}, the "
-                        f"{budget_name(run.budget)}% budget needs {' → '.join(map(str, expected))}; move {run.folder} "
+                        f"{budget_name(run.budget)}% budget needs {' → '.join(map(str, budgets))}; move {run.folder} "
                         "away and rerun with --train-missing")
     problems += fingerprint_problem(run.folder, expected_fingerprint)
     if problems:
@@ -411,9 +416,9 @@ def load_learned(run: LearnedRun, backbone: LlavaBackbone, expected_fingerprint:
     return model, float(state["temperature"]), int(state["step"])
 
 
-def run_method_settings(run: LearnedRun, args, num_tokens: int) -> dict:
-    """The method_settings the run's command trains with: the config, the user's --set, the run's schedule."""
-    return config_to_dict(load_config(args.config, [*args.overrides, *run.overrides(num_tokens)]))["method_settings"]
+def run_config(run: LearnedRun, args, num_tokens: int) -> Config:
+    """The config the run's command trains with: the config, the user's --set, the run's schedule."""
+    return load_config(args.config, [*args.overrides, *run.overrides(num_tokens)])
 
 
 def load_searched(run: SearchedRun, backbone: LlavaBackbone, expected_fingerprint: str) -> tuple[PrunedLlava, float, int]:
@@ -431,7 +436,7 @@ def load_trained(runs: list[LearnedRun], searched: list[SearchedRun], args,
     searched ones, each checked (:func:`load_learned`, :func:`load_searched`)."""
     n = backbone.num_vision_tokens
     learned = {(run.budget, run.match, run.variant): (run, *load_learned(run, backbone, args.fingerprint,
-                                                                          run_method_settings(run, args, n)))
+                                                                          run_config(run, args, n)))
                for run in runs}
     return learned, {run.budget: load_searched(run, backbone, args.fingerprint) for run in searched}
 

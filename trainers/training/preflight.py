@@ -20,7 +20,7 @@ from tqdm import tqdm
 from transformers import AutoConfig
 from transformers.utils import cached_file
 
-from configs.schema import Config, config_to_dict
+from configs.schema import Config, config_differences
 from data.build import build_datasets, unlabelled_data_problem
 from data.collator import adds_special_tokens, render_conversation
 from data.instruction_json import SHOWN_PROBLEMS, LlavaInstructionDataset
@@ -88,21 +88,9 @@ RESUME_KEYS = ("method_settings", "trainer_settings.dl_settings.batch_size", "tr
                "data_settings.source", "data_settings.train_json", "data_settings.image_folder", "data_settings.seed")
 
 
-def flatten(data: dict, prefix: str = "") -> dict[str, object]:
-    flat = {}
-    for key, value in data.items():
-        if isinstance(value, dict) and value:
-            flat.update(flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def resume_differences(saved: dict, config: Config) -> list[str]:
     """'key: saved -> now' for every key of RESUME_KEYS on which the checkpoint's config and this one differ."""
-    old, new = flatten(saved), flatten(config_to_dict(config))
-    keys = sorted(k for k in set(old) | set(new) if any(k == p or k.startswith(p + ".") for p in RESUME_KEYS))
-    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
+    return config_differences(saved, config, RESUME_KEYS)
 
 
 def resume_state(resume: str | None, out: Path, config: Config,

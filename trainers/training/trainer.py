@@ -33,7 +33,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from configs.schema import Config, batch_split_problem, config_to_dict
+from configs.schema import Config, batch_split_problem, config_to_dict, flatten
 from data.build import batches, describe, planned_steps, unlabelled_data_problem
 from data.collator import VQACollator
 from models.discriminator import adversarial_loss, discriminator_losses
@@ -52,7 +52,7 @@ from trainers.training.losses import (RelevanceLabels, distillation_loss, irrele
                                       next_token_positions, pruner_importance_loss, pruner_relevance_loss,
                                       relevance_loss, task_loss, weighted_sum)
 from trainers.training.metrics_log import MetricsLog, summary
-from trainers.training.preflight import backbone_identity, flatten
+from trainers.training.preflight import backbone_identity
 from trainers.training.schedules import TemperatureSchedule, learning_rate_schedule
 from trainers.training.signals import StopRequested, StopSignals, TrainingInterrupted
 from trainers.training.throughput import Throughput, eta_seconds
