@@ -1,4 +1,4 @@
-"""The train and eval data sets a config asks for, and the optimizer steps a run takes over the train set."""
+"""The train, validation and test data sets a config asks for, and the optimizer steps a run takes over the train set."""
 
 from __future__ import annotations
 
@@ -8,13 +8,30 @@ from data.synthetic_vqa import SyntheticVQADataset
 
 
 def build_datasets(settings: DataSettings):
-    """(train, eval) data sets for ``data_settings``."""
+    """(train, eval) data sets of a training run: it trains on the first, and evaluates on the second every
+    ``eval_every`` steps, keeping its best checkpoint by it. Synthetic data draws these eval questions from its
+    validation split, so the questions a benchmark reports (:func:`build_test_set`) never choose a checkpoint;
+    instruction data evaluates on ``eval_json``."""
     if settings.source == "synthetic":
         return (SyntheticVQADataset(settings.synthetic_train_size, "train", settings.seed,
                                     settings.synthetic_labelled_fraction),
-                SyntheticVQADataset(settings.synthetic_eval_size, "eval", settings.seed))
+                SyntheticVQADataset(settings.synthetic_eval_size, "validation", settings.seed))
     return (LlavaInstructionDataset(settings.train_json, settings.image_folder, settings.on_bad_sample),
             LlavaInstructionDataset(settings.eval_json, settings.image_folder, settings.on_bad_sample))
+
+
+def build_test_set(settings: DataSettings):
+    """The questions a benchmark reports: the synthetic eval split (``synthetic_eval_size`` questions), apart from
+    the training run's validation questions, or ``eval_json``, the questions the run itself evaluated on (see
+    :func:`validation_held_out`)."""
+    if settings.source == "synthetic":
+        return SyntheticVQADataset(settings.synthetic_eval_size, "eval", settings.seed)
+    return LlavaInstructionDataset(settings.eval_json, settings.image_folder, settings.on_bad_sample)
+
+
+def validation_held_out(settings: DataSettings) -> bool:
+    """Whether a run's eval questions, which choose its best checkpoint, are apart from the test set's."""
+    return settings.source == "synthetic"
 
 
 def batches(dataset, collate, batch_size: int):

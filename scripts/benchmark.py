@@ -8,7 +8,8 @@ pooling at equal token budgets.
 A budget is the fraction of the N vision tokens left after the last stage (models/baselines
 explains what that means for each method). For every budget and method, in one process and
 through the same hard-pruned forward, cached greedy generation and answer scoring: accuracy on
-the config's eval split and the accuracy retained against the unpruned model, LLM prefill FLOPs
+the synthetic data's eval split (``--eval-size`` questions; the learned runs choose their checkpoint on their own
+eval questions, the validation split, never on these) and the accuracy retained against the unpruned model, LLM prefill FLOPs
 per sample (models/flops.py, all tokens, the selection modules' own cost included), the
 measured prefill time (median of repeats on one batch), and the vision tokens entering the LLM
 and each pruning stage, counted from the tensors. Writes results.csv, results.md and
@@ -16,7 +17,7 @@ accuracy_vs_flops.png to --out.
 
 The learned method is compared at equal FLOPs: at budget K, for each method M of ``--match-flops``
 (default ToMe, the cheapest strong baseline, and FastV), one run of ``main.py`` in
-``<learned-root>/learned_<pct>_<M>`` (its final step) whose schedule spends at most M's measured
+``<learned-root>/learned_<pct>_<M>`` (the checkpoint of its best evaluation: ``--checkpoint``) whose schedule spends at most M's measured
 prefill FLOPs at K (trainers/inference/flops_match.py): each pruning stage keeps 3/4 of what enters it
 (``--stage-keep``; more pruning only where needed to end at K at most), and the merger keeps the most tokens that
 fit (when it keeps all N and FLOPs are left, the stages keep more, up to the FLOPs).
@@ -38,7 +39,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from configs.schema import ConfigError  # noqa: E402
-from data.build import build_datasets  # noqa: E402
+from data.build import build_datasets, validation_held_out  # noqa: E402
 from models.backbones import load_backbone  # noqa: E402
 from models.llava_backbone import BackboneNotFoundError  # noqa: E402
 from trainers.inference.benchmark import (BUDGETS, METHODS, BenchmarkError, benchmark_batches,  # noqa: E402
@@ -73,6 +74,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="LABEL dotted.key=value ...: also train and report the learned method with these settings "
                              "(repeatable), e.g. --variant 'no labels' method_settings.relevance_weight=0 "
                              "method_settings.merger_type=simple")
+    parser.add_argument("--checkpoint", choices=["best", "final"], default="best",
+                        help="which checkpoint of a learned run to report: best, that of its best evaluation on its "
+                             "own eval questions (synthetic data: the validation split, apart from the benchmark's; "
+                             "instruction data, whose runs evaluate on the benchmark's questions: final), or final")
     parser.add_argument("--train-missing", action="store_true", help="train (or finish) missing learned runs with main.py")
     parser.add_argument("--schedules-from", type=Path, metavar="ROOT",
                         help="report 'learned (searched)' with the schedules a search under ROOT found (its "
@@ -115,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     settings = config.backbone_settings
     backbone = load_backbone(settings.name_or_path, settings.dtype, settings.attn_implementation,
                              resolve_device(settings.device))
-    args.fingerprint = fingerprint(backbone, build_datasets(config.data_settings)[0])
+    args.fingerprint = fingerprint(backbone, *build_datasets(config.data_settings))
+    args.best = args.checkpoint == "best" and validation_held_out(config.data_settings)
     data = benchmark_batches(args, config, backbone)
     try:
         runs, to_train, targets = learned_runs(args, config, backbone, kept, data.flops)

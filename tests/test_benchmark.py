@@ -8,7 +8,8 @@ import yaml
 
 from models.llava_backbone import LlavaBackbone
 from scripts import benchmark
-from trainers.inference.benchmark import METHODS, SEARCHED
+from trainers.checkpoint import Checkpointer
+from trainers.inference.benchmark import METHODS, SEARCHED, reported_state
 
 TINY = {
     "method_settings.pruning_layers": "[1,2,3]", "method_settings.pruner_d_internal": 16,
@@ -26,6 +27,17 @@ def bench_args(tmp_path, folder, *extra):
     for key, value in {**TINY, "backbone_settings.name_or_path": folder}.items():
         args += ["--set", f"{key}={value}"]
     return [*args, *extra]
+
+
+def test_a_learned_run_is_reported_at_its_best_evaluation_unless_final_is_asked(tmp_path):
+    run = Checkpointer(tmp_path / "run", keep_last=1)
+    run.save(2, {}, {"step": 2}, tag="best")
+    run.save(4, {}, {"step": 4})
+    assert reported_state(run.folder, best=True).name == "training_state_best.pt"
+    assert reported_state(run.folder, best=False).name == "training_state_step_4.pt"
+    never_evaluated = Checkpointer(tmp_path / "other", keep_last=1)
+    never_evaluated.save(4, {}, {"step": 4})
+    assert reported_state(never_evaluated.folder, best=True).name == "training_state_step_4.pt"
 
 
 def test_bad_budgets_are_named_with_their_fix_before_any_weights_load(tmp_path, tiny_folder, capsys, monkeypatch):
@@ -86,6 +98,9 @@ def test_benchmark_trains_the_missing_runs_within_their_flops_and_writes_table_a
     capsys.readouterr()
     again = bench_args(tmp_path, tiny_folder, "--budgets", "0.25", "--methods", "learned", "--limit", "3")  # same schedules
     assert benchmark.main(again) == 0
+    assert "learned (<method> FLOPs): the checkpoints of their best evaluation" in (out / "results.md").read_text()
+    assert benchmark.main([*again, "--checkpoint", "final"]) == 0
+    assert "learned (<method> FLOPs): the final checkpoints" in (out / "results.md").read_text()
     assert benchmark.main([*again, "--set", "data_settings.seed=1"]) == 2
     assert "trained on other backbone weights or other training data" in capsys.readouterr().err
     # nor when the method or the optimizers it would train with now differ (a default or a --set changed since)
@@ -96,6 +111,8 @@ def test_benchmark_trains_the_missing_runs_within_their_flops_and_writes_table_a
     cosine = "trainer_settings.dl_settings.optimizers.layer_pruners.scheduler"
     assert benchmark.main([*again, "--set", f"{cosine}=cosine"]) == 2
     assert f"{cosine}: 'constant' -> 'cosine'" in capsys.readouterr().err
+    assert benchmark.main([*again, "--set", "trainer_settings.eval_every=1"]) == 2  # it chooses the reported checkpoint
+    assert "trainer_settings.eval_every: 2 -> 1" in capsys.readouterr().err
 
 
 @pytest.mark.slow

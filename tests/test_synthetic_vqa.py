@@ -4,6 +4,8 @@ from collections import Counter
 import numpy as np
 import pytest
 
+from configs.schema import DataSettings
+from data.build import build_datasets, build_test_set
 from data.synthetic_vqa import (COLORS, COUNT_WORDS, GRID, PATCH, QUESTION_TYPES, SHAPES, SyntheticVQADataset,
                                 ROW_NAMES, make_sample, patch_index, patch_labels, question_objects)
 
@@ -78,6 +80,15 @@ def test_deterministic_and_splits_differ():
     assert make_sample(0, "eval", 5).objects != a.objects
     with pytest.raises(ValueError, match="unknown split"):
         make_sample(0, "test", 0)
+
+
+def test_a_run_evaluates_on_the_validation_split_apart_from_the_test_questions():
+    settings = DataSettings(source="synthetic", synthetic_eval_size=40, seed=3)
+    _, validation = build_datasets(settings)
+    test = build_test_set(settings)
+    assert (validation.split, test.split, len(validation), len(test)) == ("validation", "eval", 40, 40)
+    images = lambda data: {np.asarray(data[i].image).tobytes() for i in range(len(data))}
+    assert not images(validation) & images(test)  # no checkpoint is chosen on a question the benchmark reports
 
 
 def test_answers_are_balanced_and_the_majority_answer_scores_low():

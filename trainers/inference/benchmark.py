@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from configs.schema import (Config, ConfigError, check_against_backbone, config_differences, config_from_dict,
                             config_to_dict, load_config)
-from data.build import batches, build_datasets, planned_steps
+from data.build import batches, build_datasets, build_test_set, planned_steps
 from data.collator import VQACollator
 from models.backbones import read_backbone_shape
 from models.baselines import build_baseline, check_baseline, kept_tokens
@@ -36,7 +36,7 @@ from models.clip_relevance import clip_folder_of
 from models.layer_pruner import stage_budgets
 from models.llava_backbone import BackboneShape, LlavaBackbone
 from models.pruned_llava import PrunedLlava
-from trainers.checkpoint import Checkpointer, load
+from trainers.checkpoint import STATE, Checkpointer, load
 from trainers.inference.build import build_pruned_model
 from trainers.inference.evaluation import pruned_results, stage_counts, summarize_pruned, vision_tokens_per_layer
 from trainers.inference.flops_match import flops_ratio, matched_schedule
@@ -117,6 +117,16 @@ class LearnedRun:
     def latest(self) -> Path | None:
         return Checkpointer(self.folder / "checkpoints", keep_last=1).latest()
 
+    def reported(self, best: bool) -> Path | None:
+        return reported_state(self.folder / "checkpoints", best)
+
+
+def reported_state(checkpoints: Path, best: bool) -> Path | None:
+    """The training state a benchmark reports: the run's best evaluation (``best``: its eval questions are apart from
+    the benchmark's), else its last."""
+    chosen = checkpoints / f"{STATE}_best.pt"
+    return chosen if best and chosen.exists() else Checkpointer(checkpoints, keep_last=1).latest()
+
 
 @dataclass
 class SearchedRun:
@@ -140,6 +150,9 @@ class SearchedRun:
 
     def latest(self) -> Path | None:
         return Checkpointer(self.folder / "run" / "checkpoints", keep_last=1).latest()
+
+    def reported(self, best: bool) -> Path | None:
+        return reported_state(self.folder / "run" / "checkpoints", best)
 
 
 def run_steps(config: Config) -> int:
@@ -360,14 +373,16 @@ def train_schedule(run: SearchedRun, config: Config, method_settings: dict, fing
 
 
 # ---------------------------------------------------------------------------------------- trained models
-def fingerprint(backbone: LlavaBackbone, train_set, samples: int = 64) -> str:
-    """A hash of the projector's and output layer's weights and of the first training questions and answers:
-    it changes when the backbone is retrained or the data generator changes."""
+def fingerprint(backbone: LlavaBackbone, train_set, eval_set, samples: int = 64) -> str:
+    """A hash of the projector's and output layer's weights and of the first training and eval questions and answers
+    (the eval set chooses the run's reported checkpoint): it changes when the backbone is retrained or the data
+    generator changes."""
     digest = hashlib.sha256()
     for tensor in (*backbone.projector.state_dict().values(), backbone.lm_head.weight):
         digest.update(tensor.detach().float().cpu().numpy().tobytes())
-    for i in range(min(samples, len(train_set))):
-        digest.update(f"{train_set[i].question}\t{train_set[i].answer}\n".encode())
+    for data in (train_set, eval_set):
+        for i in range(min(samples, len(data))):
+            digest.update(f"{data[i].question}\t{data[i].answer}\n".encode())
     return digest.hexdigest()[:16]
 
 
@@ -388,16 +403,17 @@ def fingerprint_problem(folder: Path, expected: str) -> list[str]:
 # what a learned run's command trains with, beside the data and the backbone (its fingerprint): a run trained with
 # other values of these is not today's method
 RECIPE_KEYS = ("method_settings", "trainer_settings.dl_settings.epochs", "trainer_settings.dl_settings.batch_size",
-               "trainer_settings.dl_settings.optimizers", "manager_settings.seed")
+               "trainer_settings.dl_settings.optimizers", "manager_settings.seed", "trainer_settings.eval_every",
+               "trainer_settings.best_metric", "trainer_settings.best_mode")
 
 
 def load_learned(run: LearnedRun, backbone: LlavaBackbone, expected_fingerprint: str,
-                 expected: Config | None = None) -> tuple[PrunedLlava, float, int]:
-    """The run's final modules, the temperature they were evaluated at, and the step; checked against the budget
-    and, given ``expected`` (the config its command trains with now), against the method, optimizers, batch and
-    torch seed it was trained with (RECIPE_KEYS): a run trained before a default changed is not reported as today's
-    method."""
-    path = run.latest()
+                 expected: Config | None = None, best: bool = True) -> tuple[PrunedLlava, float, int]:
+    """The run's reported modules (``best``: those of its best evaluation, else its last), the temperature they were
+    evaluated at, and the step; checked against the budget and, given ``expected`` (the config its command trains
+    with now), against the method, optimizers, batch, torch seed and checkpoint choice it was trained with
+    (RECIPE_KEYS): a run trained before a default changed is not reported as today's method."""
+    path = run.reported(best)
     model, config, state = load_run(path, backbone)
     budgets = [run.merged, *stage_budgets(run.merged, run.ratios)]
     got = [model.merged_tokens, *model.stage_budgets]
@@ -421,12 +437,13 @@ def run_config(run: LearnedRun, args, num_tokens: int) -> Config:
     return load_config(args.config, [*args.overrides, *run.overrides(num_tokens)])
 
 
-def load_searched(run: SearchedRun, backbone: LlavaBackbone, expected_fingerprint: str) -> tuple[PrunedLlava, float, int]:
-    """The searched schedule's retrained run: its final modules, temperature and step."""
+def load_searched(run: SearchedRun, backbone: LlavaBackbone, expected_fingerprint: str,
+                  best: bool = True) -> tuple[PrunedLlava, float, int]:
+    """The searched schedule's retrained run: its reported modules (as :func:`load_learned`), temperature and step."""
     problems = fingerprint_problem(run.folder, expected_fingerprint)
     if problems:
         raise BenchmarkError(problems)
-    model, _, state = load_run(run.latest(), backbone)
+    model, _, state = load_run(run.reported(best), backbone)
     return model, float(state["temperature"]), int(state["step"])
 
 
@@ -434,11 +451,11 @@ def load_trained(runs: list[LearnedRun], searched: list[SearchedRun], args,
                  backbone: LlavaBackbone) -> tuple[dict, dict]:
     """{(budget, match, variant): (run, model, tau, step)} of the learned runs and {budget: (model, tau, step)} of the
     searched ones, each checked (:func:`load_learned`, :func:`load_searched`)."""
-    n = backbone.num_vision_tokens
+    n, best = backbone.num_vision_tokens, args.best
     learned = {(run.budget, run.match, run.variant): (run, *load_learned(run, backbone, args.fingerprint,
-                                                                          run_config(run, args, n)))
+                                                                          run_config(run, args, n), best))
                for run in runs}
-    return learned, {run.budget: load_searched(run, backbone, args.fingerprint) for run in searched}
+    return learned, {run.budget: load_searched(run, backbone, args.fingerprint, best) for run in searched}
 
 
 # ---------------------------------------------------------------------------------------- measuring
@@ -458,7 +475,7 @@ def benchmark_batches(args, config: Config, backbone: LlavaBackbone) -> EvalBatc
     data = config.data_settings
     if args.eval_size is not None:
         data = dataclasses.replace(data, synthetic_eval_size=args.eval_size)
-    eval_set = build_datasets(data)[1]
+    eval_set = build_test_set(data)
     size = min(len(eval_set), args.limit or len(eval_set))
     prompts = VQACollator(backbone.processor, with_answers=False)
     batch_size = config.data_settings.eval_batch_size
@@ -553,7 +570,9 @@ def notes(args, learned: dict, learned_searched: dict, targets: dict[tuple[float
     steps = ", ".join(f"{budget_name(b)}% at {match}'s {targets[b, match]:.1%}"
                       + (f", {variant.label}" if variant else "") + f": step {step}"
                       for (b, match, variant), (_, _, _, step) in learned.items())
-    text = (f"\nlearned (<method> FLOPs): final checkpoints of {args.learned_root}/learned_<pct>_<method>, each "
+    chosen = ("the checkpoints of their best evaluation on their own eval questions" if args.best
+              else "the final checkpoints")
+    text = (f"\nlearned (<method> FLOPs): {chosen} of {args.learned_root}/learned_<pct>_<method>, each "
             f"trained to spend at most that method's prefill FLOPs ({steps})\n") if learned else "\n"
     for variant in args.variants:
         text += (f"learned, {variant.label} (<method> FLOPs): the same, in {args.learned_root}/learned_<pct>_<method>_"
