@@ -309,7 +309,9 @@ class DataSettings:
     eval_json: str | None = None  # the LLaVA instruction file evaluated on: each record's first question (llava_json)
     image_folder: str | None = None  # the folder the JSON's image paths are relative to (llava_json)
     synthetic_train_size: int = num(4000, ge=1)  # synthetic training questions
-    synthetic_eval_size: int = num(500, ge=1)  # synthetic evaluation questions
+    # synthetic questions a run evaluates on (its validation split, which picks pruned_best/) and, with
+    # scripts/benchmark.py, the benchmark's by default (its eval split, apart from them)
+    synthetic_eval_size: int = num(500, ge=1)
     seed: int = 0  # seed of the synthetic data (a sample is a pure function of seed, split and index)
     # share of the synthetic training samples that carry relevance boxes (the rest carry none, as a mixture where
     # only some records have boxes): what method_settings.relevance_weight trains on

@@ -7,6 +7,9 @@ from data.instruction_json import LlavaInstructionDataset
 from data.synthetic_vqa import SyntheticVQADataset
 
 
+RUN_EVAL_SPLIT = "validation"  # the synthetic split a training run evaluates on
+
+
 def build_datasets(settings: DataSettings):
     """(train, eval) data sets of a training run: it trains on the first, and evaluates on the second every
     ``eval_every`` steps, keeping its best checkpoint by it. Synthetic data draws these eval questions from its
@@ -15,7 +18,7 @@ def build_datasets(settings: DataSettings):
     if settings.source == "synthetic":
         return (SyntheticVQADataset(settings.synthetic_train_size, "train", settings.seed,
                                     settings.synthetic_labelled_fraction),
-                SyntheticVQADataset(settings.synthetic_eval_size, "validation", settings.seed))
+                SyntheticVQADataset(settings.synthetic_eval_size, RUN_EVAL_SPLIT, settings.seed))
     return (LlavaInstructionDataset(settings.train_json, settings.image_folder, settings.on_bad_sample),
             LlavaInstructionDataset(settings.eval_json, settings.image_folder, settings.on_bad_sample))
 

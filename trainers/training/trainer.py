@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from configs.schema import Config, batch_split_problem, config_to_dict, flatten
-from data.build import batches, describe, planned_steps, unlabelled_data_problem
+from data.build import RUN_EVAL_SPLIT, batches, describe, planned_steps, unlabelled_data_problem
 from data.collator import VQACollator
 from models.discriminator import adversarial_loss, discriminator_losses
 from models.llava_backbone import LlavaBackbone
@@ -68,7 +68,8 @@ def hyperparameters(config: Config) -> dict[str, int | float | str | bool]:
 def eval_set_identity(data) -> dict:
     """What decides the eval set's questions: a baseline measured on another is measured again."""
     return {"source": data.source, "eval_json": data.eval_json, "image_folder": data.image_folder,
-            "synthetic_eval_size": data.synthetic_eval_size, "seed": data.seed, "max_new_tokens": data.max_new_tokens}
+            "synthetic_split": RUN_EVAL_SPLIT, "synthetic_eval_size": data.synthetic_eval_size, "seed": data.seed,
+            "max_new_tokens": data.max_new_tokens}
 
 
 PICTURE_SAMPLES = 4  # eval samples whose kept tokens each evaluation draws to TensorBoard
