@@ -1,4 +1,5 @@
-"""The train, validation and test data sets a config asks for, and the optimizer steps a run takes over the train set."""
+"""The train, validation and test data sets a config asks for, and the optimizer steps a run takes over its train
+set."""
 
 from __future__ import annotations
 

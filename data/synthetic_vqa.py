@@ -68,7 +68,8 @@ SHAPES = ("square", "circle", "triangle", "cross")
 COUNT_WORDS = ("zero", "one", "two", "three")
 ROW_NAMES = ("top", "middle", "bottom")
 QUESTION_TYPES = ("color_at", "shape_of", "count", "exists", "row_of")
-SPLITS = {"train": 0, "eval": 1, "validation": 2}  # eval: what benchmarks report; validation: what a run picks its best checkpoint on
+# eval: the questions benchmarks report; validation: those a training run evaluates on and picks pruned_best/ by
+SPLITS = {"train": 0, "eval": 1, "validation": 2}
 LABEL_STREAM = 1  # the random stream that decides which samples carry labels, apart from the scenes' own
 BACKGROUND = (40, 40, 40)
 NOISE_STD = 6.0

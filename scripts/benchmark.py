@@ -9,18 +9,18 @@ A budget is the fraction of the N vision tokens left after the last stage (model
 explains what that means for each method). For every budget and method, in one process and
 through the same hard-pruned forward, cached greedy generation and answer scoring: accuracy on
 the synthetic data's eval split (``--eval-size`` questions; the learned runs choose their checkpoint on their own
-eval questions, the validation split, never on these) and the accuracy retained against the unpruned model, LLM prefill FLOPs
-per sample (models/flops.py, all tokens, the selection modules' own cost included), the
+eval questions, the validation split, never on these) and the accuracy retained against the unpruned model, LLM
+prefill FLOPs per sample (models/flops.py, all tokens, the selection modules' own cost included), the
 measured prefill time (median of repeats on one batch), and the vision tokens entering the LLM
 and each pruning stage, counted from the tensors. Writes results.csv, results.md and
 accuracy_vs_flops.png to --out.
 
 The learned method is compared at equal FLOPs: at budget K, for each method M of ``--match-flops``
 (default ToMe, the cheapest strong baseline, and FastV), one run of ``main.py`` in
-``<learned-root>/learned_<pct>_<M>`` (the checkpoint of its best evaluation: ``--checkpoint``) whose schedule spends at most M's measured
-prefill FLOPs at K (trainers/inference/flops_match.py): each pruning stage keeps 3/4 of what enters it
-(``--stage-keep``; more pruning only where needed to end at K at most), and the merger keeps the most tokens that
-fit (when it keeps all N and FLOPs are left, the stages keep more, up to the FLOPs).
+``<learned-root>/learned_<pct>_<M>`` (the checkpoint of its best evaluation: ``--checkpoint``) whose schedule
+spends at most M's measured prefill FLOPs at K (trainers/inference/flops_match.py): each pruning stage keeps 3/4
+of what enters it (``--stage-keep``; more pruning only where needed to end at K at most), and the merger keeps the
+most tokens that fit (when it keeps all N and FLOPs are left, the stages keep more, up to the FLOPs).
 The command that trains a missing run is printed; ``--train-missing`` runs it (about 2 minutes
 per run on 2 CPU cores for the tiny default). ``--variant LABEL KEY=VALUE ...`` also trains and reports the
 learned method with other settings, each at the same FLOPs, in ``learned_<pct>_<M>_<label>``.
