@@ -115,7 +115,7 @@ class LearnedRun:
         return [sys.executable, "main.py", "--config", config_path, *(a for s in sets for a in ("--set", s))]
 
     def latest(self) -> Path | None:
-        return Checkpointer(self.folder / "checkpoints", keep_last=1).latest()
+        return reported_state(self.folder / "checkpoints", best=False)
 
     def reported(self, best: bool) -> Path | None:
         return reported_state(self.folder / "checkpoints", best)
@@ -123,7 +123,7 @@ class LearnedRun:
 
 def reported_state(checkpoints: Path, best: bool) -> Path | None:
     """The training state a benchmark reports: the run's best evaluation (``best``: its eval questions are apart from
-    the benchmark's), else its last."""
+    the benchmark's), else its last (None before its first save)."""
     chosen = checkpoints / f"{STATE}_best.pt"
     return chosen if best and chosen.exists() else Checkpointer(checkpoints, keep_last=1).latest()
 
@@ -149,7 +149,7 @@ class SearchedRun:
         return self.folder / "search" / "optuna" / self.study / "best_config.yaml"
 
     def latest(self) -> Path | None:
-        return Checkpointer(self.folder / "run" / "checkpoints", keep_last=1).latest()
+        return reported_state(self.folder / "run" / "checkpoints", best=False)
 
     def reported(self, best: bool) -> Path | None:
         return reported_state(self.folder / "run" / "checkpoints", best)
